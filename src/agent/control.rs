@@ -1,0 +1,135 @@
+//! The control socket: front ends prepare and attach mounts, `erofs-umount`
+//! reports unmounts, `status` reads counters. One JSON object per line.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use erofs_fanotify_state::{AgentIdentity, MountRecord};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::cache::CacheFile;
+
+use super::lifecycle::{Lease, Lifecycle};
+use super::protocol::{Reply, Request, StatsReply};
+use super::stats::Stats;
+
+/// Longest request line accepted (a mountpoint path fits many times over).
+const MAX_LINE: usize = 64 * 1024;
+
+pub struct ControlContext {
+    pub lifecycle: Arc<Lifecycle>,
+    pub stats: Arc<Stats>,
+    pub cache: Arc<CacheFile>,
+    pub cache_path: PathBuf,
+    pub cache_dir: PathBuf,
+    pub cache_key: String,
+    pub source: String,
+    pub digest: Option<String>,
+    pub read_ahead_kb: u32,
+    pub socket_path: PathBuf,
+    pub identity: AgentIdentity,
+}
+
+pub async fn serve(listener: UnixListener, ctx: Arc<ControlContext>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let ctx = Arc::clone(&ctx);
+                tokio::spawn(async move {
+                    if let Err(e) = handle(stream, ctx).await {
+                        tracing::debug!(error = %e, "control connection ended");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "control accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn handle(stream: UnixStream, ctx: Arc<ControlContext>) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read);
+    // Held from `prepare` until `attach` or disconnect.
+    let mut lease: Option<Lease> = None;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = (&mut reader).take(MAX_LINE as u64).read_line(&mut line).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        let reply = match serde_json::from_str::<Request>(line.trim_end()) {
+            Ok(req) => answer(req, &ctx, &mut lease),
+            Err(e) => Reply::Error { message: format!("bad request: {e}") },
+        };
+        let mut out = serde_json::to_vec(&reply).unwrap_or_else(|_| b"{\"reply\":\"error\",\"message\":\"encode\"}".to_vec());
+        out.push(b'\n');
+        write.write_all(&out).await?;
+    }
+}
+
+fn answer(req: Request, ctx: &Arc<ControlContext>, lease: &mut Option<Lease>) -> Reply {
+    match req {
+        Request::Ping => Reply::Pong { pid: ctx.identity.pid },
+        Request::Prepare => {
+            if lease.is_none() {
+                *lease = Some(ctx.lifecycle.lease());
+            }
+            Reply::Prepared {
+                cache_path: ctx.cache_path.display().to_string(),
+                blob_size: ctx.cache.blob_size(),
+                read_ahead_kb: ctx.read_ahead_kb,
+            }
+        }
+        Request::Attach(info) => {
+            let record = MountRecord {
+                mnt_id: info.mnt_id,
+                mnt_id_unique: info.mnt_id_unique,
+                mountpoint: info.mountpoint.into(),
+                source: ctx.source.clone(),
+                digest: ctx.digest.clone(),
+                blob_size: ctx.cache.blob_size(),
+                cache_key: ctx.cache_key.clone(),
+                cache_dir: ctx.cache_dir.clone(),
+                sysfs_name: info.sysfs_name,
+                agent: ctx.identity.clone(),
+                control_socket: ctx.socket_path.clone(),
+                mount_ns: info.mount_ns,
+                created_unix: now_unix(),
+            };
+            let result = ctx.lifecycle.attach(record);
+            // The mount is now tracked by its record and superblock.
+            *lease = None;
+            match result {
+                Ok(()) => Reply::Attached,
+                Err(message) => Reply::Error { message },
+            }
+        }
+        Request::Unmounted { mnt_id } => Reply::Unmounted { agent_leaving: ctx.lifecycle.unmounted(mnt_id) },
+        Request::Stats => Reply::Stats(StatsReply {
+            source: ctx.source.clone(),
+            digest: ctx.digest.clone(),
+            blob_size: ctx.cache.blob_size(),
+            populated_bytes: ctx.cache.populated_bytes(),
+            fetched_bytes: Stats::get(&ctx.stats.fetched_bytes),
+            events: Stats::get(&ctx.stats.events),
+            fast_path_events: Stats::get(&ctx.stats.fast_path_events),
+            fetch_requests: Stats::get(&ctx.stats.fetch_requests),
+            fetch_errors: Stats::get(&ctx.stats.fetch_errors),
+            denied_events: Stats::get(&ctx.stats.denied_events),
+            superblocks: ctx.lifecycle.superblocks(),
+            agent_pid: ctx.identity.pid,
+        }),
+    }
+}
+
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -1,0 +1,55 @@
+//! Messages on the agent's control socket: one JSON object per line.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Liveness check.
+    Ping,
+    /// A front end is about to mount: the agent must not leave while this
+    /// connection is open. Answered with `Prepared`.
+    Prepare,
+    /// The mount exists: record it (same connection as `Prepare`).
+    Attach(AttachInfo),
+    /// `erofs-umount` has unmounted this mount id.
+    Unmounted { mnt_id: u64 },
+    /// Counters for `status`.
+    Stats,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AttachInfo {
+    pub mnt_id: u64,
+    pub mnt_id_unique: bool,
+    pub mountpoint: String,
+    pub sysfs_name: String,
+    pub mount_ns: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    Pong { pid: i32 },
+    Prepared { cache_path: String, blob_size: u64, read_ahead_kb: u32 },
+    Attached,
+    Unmounted { agent_leaving: bool },
+    Stats(StatsReply),
+    Error { message: String },
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StatsReply {
+    pub source: String,
+    pub digest: Option<String>,
+    pub blob_size: u64,
+    pub populated_bytes: u64,
+    pub fetched_bytes: u64,
+    pub events: u64,
+    pub fast_path_events: u64,
+    pub fetch_requests: u64,
+    pub fetch_errors: u64,
+    pub denied_events: u64,
+    pub superblocks: u64,
+    pub agent_pid: i32,
+}

@@ -1,0 +1,48 @@
+//! Front-end commands. Each returns an exit code; errors are printed as one
+//! sentence on stderr (`error_line`) and details go to the agent's log.
+
+pub mod agent_cmd;
+pub mod client;
+pub mod mount_cmd;
+pub mod status_cmd;
+pub mod umount_cmd;
+
+use erofs_fanotify_state::StateDir;
+
+/// A failure of a front-end command: one clear line for the user.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct CliError(pub String);
+
+impl CliError {
+    pub fn new(msg: impl Into<String>) -> CliError {
+        CliError(msg.into())
+    }
+}
+
+pub fn print_error(prog: &str, e: &CliError) {
+    // One line, always: multi-line causes are folded.
+    let line = e.0.replace('\n', "; ");
+    eprintln!("{prog}: {line}");
+}
+
+pub fn require_root(prog: &str) -> Result<(), CliError> {
+    if nix::unistd::geteuid().is_root() {
+        Ok(())
+    } else {
+        Err(CliError::new(format!(
+            "{prog} must be run as root (fanotify pre-content events and mounting need CAP_SYS_ADMIN)"
+        )))
+    }
+}
+
+pub fn state_dir() -> StateDir {
+    StateDir::from_env()
+}
+
+/// Logging for front ends: warnings only unless RUST_LOG says otherwise.
+pub fn init_cli_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}

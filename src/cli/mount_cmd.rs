@@ -1,0 +1,221 @@
+//! `erofs-mount -t erofs.fanotify [-o OPTS] SOURCE MOUNTPOINT`
+//!
+//! Finds or starts the agent of the blob (one per cache entry), asks it to
+//! hold off leaving (prepare), mounts the cache file, and hands the agent the
+//! mount's id (attach), which writes the per-mount record. A failure at any
+//! step leaves nothing behind: the agent leaves when its lease drops with no
+//! mount attached, and removes a cache entry it created for nothing.
+
+use std::fs::OpenOptions;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use clap::Parser;
+use erofs_fanotify_state::{self as state, AgentLock, StateDir};
+
+use crate::agent::protocol::{AttachInfo, Reply, Request};
+use crate::agent::startup::cache_key_for_source;
+use crate::agent::AgentConfig;
+use crate::mount::MountOptions;
+use crate::sys;
+
+use super::client::AgentConn;
+use super::CliError;
+
+#[derive(Parser, Debug)]
+#[command(name = "erofs-mount", version, about = "Mount an EROFS image lazily from a registry or URL")]
+pub struct MountArgs {
+    /// Filesystem type: erofs.fanotify
+    #[arg(short = 't', long = "types", default_value = "erofs.fanotify")]
+    pub fstype: String,
+    /// Mount options (comma separated; may repeat)
+    #[arg(short = 'o', long = "options")]
+    pub options: Vec<String>,
+    /// Keep the agent in the foreground, logging to stderr, until the mount is gone
+    #[arg(long)]
+    pub foreground: bool,
+    /// Image source: an http(s) URL of a Range-capable blob
+    pub source: String,
+    /// Directory to mount on
+    pub mountpoint: PathBuf,
+}
+
+/// How long to wait for a new agent to fetch metadata and become ready.
+const AGENT_START_TIMEOUT: Duration = Duration::from_secs(600);
+
+pub fn run(args: MountArgs) -> Result<(), CliError> {
+    if args.fstype != "erofs.fanotify" && args.fstype != "fanotify" {
+        return Err(CliError::new(format!("unsupported filesystem type {:?} (expected erofs.fanotify)", args.fstype)));
+    }
+    super::require_root("erofs-mount")?;
+    let opts = MountOptions::parse(&args.options.join(",")).map_err(|e| CliError::new(e.to_string()))?;
+    let mountpoint = check_mountpoint(&args.mountpoint)?;
+    if !args.source.starts_with("http://") && !args.source.starts_with("https://") {
+        return Err(CliError::new(format!(
+            "unsupported source {:?}: expected an http(s):// URL of an EROFS blob",
+            crate::remote::http::redact_url(&args.source)
+        )));
+    }
+    std::fs::create_dir_all(&opts.cache_dir)
+        .map_err(|e| CliError::new(format!("cannot create cache_dir {}: {e}", opts.cache_dir.display())))?;
+    state::check_cache_filesystem(&opts.cache_dir).map_err(|e| CliError::new(e.to_string()))?;
+    let key = cache_key_for_source(&args.source).map_err(CliError::new)?;
+    let state_dir = super::state_dir();
+    state_dir.create().map_err(|e| CliError::new(format!("cannot create the state directory: {e}")))?;
+
+    // One front end at a time per blob: no two agents for one cache entry.
+    let lock = AgentLock::lock(&state_dir, &key, AGENT_START_TIMEOUT)
+        .map_err(|e| CliError::new(format!("cannot lock the agent of this blob: {e}")))?;
+    let (mut conn, child) = match connect_live_agent(&state_dir, &key) {
+        Some(conn) => (conn, None),
+        None => {
+            let cfg = AgentConfig {
+                source_url: args.source.clone(),
+                cache_dir: opts.cache_dir.clone(),
+                cache_key: key.clone(),
+                state_dir: state_dir.root().to_path_buf(),
+                fetch_unit: opts.fetch_unit,
+                fetch_timeout_ms: opts.fetch_timeout.as_millis() as u64,
+                retry_timeout_ms: opts.retry_timeout.as_millis() as u64,
+                fetch_parallel: opts.fetch_parallel,
+                read_ahead_kb: opts.read_ahead_kb,
+            };
+            let child = spawn_agent(&cfg, &state_dir, args.foreground)?;
+            let conn = connect_live_agent(&state_dir, &key)
+                .ok_or_else(|| CliError::new("the agent started but does not answer on its control socket"))?;
+            (conn, Some(child))
+        }
+    };
+    let result = mount_with_agent(&mut conn, &mountpoint);
+    drop(conn);
+    drop(lock);
+    result?;
+    if args.foreground {
+        if let Some(mut child) = child {
+            let _ = child.wait();
+        }
+    }
+    Ok(())
+}
+
+fn mount_with_agent(conn: &mut AgentConn, mountpoint: &Path) -> Result<(), CliError> {
+    let (cache_path, read_ahead_kb) = match conn.call(&Request::Prepare) {
+        Ok(Reply::Prepared { cache_path, read_ahead_kb, .. }) => (PathBuf::from(cache_path), read_ahead_kb),
+        Ok(Reply::Error { message }) => return Err(CliError::new(message)),
+        Ok(other) => return Err(CliError::new(format!("unexpected agent reply {other:?}"))),
+        Err(e) => return Err(CliError::new(format!("the agent does not answer: {e}"))),
+    };
+    let mounted = sys::mount::mount_erofs_file(&cache_path, mountpoint, Some(read_ahead_kb))
+        .map_err(|e| CliError::new(format!("cannot mount on {}: {e}", mountpoint.display())))?;
+    let attach = (|| -> Result<(), CliError> {
+        let id = sys::statx::mount_id(mountpoint)
+            .map_err(|e| CliError::new(format!("cannot read the mount id of {}: {e}", mountpoint.display())))?;
+        let mount_ns = sys::process::mount_namespace_id().unwrap_or(0);
+        let info = AttachInfo {
+            mnt_id: id.id,
+            mnt_id_unique: id.unique,
+            mountpoint: mountpoint.display().to_string(),
+            sysfs_name: mounted.sysfs_name.clone(),
+            mount_ns,
+        };
+        match conn.call(&Request::Attach(info)) {
+            Ok(Reply::Attached) => Ok(()),
+            Ok(Reply::Error { message }) => Err(CliError::new(message)),
+            Ok(other) => Err(CliError::new(format!("unexpected agent reply {other:?}"))),
+            Err(e) => Err(CliError::new(format!("the agent did not confirm the mount: {e}"))),
+        }
+    })();
+    if let Err(e) = attach {
+        let _ = sys::mount::umount(mountpoint, true);
+        return Err(e);
+    }
+    Ok(())
+}
+
+fn check_mountpoint(path: &Path) -> Result<PathBuf, CliError> {
+    let abs = std::fs::canonicalize(path)
+        .map_err(|e| CliError::new(format!("mountpoint {} does not exist: {}", path.display(), io_reason(&e))))?;
+    if !abs.is_dir() {
+        return Err(CliError::new(format!("mountpoint {} is not a directory", path.display())));
+    }
+    Ok(abs)
+}
+
+fn io_reason(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    s.split(" (os error").next().unwrap_or(&s).to_lowercase()
+}
+
+fn connect_live_agent(state_dir: &StateDir, key: &str) -> Option<AgentConn> {
+    let record = state::read_agent_record(state_dir, key).ok().flatten()?;
+    if !record.identity.is_alive() {
+        return None;
+    }
+    let mut conn = AgentConn::connect(&record.socket, Duration::from_secs(10)).ok()?;
+    match conn.call(&Request::Ping) {
+        Ok(Reply::Pong { .. }) => Some(conn),
+        _ => None,
+    }
+}
+
+/// The agent binary lives beside the front end (also through the mount helper link).
+fn agent_binary() -> PathBuf {
+    if let Some(dir) = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
+        let candidate = dir.join("erofs-fanotify");
+        if candidate.exists() {
+            return candidate;
+        }
+    }
+    PathBuf::from("erofs-fanotify")
+}
+
+/// Starts a daemonised agent, hands it its config on stdin and waits for its
+/// ready line on stdout. Its log goes to the state dir (or stderr in the foreground).
+fn spawn_agent(cfg: &AgentConfig, state_dir: &StateDir, foreground: bool) -> Result<std::process::Child, CliError> {
+    let stderr = if foreground {
+        Stdio::inherit()
+    } else {
+        let log = agent_log_path(state_dir, &cfg.cache_key);
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(|e| CliError::new(format!("cannot open the agent log {}: {e}", log.display())))?;
+        Stdio::from(file)
+    };
+    let mut cmd = Command::new(agent_binary());
+    cmd.arg("agent").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(stderr);
+    if foreground {
+        cmd.arg("--foreground");
+    }
+    let mut child = cmd.spawn().map_err(|e| CliError::new(format!("cannot start the agent: {e}")))?;
+    let config = serde_json::to_vec(cfg).map_err(|e| CliError::new(format!("cannot encode the agent config: {e}")))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(&config);
+    }
+    let stdout = child.stdout.take().ok_or_else(|| CliError::new("cannot read from the agent"))?;
+    let mut line = String::new();
+    let read = BufReader::new(stdout).read_line(&mut line);
+    let answer: serde_json::Value = match read {
+        Ok(n) if n > 0 => serde_json::from_str(line.trim()).unwrap_or(serde_json::Value::Null),
+        _ => serde_json::Value::Null,
+    };
+    if answer.get("ready").and_then(|v| v.as_bool()) == Some(true) {
+        return Ok(child);
+    }
+    let _ = child.wait();
+    match answer.get("error").and_then(|v| v.as_str()) {
+        Some(msg) => Err(CliError::new(msg.to_string())),
+        None => Err(CliError::new(format!(
+            "the agent exited during startup; see {}",
+            agent_log_path(state_dir, &cfg.cache_key).display()
+        ))),
+    }
+}
+
+/// The agent's log: in the state dir, beside its record and socket.
+pub fn agent_log_path(state_dir: &StateDir, key: &str) -> PathBuf {
+    state_dir.agents_dir().join(format!("{key}.log"))
+}

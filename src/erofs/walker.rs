@@ -1,0 +1,976 @@
+//! The breadth-first metadata walk (see the module docs for the model).
+//!
+//! Each BFS level is a set of inode tasks. A task is a small state machine
+//! (header → inline xattrs → body → directory blocks) that advances as far as
+//! the bytes prefetched so far allow and otherwise names the ranges it needs.
+//! The level loop prefetches the union of all needs in one call, so a level
+//! costs one round trip per stage that is not already covered, not one per
+//! inode.
+
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
+
+use super::format::{
+    align_up, for_each_dirent, xattr_entry_size, ChunkLayout, ChunkTarget, DataLayout, FileKind,
+    IndexBytes, InodeHeader, Superblock, ZIndexLayout, ZMapHeader, EXTENDED_INODE_SIZE,
+    INODE_SLOT_SIZE, SUPERBLOCK_OFFSET,
+};
+use super::{ImageMap, MetaReader, WalkError, WalkLimits, PAGE_SIZE};
+use crate::ranges;
+
+/// Compression and chunk indexes are read through a window of this size, so
+/// memory stays bounded whatever the file size.
+const INDEX_WINDOW: u64 = 64 * 1024;
+
+/// Walks the metadata of the EROFS image behind `reader` (a blob of
+/// `image_size` bytes) and classifies its bytes; see [`ImageMap`].
+pub fn walk(
+    reader: &mut dyn MetaReader,
+    image_size: u64,
+    limits: &WalkLimits,
+) -> Result<ImageMap, WalkError> {
+    if image_size < SUPERBLOCK_OFFSET + 128 {
+        return Err(WalkError::NotErofs);
+    }
+    let mut io = Io {
+        reader,
+        image_size,
+        covered: RangeSet::default(),
+        calls: 0,
+        bytes: 0,
+        max_bytes: limits.max_meta_bytes,
+    };
+    let first_len = PAGE_SIZE.min(image_size);
+    io.prefetch(vec![0..first_len])?;
+    let mut first = io.read(0..first_len)?;
+    let sb = Superblock::parse(&first)?;
+    let bs = sb.block_size();
+    if bs > first_len && image_size >= bs {
+        io.prefetch(vec![0..bs])?;
+        first = io.read(0..bs)?;
+    }
+    sb.verify_checksum(&first)?;
+    drop(first);
+
+    let mut st = State::new(sb, image_size, limits);
+    st.walk(&mut io)?;
+    Ok(st.finish(io.calls))
+}
+
+// ---------------------------------------------------------------------------
+// Byte ranges already prefetched
+
+/// Sorted, merged ranges.
+#[derive(Default)]
+struct RangeSet {
+    ranges: Vec<Range<u64>>,
+}
+
+impl RangeSet {
+    fn from_ranges(ranges: Vec<Range<u64>>) -> Self {
+        RangeSet { ranges: ranges::normalize(ranges) }
+    }
+
+    fn covers(&self, r: &Range<u64>) -> bool {
+        if r.start >= r.end {
+            return true;
+        }
+        let i = self.ranges.partition_point(|c| c.end <= r.start);
+        self.ranges
+            .get(i)
+            .is_some_and(|c| c.start <= r.start && r.end <= c.end)
+    }
+
+    /// The parts of `wants` (sorted, merged) that this set does not cover.
+    fn missing(&self, wants: &[Range<u64>]) -> Vec<Range<u64>> {
+        let mut out = Vec::new();
+        for w in wants {
+            let mut pos = w.start;
+            let mut i = self.ranges.partition_point(|c| c.end <= pos);
+            while pos < w.end {
+                match self.ranges.get(i) {
+                    Some(c) if c.start < w.end => {
+                        if c.start > pos {
+                            out.push(pos..c.start);
+                        }
+                        pos = pos.max(c.end);
+                        i += 1;
+                    }
+                    _ => {
+                        out.push(pos..w.end);
+                        break;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn insert(&mut self, add: Vec<Range<u64>>) {
+        let mut all = std::mem::take(&mut self.ranges);
+        all.extend(add);
+        self.ranges = ranges::normalize(all);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Reads through the MetaReader, keeping its contract
+
+struct Io<'r> {
+    reader: &'r mut dyn MetaReader,
+    image_size: u64,
+    covered: RangeSet,
+    calls: u32,
+    bytes: u64,
+    max_bytes: u64,
+}
+
+impl Io<'_> {
+    fn covers(&self, r: &Range<u64>) -> bool {
+        self.covered.covers(r)
+    }
+
+    /// Prefetches what of `wants` is not yet local, in one call.
+    /// Returns whether anything new was requested.
+    fn prefetch(&mut self, wants: Vec<Range<u64>>) -> Result<bool, WalkError> {
+        let size = self.image_size;
+        let wants = ranges::normalize(
+            wants
+                .into_iter()
+                .map(|r| r.start.min(size)..r.end.min(size))
+                .collect(),
+        );
+        let missing = self.covered.missing(&wants);
+        if missing.is_empty() {
+            return Ok(false);
+        }
+        self.bytes = self.bytes.saturating_add(ranges::total_len(&missing));
+        if self.bytes > self.max_bytes {
+            return Err(WalkError::LimitExceeded(format!(
+                "metadata reads exceed {} bytes",
+                self.max_bytes
+            )));
+        }
+        tracing::trace!(ranges = missing.len(), "erofs walk: prefetch");
+        self.reader.prefetch(&missing)?;
+        self.calls += 1;
+        self.covered.insert(missing);
+        Ok(true)
+    }
+
+    fn read_into(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), WalkError> {
+        let r = offset..offset.saturating_add(buf.len() as u64);
+        if r.end > self.image_size {
+            return Err(WalkError::Corrupt(format!(
+                "read {}..{} beyond the image size {}",
+                r.start, r.end, self.image_size
+            )));
+        }
+        if !self.covers(&r) {
+            return Err(WalkError::Io(format!(
+                "internal: read {}..{} outside the prefetched ranges",
+                r.start, r.end
+            )));
+        }
+        self.reader.read_at(offset, buf)
+    }
+
+    /// Reads a short range (callers bound the length).
+    fn read(&mut self, r: Range<u64>) -> Result<Vec<u8>, WalkError> {
+        let len = usize::try_from(r.end.saturating_sub(r.start))
+            .map_err(|_| WalkError::Corrupt("read length overflows".into()))?;
+        let mut buf = vec![0u8; len];
+        self.read_into(r.start, &mut buf)?;
+        Ok(buf)
+    }
+}
+
+/// Index bytes read through a sliding window (see [`INDEX_WINDOW`]).
+struct WindowSrc<'a, 'r> {
+    io: &'a mut Io<'r>,
+    region: Range<u64>,
+    start: u64,
+    buf: Vec<u8>,
+}
+
+impl<'a, 'r> WindowSrc<'a, 'r> {
+    fn new(io: &'a mut Io<'r>, region: Range<u64>) -> Self {
+        WindowSrc { io, region, start: 0, buf: Vec::new() }
+    }
+}
+
+impl IndexBytes for WindowSrc<'_, '_> {
+    fn get(&mut self, pos: u64, len: usize) -> Result<&[u8], WalkError> {
+        let end = pos.saturating_add(len as u64);
+        if pos < self.region.start || end > self.region.end {
+            return Err(WalkError::Corrupt(format!(
+                "index read {pos}..{end} outside the index area {}..{}",
+                self.region.start, self.region.end
+            )));
+        }
+        let cached_end = self.start + self.buf.len() as u64;
+        if !(pos >= self.start && end <= cached_end) {
+            // Centre the window on the request: lookups walk both ways.
+            let wstart = self.region.start.max(pos.saturating_sub(INDEX_WINDOW / 2));
+            let wend = self.region.end.min(wstart.saturating_add(INDEX_WINDOW)).max(end);
+            self.buf.resize((wend - wstart) as usize, 0);
+            self.io.read_into(wstart, &mut self.buf)?;
+            self.start = wstart;
+        }
+        let o = (pos - self.start) as usize;
+        self.buf
+            .get(o..o + len)
+            .ok_or_else(|| WalkError::Corrupt("index window".into()))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Walk state
+
+struct Seen {
+    is_dir: Option<bool>,
+    refs: u32,
+}
+
+struct State<'l> {
+    sb: Superblock,
+    bs: u64,
+    image_size: u64,
+    limits: &'l WalkLimits,
+    /// Regular-file data, as the kernel maps it.
+    data: Vec<Range<u64>>,
+    /// Known metadata, and the data of directories and symlinks.
+    meta: Vec<Range<u64>>,
+    seen: HashMap<u64, Seen>,
+    shared_xattrs: HashSet<u32>,
+    new_shared_xattrs: Vec<u32>,
+    next_level: Vec<(u64, u64)>,
+    inodes: u64,
+    directories: u64,
+    regular_files: u64,
+    symlinks: u64,
+    depth: u32,
+    other_device_bytes: u64,
+}
+
+enum Step {
+    Need(Vec<Range<u64>>),
+    Done,
+}
+
+impl<'l> State<'l> {
+    fn new(sb: Superblock, image_size: u64, limits: &'l WalkLimits) -> Self {
+        let bs = sb.block_size();
+        State {
+            sb,
+            bs,
+            image_size,
+            limits,
+            data: Vec::new(),
+            meta: Vec::new(),
+            seen: HashMap::new(),
+            shared_xattrs: HashSet::new(),
+            new_shared_xattrs: Vec::new(),
+            next_level: Vec::new(),
+            inodes: 0,
+            directories: 0,
+            regular_files: 0,
+            symlinks: 0,
+            depth: 0,
+            other_device_bytes: 0,
+        }
+    }
+
+    fn walk(&mut self, io: &mut Io) -> Result<(), WalkError> {
+        // Block 0 holds the superblock and the compression configs.
+        self.meta.push(0..self.bs.max(PAGE_SIZE).min(self.image_size));
+        if let Some(devt) = self.sb.device_table() {
+            self.check_meta(&devt, "device table")?;
+            self.meta.push(devt);
+        }
+
+        let root = self.sb.root_nid;
+        let root_off = self.inode_offset(root, "root")?;
+        self.seen.insert(root, Seen { is_dir: None, refs: 1 });
+        let mut level = vec![(root, root_off)];
+        let packed = self.sb.packed_nid;
+        if packed != 0 && packed != root {
+            // The packed inode holds fragments (and maybe long xattr prefixes):
+            // a regular file read through its own address space.
+            let off = self.inode_offset(packed, "packed inode")?;
+            self.seen.insert(packed, Seen { is_dir: None, refs: 1 });
+            level.push((packed, off));
+        }
+
+        let mut depth = 0u32;
+        while !level.is_empty() {
+            self.depth = depth;
+            self.run_level(io, level, depth)?;
+            if depth == 0 {
+                if self.seen.get(&root).and_then(|s| s.is_dir) != Some(true) {
+                    return Err(WalkError::Corrupt(format!("root nid {root} is not a directory")));
+                }
+                if packed != 0 && self.seen.get(&packed).and_then(|s| s.is_dir) == Some(true) {
+                    return Err(WalkError::Corrupt(format!("packed nid {packed} is a directory")));
+                }
+            }
+            level = std::mem::take(&mut self.next_level);
+            depth += 1;
+        }
+        Ok(())
+    }
+
+    fn run_level(&mut self, io: &mut Io, level: Vec<(u64, u64)>, depth: u32) -> Result<(), WalkError> {
+        tracing::debug!(depth, inodes = level.len(), "erofs walk: level");
+        // First round: the page(s) around every slot; usually the whole inode
+        // with its xattrs and inline data, and many of its neighbours.
+        let align = self.bs.max(PAGE_SIZE);
+        let guesses = level
+            .iter()
+            .map(|&(_, off)| {
+                let end = off
+                    .saturating_add(EXTENDED_INODE_SIZE)
+                    .checked_add(align - 1)
+                    .map_or(u64::MAX, |e| e & !(align - 1));
+                off..end
+            })
+            .collect();
+        io.prefetch(guesses)?;
+
+        let mut tasks: Vec<InodeTask> = level
+            .into_iter()
+            .map(|(nid, offset)| InodeTask::new(nid, offset, depth))
+            .collect();
+        let mut pending: Vec<usize> = (0..tasks.len()).collect();
+        let mut xattr_tasks: Vec<u64> = Vec::new();
+        loop {
+            let mut needs = Vec::new();
+            let mut still = Vec::with_capacity(pending.len());
+            for i in pending {
+                if let Some(task) = tasks.get_mut(i) {
+                    match task.advance(io, self)? {
+                        Step::Need(r) => {
+                            needs.extend(r);
+                            still.push(i);
+                        }
+                        Step::Done => task.release(),
+                    }
+                }
+            }
+            pending = still;
+
+            for id in std::mem::take(&mut self.new_shared_xattrs) {
+                let pos = self.sb.shared_xattr_offset(id).ok_or_else(|| {
+                    WalkError::Corrupt(format!("shared xattr {id}: offset overflows"))
+                })?;
+                self.check_meta(&(pos..pos.saturating_add(4)), &format!("shared xattr {id}"))?;
+                xattr_tasks.push(pos);
+            }
+            let mut waiting = Vec::new();
+            for pos in xattr_tasks {
+                let head = pos..pos + 4;
+                if io.covers(&head) {
+                    let h = io.read(head)?;
+                    let len = xattr_entry_size(&h)
+                        .ok_or_else(|| WalkError::Corrupt("shared xattr header".into()))?;
+                    let r = pos..pos.saturating_add(len);
+                    self.check_meta(&r, "shared xattr entry")?;
+                    self.meta.push(r);
+                } else {
+                    needs.push(head);
+                    waiting.push(pos);
+                }
+            }
+            xattr_tasks = waiting;
+
+            if pending.is_empty() && xattr_tasks.is_empty() {
+                return Ok(());
+            }
+            if !io.prefetch(needs)? {
+                return Err(WalkError::Io("internal: walk made no progress".into()));
+            }
+        }
+    }
+
+    fn inode_offset(&self, nid: u64, what: &str) -> Result<u64, WalkError> {
+        let off = self
+            .sb
+            .inode_offset(nid)
+            .filter(|off| off.checked_add(INODE_SLOT_SIZE).is_some_and(|e| e <= self.image_size))
+            .ok_or_else(|| {
+                WalkError::Corrupt(format!(
+                    "{what}: nid {nid} lies outside the image ({} bytes)",
+                    self.image_size
+                ))
+            })?;
+        Ok(off)
+    }
+
+    fn check_meta(&self, r: &Range<u64>, what: &str) -> Result<(), WalkError> {
+        if r.start > r.end || r.end > self.image_size {
+            return Err(WalkError::Corrupt(format!(
+                "{what} at {}..{} lies outside the image ({} bytes)",
+                r.start, r.end, self.image_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Records a parsed inode; rejects a directory reachable twice.
+    fn on_inode(&mut self, h: &InodeHeader) -> Result<(), WalkError> {
+        let is_dir = h.kind == FileKind::Directory;
+        if let Some(seen) = self.seen.get_mut(&h.nid) {
+            seen.is_dir = Some(is_dir);
+            if is_dir && seen.refs > 1 {
+                return Err(cycle(h.nid));
+            }
+        }
+        self.inodes += 1;
+        match h.kind {
+            FileKind::Directory => self.directories += 1,
+            FileKind::Regular => self.regular_files += 1,
+            FileKind::Symlink => self.symlinks += 1,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn add_child(&mut self, nid: u64, depth: u32, parent: u64) -> Result<(), WalkError> {
+        let inodes_seen = self.seen.len() as u64;
+        let image_size = self.image_size;
+        match self.seen.entry(nid) {
+            Entry::Occupied(mut e) => {
+                let seen = e.get_mut();
+                seen.refs = seen.refs.saturating_add(1);
+                if seen.is_dir == Some(true) {
+                    return Err(cycle(nid));
+                }
+            }
+            Entry::Vacant(v) => {
+                if depth > self.limits.max_depth {
+                    return Err(WalkError::LimitExceeded(format!(
+                        "directory nesting deeper than {}",
+                        self.limits.max_depth
+                    )));
+                }
+                if inodes_seen >= self.limits.max_inodes {
+                    return Err(WalkError::LimitExceeded(format!(
+                        "more than {} inodes",
+                        self.limits.max_inodes
+                    )));
+                }
+                let off = self
+                    .sb
+                    .inode_offset(nid)
+                    .filter(|off| {
+                        off.checked_add(INODE_SLOT_SIZE).is_some_and(|e| e <= image_size)
+                    })
+                    .ok_or_else(|| {
+                        WalkError::Corrupt(format!(
+                            "directory nid {parent}: entry points to nid {nid} outside the image"
+                        ))
+                    })?;
+                v.insert(Seen { is_dir: None, refs: 1 });
+                self.next_level.push((nid, off));
+            }
+        }
+        Ok(())
+    }
+
+    fn add_shared_xattr(&mut self, id: u32) -> Result<(), WalkError> {
+        if self.shared_xattrs.insert(id) {
+            if self.shared_xattrs.len() as u64 > self.limits.max_shared_xattrs {
+                return Err(WalkError::LimitExceeded(format!(
+                    "more than {} shared xattrs",
+                    self.limits.max_shared_xattrs
+                )));
+            }
+            self.new_shared_xattrs.push(id);
+        }
+        Ok(())
+    }
+
+    /// Records block-mapped data of an inode: regular-file data is lazily
+    /// fetchable, anything else is required.
+    fn add_data(&mut self, h: &InodeHeader, r: Range<u64>) -> Result<(), WalkError> {
+        if r.start >= r.end {
+            return Ok(());
+        }
+        if r.end > self.image_size {
+            if self.sb.extra_devices > 0 {
+                // A flat multi-device address space: beyond our blob is
+                // another device's data, fetched (or not) elsewhere.
+                self.other_device_bytes += r.end - r.start.max(self.image_size);
+                if r.start >= self.image_size {
+                    return Ok(());
+                }
+            } else {
+                return Err(WalkError::Corrupt(format!(
+                    "inode nid {}: data {}..{} lies outside the image ({} bytes)",
+                    h.nid, r.start, r.end, self.image_size
+                )));
+            }
+        }
+        let r = r.start..r.end.min(self.image_size);
+        if h.kind == FileKind::Regular {
+            self.data.push(r);
+        } else {
+            self.meta.push(r);
+        }
+        Ok(())
+    }
+
+    fn finish(self, calls: u32) -> ImageMap {
+        let size = self.image_size;
+        let data = ranges::normalize(self.data);
+        // Safety net: never count a byte known to be metadata as data.
+        let meta = RangeSet::from_ranges(self.meta);
+        let data_only = meta.missing(&data);
+        let overlap = ranges::total_len(&data) - ranges::total_len(&data_only);
+        if overlap > 0 {
+            tracing::warn!(
+                bytes = overlap,
+                "erofs walk: file data overlaps metadata; treating the overlap as required"
+            );
+        }
+        let required = ranges::align_out(&ranges::complement(&data_only, size), PAGE_SIZE, size);
+        let data_extents = ranges::complement(&required, size);
+        if self.other_device_bytes > 0 {
+            tracing::debug!(bytes = self.other_device_bytes, "erofs walk: data on extra devices");
+        }
+        let map = ImageMap {
+            block_size: self.bs as u32,
+            image_size: size,
+            data_extents,
+            required,
+            inodes: self.inodes,
+            directories: self.directories,
+            regular_files: self.regular_files,
+            symlinks: self.symlinks,
+            depth: self.depth,
+            prefetch_calls: calls,
+        };
+        tracing::info!(
+            inodes = map.inodes,
+            required_bytes = map.required_bytes(),
+            required_ranges = map.required.len(),
+            data_bytes = map.data_bytes(),
+            round_trips = calls,
+            "erofs walk: done"
+        );
+        map
+    }
+}
+
+fn cycle(nid: u64) -> WalkError {
+    WalkError::Corrupt(format!(
+        "directory nid {nid} is reachable twice (directory cycle or hard-linked directory)"
+    ))
+}
+
+fn with_context(e: WalkError, ctx: &str) -> WalkError {
+    match e {
+        WalkError::Corrupt(m) => WalkError::Corrupt(format!("{ctx}: {m}")),
+        other => other,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// One inode
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Header,
+    Xattrs,
+    Body,
+    DirBlocks,
+    Done,
+}
+
+struct InodeTask {
+    nid: u64,
+    offset: u64,
+    depth: u32,
+    stage: Stage,
+    hdr: Option<InodeHeader>,
+    /// Physical pieces of a directory's data, one per logical block, in order.
+    dir_blocks: Vec<Range<u64>>,
+}
+
+impl InodeTask {
+    fn new(nid: u64, offset: u64, depth: u32) -> Self {
+        InodeTask { nid, offset, depth, stage: Stage::Header, hdr: None, dir_blocks: Vec::new() }
+    }
+
+    fn release(&mut self) {
+        self.hdr = None;
+        self.dir_blocks = Vec::new();
+    }
+
+    fn header(&self) -> Result<InodeHeader, WalkError> {
+        self.hdr
+            .clone()
+            .ok_or_else(|| WalkError::Io("internal: inode header missing".into()))
+    }
+
+    fn advance(&mut self, io: &mut Io, st: &mut State) -> Result<Step, WalkError> {
+        loop {
+            match self.stage {
+                Stage::Header => {
+                    let r = self.offset..self.offset.saturating_add(EXTENDED_INODE_SIZE).min(io.image_size);
+                    if !io.covers(&r) {
+                        return Ok(Step::Need(vec![r]));
+                    }
+                    let buf = io.read(r)?;
+                    let h = InodeHeader::parse(self.nid, self.offset, &buf)?;
+                    st.on_inode(&h)?;
+                    self.hdr = Some(h);
+                    self.stage = Stage::Xattrs;
+                }
+                Stage::Xattrs => {
+                    if let Some(need) = self.xattrs(io, st)? {
+                        return Ok(Step::Need(need));
+                    }
+                    self.stage = Stage::Body;
+                }
+                Stage::Body => {
+                    if let Some(need) = self.body(io, st)? {
+                        return Ok(Step::Need(need));
+                    }
+                }
+                Stage::DirBlocks => {
+                    let missing: Vec<Range<u64>> =
+                        self.dir_blocks.iter().filter(|r| !io.covers(r)).cloned().collect();
+                    if !missing.is_empty() {
+                        return Ok(Step::Need(missing));
+                    }
+                    self.read_dirents(io, st)?;
+                    self.stage = Stage::Done;
+                }
+                Stage::Done => return Ok(Step::Done),
+            }
+        }
+    }
+
+    /// Reads the shared xattr ids of the inline xattr body.
+    fn xattrs(&mut self, io: &mut Io, st: &mut State) -> Result<Option<Vec<Range<u64>>>, WalkError> {
+        let h = self.header()?;
+        if h.xattr_icount == 0 {
+            return Ok(None);
+        }
+        let body_end = h.body_end().ok_or_else(|| overflow(h.nid))?;
+        let whole = self.offset..body_end;
+        st.check_meta(&whole, &format!("inode nid {}", h.nid))?;
+        let xstart = self.offset + h.inode_size();
+        let head = xstart..xstart + 12;
+        if !io.covers(&head) {
+            return Ok(Some(vec![whole]));
+        }
+        let hb = io.read(head)?;
+        let shared = u64::from(hb.get(4).copied().unwrap_or(0));
+        let ids = xstart + 12..xstart + 12 + 4 * shared;
+        if ids.end > body_end {
+            return Err(WalkError::Corrupt(format!(
+                "inode nid {}: {shared} shared xattrs do not fit its xattr body",
+                h.nid
+            )));
+        }
+        if !io.covers(&ids) {
+            return Ok(Some(vec![whole]));
+        }
+        let idb = io.read(ids)?;
+        for c in idb.chunks_exact(4) {
+            let id = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            st.add_shared_xattr(id)?;
+        }
+        Ok(None)
+    }
+
+    /// Maps the inode's data; sets the next stage or returns what it needs.
+    fn body(&mut self, io: &mut Io, st: &mut State) -> Result<Option<Vec<Range<u64>>>, WalkError> {
+        let h = self.header()?;
+        let nid = h.nid;
+        let bs = st.bs;
+        let body_end = h.body_end().ok_or_else(|| overflow(nid))?;
+        let what = format!("inode nid {nid}");
+        st.check_meta(&(self.offset..body_end), &what)?;
+        let is_dir = h.kind == FileKind::Directory;
+        if is_dir && h.size > st.limits.max_dir_size {
+            return Err(WalkError::LimitExceeded(format!(
+                "directory nid {nid} is {} bytes (limit {})",
+                h.size, st.limits.max_dir_size
+            )));
+        }
+        if !matches!(h.kind, FileKind::Regular | FileKind::Directory | FileKind::Symlink) {
+            // Devices, fifos and sockets have no data; i_u is rdev.
+            st.meta.push(self.offset..body_end);
+            self.stage = Stage::Done;
+            return Ok(None);
+        }
+        match h.layout {
+            DataLayout::FlatPlain | DataLayout::FlatInline => {
+                let nblocks = h.blocks(st.sb.blkszbits);
+                let inline = h.layout == DataLayout::FlatInline;
+                let (whole, tail_len) = if inline && nblocks > 0 {
+                    (nblocks - 1, h.size - (nblocks - 1) * bs)
+                } else if inline {
+                    (0, 0)
+                } else {
+                    (nblocks, 0)
+                };
+                let meta_end = body_end.checked_add(tail_len).ok_or_else(|| overflow(nid))?;
+                st.check_meta(&(self.offset..meta_end), &what)?;
+                st.meta.push(self.offset..meta_end);
+                let blocks = if whole == 0 {
+                    None
+                } else if let Some(startblk) = h.flat_startblk() {
+                    let start = startblk.checked_mul(bs).ok_or_else(|| overflow(nid))?;
+                    let end = whole
+                        .checked_mul(bs)
+                        .and_then(|l| start.checked_add(l))
+                        .ok_or_else(|| overflow(nid))?;
+                    Some(start..end)
+                } else {
+                    None
+                };
+                if is_dir {
+                    let Some(blocks) = blocks.clone().or(if whole == 0 { Some(0..0) } else { None })
+                    else {
+                        return Err(WalkError::Corrupt(format!("directory nid {nid} has no data blocks")));
+                    };
+                    if blocks.end > st.image_size {
+                        return Err(WalkError::Corrupt(format!(
+                            "directory nid {nid}: blocks {}..{} lie outside the image",
+                            blocks.start, blocks.end
+                        )));
+                    }
+                    let mut pieces = Vec::new();
+                    let mut logical = 0u64;
+                    let mut pos = blocks.start;
+                    while pos < blocks.end {
+                        let len = bs.min(h.size - logical);
+                        pieces.push(pos..pos + len);
+                        pos += bs;
+                        logical += bs;
+                    }
+                    if tail_len > 0 {
+                        pieces.push(body_end..meta_end);
+                    }
+                    self.dir_blocks = pieces;
+                    self.stage = Stage::DirBlocks;
+                } else {
+                    if let Some(b) = blocks {
+                        st.add_data(&h, b)?;
+                    }
+                    self.stage = Stage::Done;
+                }
+                Ok(None)
+            }
+            DataLayout::ChunkBased => self.chunked(io, st, &h),
+            DataLayout::CompressedFull | DataLayout::CompressedCompact => {
+                self.compressed(io, st, &h, body_end)
+            }
+        }
+    }
+
+    fn chunked(&mut self, io: &mut Io, st: &mut State, h: &InodeHeader) -> Result<Option<Vec<Range<u64>>>, WalkError> {
+        let nid = h.nid;
+        let bs = st.bs;
+        let layout = ChunkLayout::new(h, st.sb.blkszbits)?;
+        let index_bytes = layout.index_bytes().ok_or_else(|| overflow(nid))?;
+        if index_bytes > st.limits.max_index_bytes {
+            return Err(WalkError::LimitExceeded(format!(
+                "inode nid {nid}: {index_bytes} bytes of chunk indexes"
+            )));
+        }
+        let index_end = layout.start.checked_add(index_bytes).ok_or_else(|| overflow(nid))?;
+        let whole = self.offset..index_end;
+        st.check_meta(&whole, &format!("inode nid {nid} chunk indexes"))?;
+        if !io.covers(&whole) {
+            return Ok(Some(vec![whole]));
+        }
+        st.meta.push(whole);
+
+        let is_dir = h.kind == FileKind::Directory;
+        let chunk_size = layout.chunk_size();
+        let mask = st.sb.device_id_mask();
+        let per_window = (INDEX_WINDOW / layout.unit).max(1);
+        let mut pieces: Vec<Range<u64>> = Vec::new();
+        let mut chunk = 0u64;
+        while chunk < layout.nchunks {
+            let n = per_window.min(layout.nchunks - chunk);
+            let pos = layout.start + chunk * layout.unit;
+            let buf = io.read(pos..pos + n * layout.unit)?;
+            for (k, entry) in buf.chunks_exact(layout.unit as usize).enumerate() {
+                let i = chunk + k as u64;
+                let logical = i * chunk_size;
+                // The last chunk ends at the block holding EOF.
+                let len = chunk_size.min((h.size - logical).div_ceil(bs) * bs);
+                let target = layout
+                    .decode(entry, mask)
+                    .ok_or_else(|| WalkError::Corrupt(format!("inode nid {nid}: chunk index {i}")))?;
+                match target {
+                    ChunkTarget::Primary(blk) => {
+                        let start = blk.checked_mul(bs).ok_or_else(|| overflow(nid))?;
+                        let end = start.checked_add(len).ok_or_else(|| overflow(nid))?;
+                        if is_dir {
+                            if end > st.image_size {
+                                return Err(WalkError::Corrupt(format!(
+                                    "directory nid {nid}: chunk {i} lies outside the image"
+                                )));
+                            }
+                            let mut off = 0;
+                            while off < len {
+                                let piece = bs.min(h.size - (logical + off));
+                                pieces.push(start + off..start + off + piece);
+                                off += bs;
+                            }
+                        } else {
+                            st.add_data(h, start..end)?;
+                        }
+                    }
+                    ChunkTarget::Hole if is_dir => {
+                        return Err(WalkError::Corrupt(format!("directory nid {nid}: chunk {i} is a hole")));
+                    }
+                    ChunkTarget::Hole => {}
+                    ChunkTarget::OtherDevice { device, .. } if is_dir => {
+                        return Err(WalkError::Unsupported(format!(
+                            "directory nid {nid}: data on extra device {device}"
+                        )));
+                    }
+                    ChunkTarget::OtherDevice { .. } => {
+                        st.other_device_bytes += len;
+                    }
+                }
+            }
+            chunk += n;
+        }
+        if is_dir {
+            self.dir_blocks = pieces;
+            self.stage = Stage::DirBlocks;
+        } else {
+            self.stage = Stage::Done;
+        }
+        Ok(None)
+    }
+
+    fn compressed(
+        &mut self,
+        io: &mut Io,
+        st: &mut State,
+        h: &InodeHeader,
+        body_end: u64,
+    ) -> Result<Option<Vec<Range<u64>>>, WalkError> {
+        let nid = h.nid;
+        if h.kind == FileKind::Directory {
+            return Err(WalkError::Unsupported(format!(
+                "directory nid {nid} is compressed (directory decompression is not implemented)"
+            )));
+        }
+        if h.size == 0 {
+            st.meta.push(self.offset..body_end);
+            self.stage = Stage::Done;
+            return Ok(None);
+        }
+        let header_pos = align_up(body_end, 8).ok_or_else(|| overflow(nid))?;
+        let header = self.offset..header_pos + 8;
+        st.check_meta(&header, &format!("inode nid {nid} compression header"))?;
+        if h.kind == FileKind::Symlink {
+            // Symlink data is required whatever its pclusters are.
+            st.meta.push(header);
+            self.stage = Stage::Done;
+            return Ok(None);
+        }
+        if !io.covers(&header) {
+            return Ok(Some(vec![header]));
+        }
+        let hb = io.read(header_pos..header_pos + 8)?;
+        let zh = ZMapHeader::parse(&hb)
+            .ok_or_else(|| WalkError::Corrupt(format!("inode nid {nid}: map header")))?;
+        if zh.whole_fragment {
+            // The whole file lives in the packed inode.
+            st.meta.push(header);
+            self.stage = Stage::Done;
+            return Ok(None);
+        }
+        if h.layout == DataLayout::CompressedFull && zh.advise & super::format::zadvise::EXTENTS != 0 {
+            // Extent-based compressed files (erofs-utils 1.9+): not decoded;
+            // their data stays required, which is safe.
+            tracing::warn!(nid, "erofs walk: extent-based compressed file; its data will be fetched eagerly");
+            st.meta.push(header);
+            self.stage = Stage::Done;
+            return Ok(None);
+        }
+        let layout = ZIndexLayout::new(h, header_pos, &zh, st.sb.blkszbits)?;
+        let index_bytes = layout.index_end() - header_pos;
+        if index_bytes > st.limits.max_index_bytes {
+            return Err(WalkError::LimitExceeded(format!(
+                "inode nid {nid}: {index_bytes} bytes of compression indexes"
+            )));
+        }
+        let ztailpacking = zh.advise & super::format::zadvise::INLINE_PCLUSTER != 0 && zh.idata_size > 0;
+        let fragment = zh.advise & super::format::zadvise::FRAGMENT_PCLUSTER != 0;
+        let mut meta_end = layout.index_end();
+        if ztailpacking {
+            let last_lcn = layout.nlclusters.saturating_sub(1);
+            let inline_start = layout.next_pack_off(last_lcn)?;
+            let inline_end = inline_start
+                .checked_add(u64::from(zh.idata_size))
+                .ok_or_else(|| overflow(nid))?;
+            meta_end = meta_end.max(inline_end);
+        }
+        let whole = self.offset..meta_end;
+        st.check_meta(&whole, &format!("inode nid {nid} compression indexes"))?;
+        if !io.covers(&whole) {
+            return Ok(Some(vec![whole]));
+        }
+        st.meta.push(whole);
+
+        let index_region = header_pos + 8..layout.index_end();
+        let mut src = WindowSrc::new(io, index_region);
+        let tail = if ztailpacking || fragment {
+            Some(layout.tail_head(&mut src).map_err(|e| with_context(e, "tail extent"))?)
+        } else {
+            None
+        };
+        let mut pieces = Vec::new();
+        if !(fragment && tail == Some(0)) {
+            layout.pclusters(&mut src, tail, &mut pieces)?;
+        }
+        for p in pieces {
+            st.add_data(h, p)?;
+        }
+        self.stage = Stage::Done;
+        Ok(None)
+    }
+
+    fn read_dirents(&mut self, io: &mut Io, st: &mut State) -> Result<(), WalkError> {
+        let nid = self.nid;
+        let child_depth = self.depth.saturating_add(1);
+        let blocks = std::mem::take(&mut self.dir_blocks);
+        for (i, piece) in blocks.into_iter().enumerate() {
+            if piece.end - piece.start > st.bs {
+                return Err(WalkError::Io("internal: directory piece larger than a block".into()));
+            }
+            st.meta.push(piece.clone());
+            let buf = io.read(piece)?;
+            let mut children = Vec::new();
+            for_each_dirent(&buf, |d| {
+                if !d.is_dot_or_dotdot() {
+                    children.push(d.nid);
+                }
+                Ok(())
+            })
+            .map_err(|e| with_context(e, &format!("directory nid {nid} block {i}")))?;
+            for child in children {
+                st.add_child(child, child_depth, nid)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn overflow(nid: u64) -> WalkError {
+    WalkError::Corrupt(format!("inode nid {nid}: offset arithmetic overflows"))
+}

@@ -1,0 +1,15 @@
+//! erofs-fanotify: lazy EROFS mounts backed by fanotify pre-content events.
+//!
+//! Boundaries: pure logic (`ranges`, `fanotify::event`, `erofs`, `mount::options`,
+//! `cache::bitmap`) is kept apart from syscalls (`sys`) and I/O (`remote`, `agent`),
+//! so most of it is unit-tested without root.
+
+pub mod agent;
+pub mod cache;
+pub mod cli;
+pub mod erofs;
+pub mod fanotify;
+pub mod mount;
+pub mod ranges;
+pub mod remote;
+pub mod sys;

@@ -1,0 +1,222 @@
+//! `-o` option parsing, compatible with erofs-utils' `mount.erofs -t erofs.fanotify`
+//! (`oci.*` keys) plus our own keys. Pure: unit-tested without root.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_CACHE_DIR: &str = "/var/cache/erofs-fanotify";
+pub const DEFAULT_FETCH_UNIT: u64 = 1 << 20;
+pub const DEFAULT_READ_AHEAD_KB: u32 = 512;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum OptionError {
+    #[error("unknown mount option {0:?}")]
+    Unknown(String),
+    #[error("mount option {key} needs a value")]
+    MissingValue { key: String },
+    #[error("bad value {value:?} for mount option {key}: {why}")]
+    BadValue { key: String, value: String, why: String },
+}
+
+/// Options for the OCI source (issue: OCI registry source). Carried verbatim.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct OciOptions {
+    pub blob: Option<String>,
+    pub layer: Option<u32>,
+    pub platform: Option<String>,
+    pub username: Option<String>,
+    #[serde(skip_serializing)]
+    pub password: Option<String>,
+    pub insecure: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct MountOptions {
+    pub cache_dir: PathBuf,
+    /// Missing ranges are rounded out to this many bytes (a power of two >= 4 KiB).
+    pub fetch_unit: u64,
+    /// Bound for one HTTP request.
+    pub fetch_timeout: Duration,
+    /// Bound for one fetch including retries; afterwards readers get EIO.
+    pub retry_timeout: Duration,
+    /// Readahead of the mount's bdi, set before the mount becomes visible.
+    pub read_ahead_kb: u32,
+    /// Concurrent range requests.
+    pub fetch_parallel: usize,
+    pub oci: OciOptions,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            cache_dir: PathBuf::from(DEFAULT_CACHE_DIR),
+            fetch_unit: DEFAULT_FETCH_UNIT,
+            fetch_timeout: Duration::from_secs(10),
+            retry_timeout: Duration::from_secs(30),
+            read_ahead_kb: DEFAULT_READ_AHEAD_KB,
+            fetch_parallel: 8,
+            oci: OciOptions::default(),
+        }
+    }
+}
+
+/// Options mount(8) passes through or adds that mean nothing to us.
+fn is_generic_flag(key: &str) -> bool {
+    matches!(
+        key,
+        "ro" | "rw" | "defaults" | "auto" | "noauto" | "_netdev" | "nofail" | "nodev" | "nosuid" | "noexec"
+            | "exec" | "user" | "nouser" | "users" | "relatime" | "noatime" | "sync" | "async" | "silent" | "loud"
+    ) || key.starts_with("x-")
+        || key == "uhelper"
+        || key == "helper"
+        || key == "comment"
+}
+
+impl MountOptions {
+    /// Parses a comma separated option string (several `-o` may be joined by commas).
+    pub fn parse(opts: &str) -> Result<MountOptions, OptionError> {
+        let mut o = MountOptions::default();
+        for item in opts.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (key, value) = match item.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (item, None),
+            };
+            let need = |v: Option<&str>| -> Result<String, OptionError> {
+                match v {
+                    Some(v) if !v.is_empty() => Ok(v.to_string()),
+                    _ => Err(OptionError::MissingValue { key: key.to_string() }),
+                }
+            };
+            let bad = |value: &str, why: &str| OptionError::BadValue {
+                key: key.to_string(),
+                value: value.to_string(),
+                why: why.to_string(),
+            };
+            match key {
+                "cache_dir" => {
+                    let v = need(value)?;
+                    if !v.starts_with('/') {
+                        return Err(bad(&v, "must be an absolute path"));
+                    }
+                    o.cache_dir = PathBuf::from(v);
+                }
+                "fetch_unit" => {
+                    let v = need(value)?;
+                    let n = parse_size(&v).ok_or_else(|| bad(&v, "expected a size like 1M"))?;
+                    if !n.is_power_of_two() || !(4096..=(64 << 20)).contains(&n) {
+                        return Err(bad(&v, "must be a power of two between 4K and 64M"));
+                    }
+                    o.fetch_unit = n;
+                }
+                "fetch_timeout" | "retry_timeout" => {
+                    let v = need(value)?;
+                    let secs: f64 = v.parse().map_err(|_| bad(&v, "expected seconds"))?;
+                    if !(0.1..=3600.0).contains(&secs) {
+                        return Err(bad(&v, "must be between 0.1 and 3600 seconds"));
+                    }
+                    let d = Duration::from_secs_f64(secs);
+                    if key == "fetch_timeout" {
+                        o.fetch_timeout = d
+                    } else {
+                        o.retry_timeout = d
+                    }
+                }
+                "read_ahead_kb" => {
+                    let v = need(value)?;
+                    let n: u32 = v.parse().map_err(|_| bad(&v, "expected a number of KiB"))?;
+                    if !(4..=16384).contains(&n) {
+                        return Err(bad(&v, "must be between 4 and 16384"));
+                    }
+                    o.read_ahead_kb = n;
+                }
+                "fetch_parallel" => {
+                    let v = need(value)?;
+                    let n: usize = v.parse().map_err(|_| bad(&v, "expected a number"))?;
+                    if !(1..=64).contains(&n) {
+                        return Err(bad(&v, "must be between 1 and 64"));
+                    }
+                    o.fetch_parallel = n;
+                }
+                "oci.blob" => o.oci.blob = Some(need(value)?),
+                "oci.layer" => {
+                    let v = need(value)?;
+                    o.oci.layer = Some(v.parse().map_err(|_| bad(&v, "expected a layer index"))?);
+                }
+                "oci.platform" => o.oci.platform = Some(need(value)?),
+                "oci.username" => o.oci.username = Some(need(value)?),
+                "oci.password" => o.oci.password = Some(need(value)?),
+                "oci.insecure" => o.oci.insecure = true,
+                k if is_generic_flag(k) => {}
+                _ => return Err(OptionError::Unknown(key.to_string())),
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// Parses `4096`, `64K`, `1M`, `2G` (binary units; a trailing `B`/`iB` is accepted).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let upper = s.to_ascii_uppercase();
+    let t = upper.trim_end_matches("IB").trim_end_matches('B');
+    let (num, mult) = match t.chars().last()? {
+        'K' => (&t[..t.len() - 1], 1u64 << 10),
+        'M' => (&t[..t.len() - 1], 1 << 20),
+        'G' => (&t[..t.len() - 1], 1 << 30),
+        'T' => (&t[..t.len() - 1], 1 << 40),
+        _ => (t, 1),
+    };
+    num.trim().parse::<u64>().ok()?.checked_mul(mult)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_when_empty() {
+        assert_eq!(MountOptions::parse("").unwrap(), MountOptions::default());
+    }
+
+    #[test]
+    fn parses_ours_and_oci_and_ignores_generic() {
+        let o = MountOptions::parse(
+            "rw,cache_dir=/var/tmp/c,fetch_unit=256K,fetch_timeout=2,retry_timeout=4.5,oci.insecure,oci.layer=2,_netdev,x-systemd.automount,uhelper=udisks2",
+        )
+        .unwrap();
+        assert_eq!(o.cache_dir, PathBuf::from("/var/tmp/c"));
+        assert_eq!(o.fetch_unit, 256 << 10);
+        assert_eq!(o.fetch_timeout, Duration::from_secs(2));
+        assert_eq!(o.retry_timeout, Duration::from_millis(4500));
+        assert!(o.oci.insecure);
+        assert_eq!(o.oci.layer, Some(2));
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        assert!(matches!(MountOptions::parse("fetch_unit=3000"), Err(OptionError::BadValue { .. })));
+        assert!(matches!(MountOptions::parse("cache_dir=relative"), Err(OptionError::BadValue { .. })));
+        assert!(matches!(MountOptions::parse("cache_dir"), Err(OptionError::MissingValue { .. })));
+        assert_eq!(MountOptions::parse("bogus"), Err(OptionError::Unknown("bogus".into())));
+        assert!(MountOptions::parse("retry_timeout=-1").is_err());
+    }
+
+    #[test]
+    fn password_is_never_serialized() {
+        let o = MountOptions::parse("oci.username=u,oci.password=hunter2").unwrap();
+        let json = serde_json::to_string(&o.oci).unwrap();
+        assert!(!json.contains("hunter2"));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1M"), Some(1 << 20));
+        assert_eq!(parse_size("64k"), Some(64 << 10));
+        assert_eq!(parse_size("2GiB"), Some(2 << 30));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("x"), None);
+        assert_eq!(parse_size("99999999999999T"), None);
+    }
+}

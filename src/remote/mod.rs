@@ -1,0 +1,118 @@
+//! Remotes: where the bytes of a blob come from.
+//!
+//! A [`RangeSource`] knows the blob's size and serves byte ranges of it. The
+//! agent never cares whether the bytes come from an HTTP server, an OCI
+//! registry or a local file; that is what keeps the backend (cache file +
+//! fanotify) apart from the remote, as erofs-utils does.
+//!
+//! Every response is checked against what was asked (status, Content-Range,
+//! length): a remote is untrusted.
+
+pub mod file;
+pub mod http;
+pub mod retry;
+
+use std::ops::Range;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+
+pub use file::FileSource;
+pub use http::HttpSource;
+pub use retry::{fetch_with_retry, RetryPolicy};
+
+/// Why a fetch failed. Transient failures are retried, permanent ones not.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("{0}")]
+    Transient(String),
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl FetchError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, FetchError::Transient(_))
+    }
+}
+
+/// A source of byte ranges of one blob.
+pub trait RangeSource: Send + Sync {
+    /// Total size of the blob in bytes.
+    fn size(&self) -> u64;
+    /// Fetches exactly `range` (already clamped to the blob size by the caller).
+    fn fetch(&self, range: Range<u64>) -> BoxFuture<'_, Result<Bytes, FetchError>>;
+    /// A short, credential-free description for logs and status.
+    fn describe(&self) -> String;
+}
+
+/// Checks a parsed `Content-Range: bytes a-b/total` against the request.
+pub fn check_content_range(
+    header: &str,
+    asked: &Range<u64>,
+    expected_total: Option<u64>,
+) -> Result<u64, FetchError> {
+    let (start, end_incl, total) = parse_content_range(header)
+        .ok_or_else(|| FetchError::Permanent(format!("malformed Content-Range {header:?}")))?;
+    if start != asked.start || end_incl.checked_add(1) != Some(asked.end) {
+        return Err(FetchError::Permanent(format!(
+            "server sent bytes {start}-{end_incl}, asked for {}-{}",
+            asked.start,
+            asked.end.saturating_sub(1)
+        )));
+    }
+    if let (Some(expected), Some(total)) = (expected_total, total) {
+        if expected != total {
+            return Err(FetchError::Permanent(format!(
+                "blob size changed: server says {total} bytes, expected {expected}"
+            )));
+        }
+    }
+    total.ok_or_else(|| FetchError::Permanent("Content-Range has no total size".into()))
+}
+
+/// Parses `bytes START-END/TOTAL` (TOTAL may be `*`).
+pub fn parse_content_range(header: &str) -> Option<(u64, u64, Option<u64>)> {
+    let rest = header.trim().strip_prefix("bytes")?.trim_start();
+    let (span, total) = rest.split_once('/')?;
+    let (start, end) = span.trim().split_once('-')?;
+    let start: u64 = start.trim().parse().ok()?;
+    let end: u64 = end.trim().parse().ok()?;
+    if end < start {
+        return None;
+    }
+    let total = match total.trim() {
+        "*" => None,
+        t => {
+            let t: u64 = t.parse().ok()?;
+            if end >= t {
+                return None;
+            }
+            Some(t)
+        }
+    };
+    Some((start, end, total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range_parses_and_validates() {
+        assert_eq!(parse_content_range("bytes 0-4095/10000"), Some((0, 4095, Some(10000))));
+        assert_eq!(parse_content_range("bytes 5-5/*"), Some((5, 5, None)));
+        assert_eq!(parse_content_range("bytes 9-3/100"), None);
+        assert_eq!(parse_content_range("bytes 0-100/100"), None);
+        assert_eq!(parse_content_range("items 0-1/2"), None);
+        assert_eq!(parse_content_range("bytes -1/2"), None);
+    }
+
+    #[test]
+    fn content_range_must_match_request_and_size() {
+        assert_eq!(check_content_range("bytes 0-9/100", &(0..10), Some(100)).unwrap(), 100);
+        assert!(check_content_range("bytes 0-9/100", &(0..11), Some(100)).is_err());
+        assert!(check_content_range("bytes 1-10/100", &(0..10), Some(100)).is_err());
+        assert!(check_content_range("bytes 0-9/101", &(0..10), Some(100)).is_err());
+    }
+}
