@@ -96,7 +96,7 @@ fn answer(req: Request, ctx: &Arc<ControlContext>, lease: &mut Option<Lease>) ->
                 cache_key: ctx.cache_key.clone(),
                 cache_dir: ctx.cache_dir.clone(),
                 sysfs_name: info.sysfs_name,
-                agent: ctx.identity.clone(),
+                agent: ctx.identity,
                 control_socket: ctx.socket_path.clone(),
                 mount_ns: info.mount_ns,
                 created_unix: now_unix(),
@@ -109,7 +109,7 @@ fn answer(req: Request, ctx: &Arc<ControlContext>, lease: &mut Option<Lease>) ->
                 Err(message) => Reply::Error { message },
             }
         }
-        Request::Unmounted { mnt_id } => Reply::Unmounted { agent_leaving: ctx.lifecycle.unmounted(mnt_id) },
+        Request::Unmounted { mnt_id } => Reply::Unmounted { remaining_mounts: ctx.lifecycle.unmounted(mnt_id) },
         Request::Stats => Reply::Stats(StatsReply {
             source: ctx.source.clone(),
             digest: ctx.digest.clone(),

@@ -56,10 +56,10 @@ impl EventLoop {
             match fanotify::classify(raw, &self.group) {
                 Event::Permission(event) => self.on_pre_access(event),
                 Event::Notification { mask, .. } => {
-                    if mask & u64::from(libc::FAN_OPEN) != 0 {
+                    if mask & libc::FAN_OPEN != 0 {
                         self.lifecycle.on_open();
                     }
-                    if mask & u64::from(libc::FAN_CLOSE_NOWRITE | libc::FAN_CLOSE_WRITE) != 0 {
+                    if mask & (libc::FAN_CLOSE_NOWRITE | libc::FAN_CLOSE_WRITE) != 0 {
                         self.lifecycle.on_close();
                     }
                 }

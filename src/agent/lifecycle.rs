@@ -96,11 +96,11 @@ impl Lifecycle {
         Ok(())
     }
 
-    /// A front end unmounted `mnt_id`; returns whether the agent is now leaving.
-    pub fn unmounted(&self, mnt_id: u64) -> bool {
+    /// A front end unmounted `mnt_id`; returns how many mounts remain recorded.
+    pub fn unmounted(&self, mnt_id: u64) -> usize {
         self.forget(mnt_id);
         self.reconcile();
-        self.may_exit()
+        self.lock().mounts.len()
     }
 
     fn forget(&self, mnt_id: u64) {

@@ -18,7 +18,7 @@ use crate::remote::{fetch_with_retry, RangeSource, RetryPolicy};
 use super::stats::Stats;
 
 /// Gaps up to this size are fetched rather than split into two requests.
-const COALESCE_GAP: u64 = 256 << 10;
+const COALESCE_GAP: u64 = 32 << 10;
 /// Upper bound of one coalesced request.
 const MAX_REQUEST: u64 = 8 << 20;
 
@@ -90,7 +90,7 @@ impl MetaReader for CacheMetaReader {
             return Err(WalkError::Corrupt(format!("read {offset}..{end} past the end of the image")));
         }
         if !self.fetcher.cache.contains(offset..end) {
-            self.prefetch(&[offset..end])?;
+            self.prefetch(std::slice::from_ref(&(offset..end)))?;
         }
         self.fetcher
             .cache

@@ -33,7 +33,9 @@ pub enum Reply {
     Pong { pid: i32 },
     Prepared { cache_path: String, blob_size: u64, read_ahead_kb: u32 },
     Attached,
-    Unmounted { agent_leaving: bool },
+    /// `remaining_mounts`: records the agent still holds; with none left it
+    /// leaves as soon as the superblock has closed the cache file.
+    Unmounted { remaining_mounts: usize },
     Stats(StatsReply),
     Error { message: String },
 }

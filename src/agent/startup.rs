@@ -176,7 +176,7 @@ async fn prepare(
         .map_err(|e| AgentError::Source(format!("cannot fetch the image metadata: {e}"))));
 
     let group = Arc::new(tryc!(Group::new_pre_content().map_err(|e| AgentError::Fanotify(e.to_string()))));
-    let mask = FAN_PRE_ACCESS | u64::from(libc::FAN_OPEN | libc::FAN_CLOSE_NOWRITE | libc::FAN_CLOSE_WRITE);
+    let mask = FAN_PRE_ACCESS | (libc::FAN_OPEN | libc::FAN_CLOSE_NOWRITE | libc::FAN_CLOSE_WRITE);
     tryc!(group.mark_inode(&blob_path, mask).map_err(|e| AgentError::Fanotify(e.to_string())));
 
     let socket_path = tryc!(state
@@ -187,7 +187,7 @@ async fn prepare(
         .map_err(|e| AgentError::Io(format!("cannot listen on {}: {e}", socket_path.display()))));
     let identity = tryc!(AgentIdentity::current().map_err(|e| AgentError::Io(format!("cannot read own identity: {e}"))));
     let record = AgentRecord {
-        identity: identity.clone(),
+        identity,
         socket: socket_path.clone(),
         cache_key: cfg.cache_key.clone(),
     };
@@ -359,7 +359,7 @@ pub fn digest_from_url(url: &str) -> Option<String> {
 pub fn cache_key_for_source(url: &str) -> Result<String, String> {
     match digest_from_url(url) {
         Some(d) => state::cache_key_for_digest(&d).map_err(|e| e.to_string()),
-        None => Ok(state::cache_key_for_url(url, 0)),
+        None => Ok(state::cache_key_for_url(url)),
     }
 }
 

@@ -18,6 +18,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Mount a local EROFS image file-backed, without an agent (for comparisons)
+    #[command(hide = true)]
+    MountFile {
+        image: PathBuf,
+        mountpoint: PathBuf,
+        #[arg(long, default_value_t = 512)]
+        read_ahead_kb: u32,
+    },
     /// Run the agent (started by erofs-mount; reads its config on stdin)
     #[command(hide = true)]
     Agent {
@@ -34,6 +42,10 @@ fn main() {
             status_cmd::run(mountpoint, json).map(|_| 0)
         }
         Cmd::Agent { foreground } => agent_cmd::run(foreground),
+        Cmd::MountFile { image, mountpoint, read_ahead_kb } => {
+            cli::init_cli_logging();
+            mount_file(&image, &mountpoint, read_ahead_kb).map(|_| 0)
+        }
     };
     match result {
         Ok(code) => std::process::exit(code),
@@ -42,4 +54,12 @@ fn main() {
             std::process::exit(1);
         }
     }
+}
+
+fn mount_file(image: &std::path::Path, mountpoint: &std::path::Path, read_ahead_kb: u32) -> Result<(), cli::CliError> {
+    let image = std::fs::canonicalize(image)
+        .map_err(|e| cli::CliError::new(format!("cannot find {}: {e}", image.display())))?;
+    erofs_fanotify::sys::mount::mount_erofs_file(&image, mountpoint, Some(read_ahead_kb))
+        .map(|_| ())
+        .map_err(|e| cli::CliError::new(format!("cannot mount {}: {e}", image.display())))
 }

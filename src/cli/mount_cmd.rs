@@ -58,8 +58,7 @@ pub fn run(args: MountArgs) -> Result<(), CliError> {
             crate::remote::http::redact_url(&args.source)
         )));
     }
-    std::fs::create_dir_all(&opts.cache_dir)
-        .map_err(|e| CliError::new(format!("cannot create cache_dir {}: {e}", opts.cache_dir.display())))?;
+    // Checked before anything is created, so a refused cache_dir leaves nothing.
     state::check_cache_filesystem(&opts.cache_dir).map_err(|e| CliError::new(e.to_string()))?;
     let key = cache_key_for_source(&args.source).map_err(CliError::new)?;
     let state_dir = super::state_dir();

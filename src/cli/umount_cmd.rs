@@ -30,7 +30,7 @@ pub struct UmountArgs {
     pub mountpoint: Option<PathBuf>,
 }
 
-const AGENT_EXIT_WAIT: Duration = Duration::from_secs(15);
+const AGENT_EXIT_WAIT: Duration = Duration::from_secs(10);
 
 pub fn run(args: UmountArgs) -> Result<(), CliError> {
     super::require_root("erofs-umount")?;
@@ -68,7 +68,7 @@ fn umount_one(state_dir: &StateDir, record: &MountRecord, mountpoint: &Path, laz
     let leaving = match AgentConn::connect(&record.control_socket, Duration::from_secs(10))
         .and_then(|mut c| c.call(&Request::Unmounted { mnt_id: record.mnt_id }))
     {
-        Ok(Reply::Unmounted { agent_leaving }) => agent_leaving,
+        Ok(Reply::Unmounted { remaining_mounts }) => remaining_mounts == 0,
         _ => {
             // The agent notices superblocks going away by itself; just drop the record.
             let _ = state::remove_mount_record(state_dir, record.mnt_id);
@@ -77,8 +77,13 @@ fn umount_one(state_dir: &StateDir, record: &MountRecord, mountpoint: &Path, laz
     };
     if leaving && !lazy {
         if let Ok(pidfd) = sys::process::pidfd_open(record.agent.pid) {
+            // Still running afterwards means another reference to the
+            // superblock (a bind mount, a namespace copy) keeps it serving.
             if record.agent.is_alive() && !pidfd.wait_exit(AGENT_EXIT_WAIT).unwrap_or(false) {
-                eprintln!("erofs-umount: the agent (pid {}) is still running", record.agent.pid);
+                eprintln!(
+                    "erofs-umount: unmounted; the agent (pid {}) keeps serving other references to the image",
+                    record.agent.pid
+                );
             }
         }
     }

@@ -47,8 +47,10 @@ pub use walker::walk;
 pub trait MetaReader {
     /// Called before reads with all byte ranges the walker is about to read in
     /// this round (one BFS level), so the implementation can fetch them from
-    /// the network coalesced and in parallel. Ranges may be unaligned; they are
-    /// sorted, disjoint, within the image, and never repeat bytes passed before.
+    /// the network coalesced and in parallel. The ranges are sorted, disjoint,
+    /// within the image, never repeat bytes passed before, and (today) are
+    /// rounded out to 4 KiB pages; every byte passed ends up in
+    /// `ImageMap::required`, so it can be stored and marked present at once.
     fn prefetch(&mut self, ranges: &[Range<u64>]) -> Result<(), WalkError>;
     /// Reads exactly `buf.len()` bytes at `offset` (only inside ranges
     /// previously passed to `prefetch`).
@@ -109,6 +111,9 @@ pub struct ImageMap {
     pub regular_files: u64,
     #[serde(default)]
     pub symlinks: u64,
+    /// Distinct shared xattr entries referenced by inodes.
+    #[serde(default)]
+    pub shared_xattrs: u64,
     /// Deepest directory level seen (root = 0).
     #[serde(default)]
     pub depth: u32,

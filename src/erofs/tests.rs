@@ -23,11 +23,17 @@ struct ImageReader {
 
 impl ImageReader {
     fn new(data: Vec<u8>) -> Self {
-        ImageReader { data, covered: Vec::new(), calls: Vec::new() }
+        ImageReader {
+            data,
+            covered: Vec::new(),
+            calls: Vec::new(),
+        }
     }
 
     fn is_covered(&self, r: &Range<u64>) -> bool {
-        self.covered.iter().any(|c| c.start <= r.start && r.end <= c.end)
+        self.covered
+            .iter()
+            .any(|c| c.start <= r.start && r.end <= c.end)
     }
 }
 
@@ -35,12 +41,21 @@ impl MetaReader for ImageReader {
     fn prefetch(&mut self, ranges: &[Range<u64>]) -> Result<(), WalkError> {
         assert!(!ranges.is_empty(), "empty prefetch call");
         for w in ranges.windows(2) {
-            assert!(w[0].end < w[1].start, "prefetch ranges not sorted and merged: {w:?}");
+            assert!(
+                w[0].end < w[1].start,
+                "prefetch ranges not sorted and merged: {w:?}"
+            );
         }
         for r in ranges {
-            assert!(r.start < r.end && r.end <= self.data.len() as u64, "bad range {r:?}");
             assert!(
-                !self.covered.iter().any(|c| c.start < r.end && r.start < c.end),
+                r.start < r.end && r.end <= self.data.len() as u64,
+                "bad range {r:?}"
+            );
+            assert!(
+                !self
+                    .covered
+                    .iter()
+                    .any(|c| c.start < r.end && r.start < c.end),
                 "range {r:?} prefetched twice"
             );
         }
@@ -65,7 +80,10 @@ fn walk_bytes(data: Vec<u8>) -> (Result<ImageMap, WalkError>, ImageReader) {
     walk_bytes_with(data, &WalkLimits::default())
 }
 
-fn walk_bytes_with(data: Vec<u8>, limits: &WalkLimits) -> (Result<ImageMap, WalkError>, ImageReader) {
+fn walk_bytes_with(
+    data: Vec<u8>,
+    limits: &WalkLimits,
+) -> (Result<ImageMap, WalkError>, ImageReader) {
     let size = data.len() as u64;
     let mut reader = ImageReader::new(data);
     let res = walk(&mut reader, size, limits);
@@ -97,7 +115,16 @@ impl Rng {
 
     /// Compressible text.
     fn text(&mut self, n: usize) -> Vec<u8> {
-        const WORDS: [&str; 8] = ["erofs ", "fanotify ", "block ", "cluster ", "lazy ", "mount ", "index\n", "page "];
+        const WORDS: [&str; 8] = [
+            "erofs ",
+            "fanotify ",
+            "block ",
+            "cluster ",
+            "lazy ",
+            "mount ",
+            "index\n",
+            "page ",
+        ];
         let mut v = Vec::with_capacity(n + 16);
         while v.len() < n {
             v.extend_from_slice(WORDS[self.below(8) as usize].as_bytes());
@@ -148,7 +175,12 @@ fn build(fill: impl FnOnce(&Path), args: &[&str]) -> Option<Built> {
         String::from_utf8_lossy(&out.stderr)
     );
     let data = std::fs::read(&image).unwrap();
-    Some(Built { _dir: dir, tree, image, data })
+    Some(Built {
+        _dir: dir,
+        tree,
+        image,
+        data,
+    })
 }
 
 fn write(path: &Path, data: &[u8]) {
@@ -159,8 +191,16 @@ fn write(path: &Path, data: &[u8]) {
 }
 
 fn set_xattr(path: &Path, name: &str, value: &str) {
-    let out = Command::new("setfattr").args(["-n", name, "-v", value]).arg(path).output().unwrap();
-    assert!(out.status.success(), "setfattr: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("setfattr")
+        .args(["-n", name, "-v", value])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "setfattr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A tree with most kinds of files and sizes.
@@ -194,7 +234,10 @@ fn mixed_tree(root: &Path) {
     std::os::unix::fs::symlink("rand4095", root.join("link-short")).unwrap();
     std::os::unix::fs::symlink("t/".repeat(1400), root.join("link-long")).unwrap();
     std::fs::hard_link(root.join("text200k"), root.join("sub/hardlink")).unwrap();
-    let status = Command::new("mkfifo").arg(root.join("fifo")).status().unwrap();
+    let status = Command::new("mkfifo")
+        .arg(root.join("fifo"))
+        .status()
+        .unwrap();
     assert!(status.success());
     std::fs::create_dir(root.join("emptydir")).unwrap();
 }
@@ -202,7 +245,10 @@ fn mixed_tree(root: &Path) {
 /// Regular files under `tree`, as image paths ("/a/b").
 fn regular_files(tree: &Path) -> Vec<String> {
     fn visit(dir: &Path, prefix: &str, out: &mut Vec<String>) {
-        let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap()).collect();
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .collect();
         entries.sort_by_key(|e| e.file_name());
         for e in entries {
             let name = e.file_name().into_string().unwrap();
@@ -220,16 +266,28 @@ fn regular_files(tree: &Path) -> Vec<String> {
     out
 }
 
-/// Physical extents `dump.erofs --path=PATH -e` reports.
-fn dump_extents(image: &Path, path: &str) -> Vec<Range<u64>> {
+/// Physical extents `dump.erofs --path=PATH -e` reports, each flagged
+/// `inline` when it is stored in the inode's metadata (the tail of a
+/// FLAT_INLINE inode, a tail-packed pcluster).
+fn dump_extents(image: &Path, path: &str) -> Vec<(Range<u64>, bool)> {
     let out = Command::new("dump.erofs")
         .arg(format!("--path={path}"))
         .arg("-e")
         .arg(image)
         .output()
         .unwrap();
-    assert!(out.status.success(), "dump.erofs {path}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "dump.erofs {path}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
+    let layout: u32 = text
+        .split("Layout:")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|t| t.parse().ok())
+        .expect("layout in dump output");
     let mut extents = Vec::new();
     let mut in_table = false;
     for line in text.lines() {
@@ -244,7 +302,17 @@ fn dump_extents(image: &Path, path: &str) -> Vec<Range<u64>> {
         let parts: Vec<&str> = line.split('|').collect();
         let phys = parts[1].split(':').nth(1).unwrap();
         let (a, b) = phys.split_once("..").unwrap();
-        extents.push(a.trim().parse().unwrap()..b.trim().parse().unwrap());
+        let plen: u64 = parts[2].trim().parse().unwrap();
+        let compressed = layout == 1 || layout == 3;
+        extents.push((
+            a.trim().parse().unwrap()..b.trim().parse().unwrap(),
+            compressed && plen % 4096 != 0,
+        ));
+    }
+    if layout == 2 {
+        if let Some(last) = extents.last_mut() {
+            last.1 = true;
+        }
     }
     extents
 }
@@ -267,14 +335,29 @@ fn check_invariants(map: &ImageMap) {
         }
     }
     for r in &map.required {
-        assert_eq!(r.start % PAGE_SIZE, 0, "required range {r:?} not page aligned");
+        assert_eq!(
+            r.start % PAGE_SIZE,
+            0,
+            "required range {r:?} not page aligned"
+        );
         assert!(r.end % PAGE_SIZE == 0 || r.end == map.image_size);
     }
     let mut all = map.data_extents.clone();
     all.extend(map.required.iter().cloned());
-    assert_eq!(map.data_bytes() + map.required_bytes(), map.image_size, "not disjoint");
-    assert_eq!(ranges::normalize(all), vec![0..map.image_size], "does not cover the image");
-    assert!(map.required.first().is_some_and(|r| r.start == 0), "superblock page not required");
+    assert_eq!(
+        map.data_bytes() + map.required_bytes(),
+        map.image_size,
+        "not disjoint"
+    );
+    assert_eq!(
+        ranges::normalize(all),
+        vec![0..map.image_size],
+        "does not cover the image"
+    );
+    assert!(
+        map.required.first().is_some_and(|r| r.start == 0),
+        "superblock page not required"
+    );
 }
 
 /// Every extent dump.erofs reports is data (block aligned) or required
@@ -284,28 +367,61 @@ fn crosscheck(b: &Built, map: &ImageMap, exact: bool) -> usize {
     let mut union = Vec::new();
     let mut checked = 0;
     for path in regular_files(&b.tree) {
-        for e in dump_extents(&b.image, &path) {
-            if e.start % bs == 0 {
+        for (e, inline) in dump_extents(&b.image, &path) {
+            if !inline {
+                assert_eq!(e.start % bs, 0, "{path}: unaligned data extent {e:?}");
                 let r = e.start..e.end.div_ceil(bs) * bs;
-                assert!(covered_by(&map.data_extents, &r), "{path}: data extent {r:?} not in data_extents");
+                if !covered_by(&map.data_extents, &r) {
+                    let keep = std::env::temp_dir().join("erofs-crosscheck-failure.img");
+                    let _ = std::fs::copy(&b.image, &keep);
+                    panic!(
+                        "{path}: data extent {r:?} not in data_extents (image kept at {})",
+                        keep.display()
+                    );
+                }
                 union.push(r);
             } else {
-                assert!(covered_by(&map.required, &e), "{path}: inline extent {e:?} not required");
-                assert!(!intersects(&map.data_extents, &e), "{path}: inline extent {e:?} counted as data");
+                assert!(
+                    covered_by(&map.required, &e),
+                    "{path}: inline extent {e:?} not required"
+                );
+                assert!(
+                    !intersects(&map.data_extents, &e),
+                    "{path}: inline extent {e:?} counted as data"
+                );
             }
             checked += 1;
         }
     }
     if exact {
-        assert_eq!(ranges::normalize(union), map.data_extents, "data_extents differ from dump.erofs");
+        assert_eq!(
+            ranges::normalize(union),
+            map.data_extents,
+            "data_extents differ from dump.erofs"
+        );
     }
     checked
 }
 
 fn walk_ok(b: &Built) -> (ImageMap, ImageReader) {
     let (res, reader) = walk_bytes(b.data.clone());
-    let map = res.unwrap_or_else(|e| panic!("walk failed: {e}"));
+    let map = res.unwrap_or_else(|e| {
+        let keep = std::env::temp_dir().join("erofs-walk-failure.img");
+        let _ = std::fs::copy(&b.image, &keep);
+        panic!("walk failed: {e} (image kept at {})", keep.display())
+    });
     check_invariants(&map);
+    // Everything the walker prefetched is metadata the agent must keep.
+    for call in &reader.calls {
+        for r in call {
+            assert!(
+                covered_by(&map.required, r),
+                "prefetched {r:?} is not required"
+            );
+            assert_eq!(r.start % PAGE_SIZE, 0);
+        }
+    }
+    assert_eq!(map.prefetch_calls as usize, reader.calls.len());
     (map, reader)
 }
 
@@ -328,7 +444,10 @@ fn synthetic_superblock(incompat: u32) -> Vec<u8> {
 #[test]
 fn superblock_parse_and_features() {
     let sb = probe_superblock(&synthetic_superblock(0)).unwrap();
-    assert_eq!((sb.block_size(), sb.root_nid, sb.blocks, sb.meta_blkaddr), (4096, 0x0102, 100, 3));
+    assert_eq!(
+        (sb.block_size(), sb.root_nid, sb.blocks, sb.meta_blkaddr),
+        (4096, 0x0102, 100, 3)
+    );
     assert_eq!(sb.inode_offset(2), Some(3 * 4096 + 64));
 
     let sb48 = probe_superblock(&synthetic_superblock(format::feature::INCOMPAT_48BIT)).unwrap();
@@ -343,9 +462,18 @@ fn superblock_parse_and_features() {
     }
     let mut bad = synthetic_superblock(0);
     bad[1024 + 12] = 20;
-    assert!(matches!(probe_superblock(&bad), Err(WalkError::Unsupported(_))));
-    assert!(matches!(probe_superblock(&[0u8; 4096]), Err(WalkError::NotErofs)));
-    assert!(matches!(probe_superblock(&[0u8; 100]), Err(WalkError::NotErofs)));
+    assert!(matches!(
+        probe_superblock(&bad),
+        Err(WalkError::Unsupported(_))
+    ));
+    assert!(matches!(
+        probe_superblock(&[0u8; 4096]),
+        Err(WalkError::NotErofs)
+    ));
+    assert!(matches!(
+        probe_superblock(&[0u8; 100]),
+        Err(WalkError::NotErofs)
+    ));
 }
 
 #[test]
@@ -386,7 +514,10 @@ fn inode_header_layouts() {
 
     // FLAT_PLAIN with the null address has no data.
     c[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
-    assert_eq!(InodeHeader::parse(9, 4096, &c).unwrap().flat_startblk(), None);
+    assert_eq!(
+        InodeHeader::parse(9, 4096, &c).unwrap().flat_startblk(),
+        None
+    );
 
     // Extended inodes need 64 bytes; unknown i_format bits are refused.
     let mut e = [0u8; 64];
@@ -395,10 +526,16 @@ fn inode_header_layouts() {
     assert!(InodeHeader::parse(1, 0, &e[..32]).is_err());
     assert!(InodeHeader::parse(1, 0, &e).unwrap().extended);
     e[0] = 0x40;
-    assert!(matches!(InodeHeader::parse(1, 0, &e), Err(WalkError::Unsupported(_))));
+    assert!(matches!(
+        InodeHeader::parse(1, 0, &e),
+        Err(WalkError::Unsupported(_))
+    ));
     let mut bogus = [0u8; 32];
     bogus[4..6].copy_from_slice(&0o170000u16.to_le_bytes());
-    assert!(matches!(InodeHeader::parse(1, 0, &bogus), Err(WalkError::Corrupt(_))));
+    assert!(matches!(
+        InodeHeader::parse(1, 0, &bogus),
+        Err(WalkError::Corrupt(_))
+    ));
 }
 
 #[test]
@@ -410,7 +547,10 @@ fn chunk_index_decoding() {
     c[16..18].copy_from_slice(&(0x20u16 | 0x40 | 1).to_le_bytes()); // indexes, 48-bit, 2 blocks
     let h = InodeHeader::parse(0, 8192, &c).unwrap();
     let l = ChunkLayout::new(&h, 12).unwrap();
-    assert_eq!((l.unit, l.chunk_size(), l.nchunks, l.start), (8, 8192, 13, 8192 + 32));
+    assert_eq!(
+        (l.unit, l.chunk_size(), l.nchunks, l.start),
+        (8, 8192, 13, 8192 + 32)
+    );
     let entry = |hi: u16, dev: u16, lo: u32| {
         let mut e = [0u8; 8];
         e[0..2].copy_from_slice(&hi.to_le_bytes());
@@ -418,13 +558,22 @@ fn chunk_index_decoding() {
         e[4..8].copy_from_slice(&lo.to_le_bytes());
         e
     };
-    assert_eq!(l.decode(&entry(1, 0, 5), 1), Some(ChunkTarget::Primary((1 << 32) | 5)));
+    assert_eq!(
+        l.decode(&entry(1, 0, 5), 1),
+        Some(ChunkTarget::Primary((1 << 32) | 5))
+    );
     assert_eq!(
         l.decode(&entry(0, 1, 5), 1),
-        Some(ChunkTarget::OtherDevice { device: 1, blkaddr: 5 })
+        Some(ChunkTarget::OtherDevice {
+            device: 1,
+            blkaddr: 5
+        })
     );
     assert_eq!(l.decode(&entry(0, 2, 5), 1), Some(ChunkTarget::Primary(5)));
-    assert_eq!(l.decode(&entry(0xFFFF, 0, u32::MAX), 1), Some(ChunkTarget::Hole));
+    assert_eq!(
+        l.decode(&entry(0xFFFF, 0, u32::MAX), 1),
+        Some(ChunkTarget::Hole)
+    );
     assert_eq!(l.decode(&[1, 2], 1), None);
 }
 
@@ -445,11 +594,22 @@ fn dirent_parsing() {
     let b = dir_block(&[(1, "."), (2, ".."), (77, "file")], 64);
     let mut seen = Vec::new();
     format::for_each_dirent(&b, |d| {
-        seen.push((d.nid, String::from_utf8_lossy(d.name).into_owned(), d.is_dot_or_dotdot()));
+        seen.push((
+            d.nid,
+            String::from_utf8_lossy(d.name).into_owned(),
+            d.is_dot_or_dotdot(),
+        ));
         Ok(())
     })
     .unwrap();
-    assert_eq!(seen, vec![(1, ".".into(), true), (2, "..".into(), true), (77, "file".into(), false)]);
+    assert_eq!(
+        seen,
+        vec![
+            (1, ".".into(), true),
+            (2, "..".into(), true),
+            (77, "file".into(), false)
+        ]
+    );
 
     // First name offset beyond the block: a huge dirent count.
     let mut huge = b.clone();
@@ -464,6 +624,7 @@ fn dirent_parsing() {
 }
 
 #[test]
+#[allow(clippy::single_range_in_vec_init)]
 fn image_map_serializes() {
     let map = ImageMap {
         block_size: 4096,
@@ -474,6 +635,7 @@ fn image_map_serializes() {
         directories: 1,
         regular_files: 2,
         symlinks: 0,
+        shared_xattrs: 0,
         depth: 0,
         prefetch_calls: 3,
     };
@@ -486,10 +648,15 @@ fn image_map_serializes() {
 
 #[test]
 fn plain_image_matches_dump() {
-    let Some(b) = build(mixed_tree, &[]) else { return };
+    let Some(b) = build(mixed_tree, &[]) else {
+        return;
+    };
     let (map, _) = walk_ok(&b);
     assert_eq!(map.block_size, 4096);
-    assert!(map.regular_files >= 250 && map.symlinks == 2 && map.directories >= 5, "{map:?}");
+    assert!(
+        map.regular_files >= 250 && map.symlinks == 2 && map.directories >= 5,
+        "{map:?}"
+    );
     let n = crosscheck(&b, &map, true);
     assert!(n > 250);
 }
@@ -502,7 +669,10 @@ fn uncompressed_variants_match_dump() {
         &["-Eforce-inode-extended"],
         &["-x-1"],
     ] {
-        let Some(b) = build(mixed_tree, args) else { return };
+        let Some(b) = build(mixed_tree, args) else {
+            return;
+        };
+        eprintln!("variant {args:?}");
         let (map, _) = walk_ok(&b);
         crosscheck(&b, &map, true);
     }
@@ -520,7 +690,9 @@ fn compressed_images_match_dump() {
         &["-zlz4", "-C32768", "-Elegacy-compress"],
         &["-zlz4hc", "-Eforce-inode-compact,noinline_data"],
     ] {
-        let Some(b) = build(mixed_tree, args) else { return };
+        let Some(b) = build(mixed_tree, args) else {
+            return;
+        };
         let (map, _) = walk_ok(&b);
         let n = crosscheck(&b, &map, true);
         assert!(n > 250, "{args:?}");
@@ -535,7 +707,9 @@ fn chunked_images_match_dump() {
         &["--chunksize=8192", "-Eforce-inode-blockmap"],
         &["--chunksize=1048576", "-Eforce-chunk-indexes"],
     ] {
-        let Some(b) = build(mixed_tree, args) else { return };
+        let Some(b) = build(mixed_tree, args) else {
+            return;
+        };
         let (map, _) = walk_ok(&b);
         crosscheck(&b, &map, true);
     }
@@ -558,14 +732,21 @@ fn extra_device_data_is_excluded() {
         .arg(&tree)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let data = std::fs::read(&image).unwrap();
     let sb = probe_superblock(&data).unwrap();
     assert_eq!(sb.extra_devices, 1);
     let (res, _) = walk_bytes(data.clone());
     let map = res.unwrap();
     check_invariants(&map);
-    assert!(map.data_extents.is_empty(), "chunks on the blob device counted: {map:?}");
+    assert!(
+        map.data_extents.is_empty(),
+        "chunks on the blob device counted: {map:?}"
+    );
     assert!(map.regular_files >= 250);
 }
 
@@ -590,11 +771,15 @@ fn xattrs_inline_and_shared() {
         set_xattr(&root.join("sub"), "user.dir", "d");
         set_xattr(&root.join("bigdir"), "user.dir", &"D".repeat(1200));
     };
-    for args in [&[][..], &["-zlz4hc", "-Eztailpacking"], &["--chunksize=8192"], &["-zlz4", "-Elegacy-compress"]] {
+    for args in [
+        &[][..],
+        &["-zlz4hc", "-Eztailpacking"],
+        &["--chunksize=8192"],
+        &["-zlz4", "-Elegacy-compress"],
+    ] {
         let Some(b) = build(fill, args) else { return };
-        let sb = probe_superblock(&b.data).unwrap();
-        assert_ne!(sb.xattr_blkaddr, 0, "expected a shared xattr area");
         let (map, _) = walk_ok(&b);
+        assert!(map.shared_xattrs >= 1, "expected shared xattrs");
         crosscheck(&b, &map, true);
     }
 }
@@ -605,19 +790,31 @@ fn round_trips_grow_with_depth_not_file_count() {
         move |root: &Path| {
             for d in 0..3 {
                 for i in 0..n {
-                    write(&root.join(format!("d{d}/file-{i:05}")), format!("{i}").as_bytes());
+                    write(
+                        &root.join(format!("d{d}/file-{i:05}")),
+                        format!("{i}").as_bytes(),
+                    );
                 }
             }
         }
     };
-    let Some(small) = build(many(10), &[]) else { return };
-    let Some(large) = build(many(1000), &[]) else { return };
+    let Some(small) = build(many(10), &[]) else {
+        return;
+    };
+    let Some(large) = build(many(1000), &[]) else {
+        return;
+    };
     let (small_map, small_r) = walk_ok(&small);
     let (large_map, large_r) = walk_ok(&large);
     assert_eq!(large_map.regular_files, 3000);
     assert_eq!(small_map.prefetch_calls as usize, small_r.calls.len());
-    eprintln!("round trips: 30 files {}, 3000 files {}", small_r.calls.len(), large_r.calls.len());
-    assert!(large_r.calls.len() <= small_r.calls.len() + 1);
+    eprintln!(
+        "round trips: 30 files {}, 3000 files {}",
+        small_r.calls.len(),
+        large_r.calls.len()
+    );
+    // Levels: root, 3 directories, 3000 files; a few calls each at most.
+    assert!(large_r.calls.len() <= small_r.calls.len() + 3);
     assert!(large_r.calls.len() <= 8);
     crosscheck(&large, &large_map, false);
 
@@ -625,14 +822,23 @@ fn round_trips_grow_with_depth_not_file_count() {
         let mut p = root.to_path_buf();
         for level in 0..45 {
             p = p.join(format!("level{level}"));
-            write(&p.join("file"), format!("{level}").repeat(level * 100).as_bytes());
+            write(
+                &p.join("file"),
+                format!("{level}").repeat(level * 100).as_bytes(),
+            );
         }
     };
     let Some(d) = build(deep, &[]) else { return };
     let (deep_map, deep_r) = walk_ok(&d);
-    eprintln!("round trips: depth {} -> {}", deep_map.depth, deep_r.calls.len());
+    eprintln!(
+        "round trips: depth {} -> {}",
+        deep_map.depth,
+        deep_r.calls.len()
+    );
     assert_eq!(deep_map.depth, 46);
-    assert!(deep_r.calls.len() >= 46);
+    // Consecutive levels often share inode blocks, so not every level costs
+    // a call; but a deep chain costs more than a wide tree.
+    assert!(deep_r.calls.len() > large_r.calls.len() + 5);
     assert!(deep_r.calls.len() <= 3 * 47 + 1);
     crosscheck(&d, &deep_map, true);
 }
@@ -644,7 +850,11 @@ fn round_trips_grow_with_depth_not_file_count() {
 /// directory block; returns the dirent's byte offset and its nid.
 fn find_dirent(data: &[u8], name: &[u8]) -> (usize, u64) {
     let mut from = 0;
-    while let Some(p) = data[from..].windows(name.len()).position(|w| w == name).map(|p| p + from) {
+    while let Some(p) = data[from..]
+        .windows(name.len())
+        .position(|w| w == name)
+        .map(|p| p + from)
+    {
         let block = p & !4095;
         let b = &data[block..(block + 4096).min(data.len())];
         let first = u16::from_le_bytes([b[8], b[9]]) as usize;
@@ -662,12 +872,23 @@ fn find_dirent(data: &[u8], name: &[u8]) -> (usize, u64) {
     panic!("dirent {} not found", String::from_utf8_lossy(name));
 }
 
+/// Directories larger than a block, so the first entries ("aa*" sort
+/// first) sit in a block-aligned directory block that `find_dirent` can patch.
 fn patchable_tree(root: &Path) {
-    write(&root.join("top-file-zz"), b"top");
-    write(&root.join("outer-dir-zz/inner-dir-zz/leaf"), b"leaf");
-    for i in 0..20 {
-        write(&root.join(format!("outer-dir-zz/f{i}")), &[b'x'; 5000]);
-    }
+    let pad = |dir: &Path| {
+        for i in 0..150 {
+            write(
+                &dir.join(format!("pad-{i:04}-with-a-long-name-to-fill-blocks")),
+                b"p",
+            );
+        }
+    };
+    pad(root);
+    write(&root.join("aaa-top-file-zz"), b"top");
+    let outer = root.join("aab-outer-dir-zz");
+    pad(&outer);
+    write(&outer.join("aaa-inner-dir-zz/leaf"), b"leaf");
+    write(&outer.join("aab-leaf-zz"), &[b'x'; 5000]);
 }
 
 fn patchable() -> Option<Built> {
@@ -687,15 +908,26 @@ fn garbage_and_truncation_fail_cleanly() {
     let mut rng = Rng(99);
     expect_err(rng.bytes(1 << 20), |e| matches!(e, WalkError::NotErofs));
     expect_err(vec![0; 100], |e| matches!(e, WalkError::NotErofs));
-    let Some(b) = build(mixed_tree, &[]) else { return };
-    for cut in [1100, 4096, b.data.len() / 4, b.data.len() / 2, b.data.len() - 4096] {
+    let Some(b) = build(mixed_tree, &[]) else {
+        return;
+    };
+    for cut in [
+        1100,
+        4096,
+        b.data.len() / 4,
+        b.data.len() / 2,
+        b.data.len() - 4096,
+    ] {
         let err = expect_err(b.data[..cut].to_vec(), |_| true);
         assert!(!matches!(err, WalkError::Io(_)), "cut {cut}: {err}");
     }
     // A flipped superblock byte fails the checksum.
     let mut bad = b.data.clone();
     bad[1024 + 70] ^= 0x40;
-    expect_err(bad, |e| matches!(e, WalkError::Corrupt(m) if m.contains("checksum")));
+    expect_err(
+        bad,
+        |e| matches!(e, WalkError::Corrupt(m) if m.contains("checksum")),
+    );
 }
 
 #[test]
@@ -703,12 +935,18 @@ fn corrupted_root_nid() {
     let Some(b) = patchable() else { return };
     let mut far = b.data.clone();
     far[1024 + 14..1024 + 16].copy_from_slice(&0xFFFFu16.to_le_bytes());
-    expect_err(far, |e| matches!(e, WalkError::Corrupt(m) if m.contains("outside")));
+    expect_err(
+        far,
+        |e| matches!(e, WalkError::Corrupt(m) if m.contains("outside")),
+    );
 
-    let (_, file_nid) = find_dirent(&b.data, b"top-file-zz");
+    let (_, file_nid) = find_dirent(&b.data, b"aaa-top-file-zz");
     let mut not_dir = b.data.clone();
     not_dir[1024 + 14..1024 + 16].copy_from_slice(&(file_nid as u16).to_le_bytes());
-    expect_err(not_dir, |e| matches!(e, WalkError::Corrupt(m) if m.contains("not a directory")));
+    expect_err(
+        not_dir,
+        |e| matches!(e, WalkError::Corrupt(m) if m.contains("not a directory")),
+    );
 }
 
 #[test]
@@ -716,22 +954,28 @@ fn directory_cycle_is_detected() {
     let Some(b) = patchable() else { return };
     let sb = probe_superblock(&b.data).unwrap();
     // inner-dir-zz -> root: the root becomes reachable twice.
-    let (off, _) = find_dirent(&b.data, b"inner-dir-zz");
+    let (off, _) = find_dirent(&b.data, b"aaa-inner-dir-zz");
     let mut cyc = b.data.clone();
     cyc[off..off + 8].copy_from_slice(&sb.root_nid.to_le_bytes());
-    expect_err(cyc, |e| matches!(e, WalkError::Corrupt(m) if m.contains("reachable twice")));
+    expect_err(
+        cyc,
+        |e| matches!(e, WalkError::Corrupt(m) if m.contains("reachable twice")),
+    );
 
     // top-file-zz -> outer-dir-zz: a directory hard link.
-    let (outer_off, outer_nid) = find_dirent(&b.data, b"outer-dir-zz");
-    let (top_off, _) = find_dirent(&b.data, b"top-file-zz");
+    let (outer_off, outer_nid) = find_dirent(&b.data, b"aab-outer-dir-zz");
+    let (top_off, _) = find_dirent(&b.data, b"aaa-top-file-zz");
     assert_ne!(outer_off, top_off);
     let mut twice = b.data.clone();
     twice[top_off..top_off + 8].copy_from_slice(&outer_nid.to_le_bytes());
-    expect_err(twice, |e| matches!(e, WalkError::Corrupt(m) if m.contains("reachable twice")));
+    expect_err(
+        twice,
+        |e| matches!(e, WalkError::Corrupt(m) if m.contains("reachable twice")),
+    );
 
     // A regular file linked twice is a hard link: fine.
-    let (leaf_off, _) = find_dirent(&b.data, b"leaf");
-    let (_, top_nid) = find_dirent(&b.data, b"top-file-zz");
+    let (leaf_off, _) = find_dirent(&b.data, b"aab-leaf-zz");
+    let (_, top_nid) = find_dirent(&b.data, b"aaa-top-file-zz");
     let mut hard = b.data.clone();
     hard[leaf_off..leaf_off + 8].copy_from_slice(&top_nid.to_le_bytes());
     let (res, _) = walk_bytes(hard);
@@ -741,30 +985,58 @@ fn directory_cycle_is_detected() {
 #[test]
 fn huge_dirent_count_and_bad_dirents() {
     let Some(b) = patchable() else { return };
-    let (off, _) = find_dirent(&b.data, b"inner-dir-zz");
+    let (off, _) = find_dirent(&b.data, b"aaa-inner-dir-zz");
     let block = off & !4095;
     let mut huge = b.data.clone();
     huge[block + 8..block + 10].copy_from_slice(&0xFFF0u16.to_le_bytes());
-    expect_err(huge, |e| matches!(e, WalkError::Corrupt(m) if m.contains("first name offset")));
+    expect_err(
+        huge,
+        |e| matches!(e, WalkError::Corrupt(m) if m.contains("first name offset")),
+    );
 
     let mut outside = b.data.clone();
     outside[off..off + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
-    expect_err(outside, |e| matches!(e, WalkError::Corrupt(m) if m.contains("outside the image")));
+    expect_err(
+        outside,
+        |e| matches!(e, WalkError::Corrupt(m) if m.contains("outside the image")),
+    );
 }
 
 #[test]
 fn limits_are_enforced() {
     let Some(b) = patchable() else { return };
     let walk_limited = |limits: WalkLimits| walk_bytes_with(b.data.clone(), &limits).0;
-    let err = walk_limited(WalkLimits { max_inodes: 5, ..WalkLimits::default() }).unwrap_err();
+    let err = walk_limited(WalkLimits {
+        max_inodes: 5,
+        ..WalkLimits::default()
+    })
+    .unwrap_err();
     assert!(matches!(err, WalkError::LimitExceeded(_)), "{err}");
-    let err = walk_limited(WalkLimits { max_depth: 1, ..WalkLimits::default() }).unwrap_err();
+    let err = walk_limited(WalkLimits {
+        max_depth: 1,
+        ..WalkLimits::default()
+    })
+    .unwrap_err();
     assert!(matches!(err, WalkError::LimitExceeded(_)), "{err}");
-    let err = walk_limited(WalkLimits { max_dir_size: 64, ..WalkLimits::default() }).unwrap_err();
+    let err = walk_limited(WalkLimits {
+        max_dir_size: 64,
+        ..WalkLimits::default()
+    })
+    .unwrap_err();
     assert!(matches!(err, WalkError::LimitExceeded(_)), "{err}");
-    let err = walk_limited(WalkLimits { max_meta_bytes: 8192, ..WalkLimits::default() }).unwrap_err();
+    let err = walk_limited(WalkLimits {
+        max_meta_bytes: 8192,
+        ..WalkLimits::default()
+    })
+    .unwrap_err();
     assert!(matches!(err, WalkError::LimitExceeded(_)), "{err}");
-    walk_limited(WalkLimits { max_depth: 2, max_inodes: 100, ..WalkLimits::default() }).unwrap();
+    let map = walk_limited(WalkLimits {
+        max_depth: 3,
+        max_inodes: 400,
+        ..WalkLimits::default()
+    })
+    .unwrap();
+    assert_eq!(map.depth, 3);
 }
 
 /// Random byte mutations of small real images never panic, never violate
@@ -789,7 +1061,11 @@ fn fuzz_mutations_never_panic() {
         &["-Enosbcrc", "-zlz4", "-Elegacy-compress"],
         &["-Enosbcrc", "--chunksize=8192"],
     ];
-    let limits = WalkLimits { max_inodes: 10_000, max_meta_bytes: 64 << 20, ..WalkLimits::default() };
+    let limits = WalkLimits {
+        max_inodes: 10_000,
+        max_meta_bytes: 64 << 20,
+        ..WalkLimits::default()
+    };
     let mut rng = Rng(0xF022);
     let mut outcomes = [0usize; 2];
     for args in variants {
@@ -825,5 +1101,8 @@ fn fuzz_mutations_never_panic() {
             }
         }
     }
-    eprintln!("fuzz: {} walks succeeded, {} failed cleanly", outcomes[0], outcomes[1]);
+    eprintln!(
+        "fuzz: {} walks succeeded, {} failed cleanly",
+        outcomes[0], outcomes[1]
+    );
 }

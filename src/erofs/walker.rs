@@ -8,13 +8,13 @@
 //! inode.
 
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
 
 use super::format::{
     align_up, for_each_dirent, xattr_entry_size, ChunkLayout, ChunkTarget, DataLayout, FileKind,
-    IndexBytes, InodeHeader, Superblock, ZIndexLayout, ZMapHeader, EXTENDED_INODE_SIZE,
-    INODE_SLOT_SIZE, SUPERBLOCK_OFFSET,
+    IndexBytes, InodeHeader, Superblock, ZIndexLayout, ZMapHeader, COMPACT_INODE_SIZE,
+    EXTENDED_INODE_SIZE, INODE_SLOT_SIZE, SUPERBLOCK_OFFSET,
 };
 use super::{ImageMap, MetaReader, WalkError, WalkLimits, PAGE_SIZE};
 use crate::ranges;
@@ -42,12 +42,12 @@ pub fn walk(
         max_bytes: limits.max_meta_bytes,
     };
     let first_len = PAGE_SIZE.min(image_size);
-    io.prefetch(vec![0..first_len])?;
+    io.prefetch_one(0..first_len)?;
     let mut first = io.read(0..first_len)?;
     let sb = Superblock::parse(&first)?;
     let bs = sb.block_size();
     if bs > first_len && image_size >= bs {
-        io.prefetch(vec![0..bs])?;
+        io.prefetch_one(0..bs)?;
         first = io.read(0..bs)?;
     }
     sb.verify_checksum(&first)?;
@@ -61,25 +61,30 @@ pub fn walk(
 // ---------------------------------------------------------------------------
 // Byte ranges already prefetched
 
-/// Sorted, merged ranges.
+/// Disjoint, merged ranges keyed by start: O(log n) lookups and inserts, so
+/// the cost of a walk does not grow with depth × ranges.
 #[derive(Default)]
 struct RangeSet {
-    ranges: Vec<Range<u64>>,
+    map: BTreeMap<u64, u64>,
 }
 
 impl RangeSet {
     fn from_ranges(ranges: Vec<Range<u64>>) -> Self {
-        RangeSet { ranges: ranges::normalize(ranges) }
+        let mut set = RangeSet::default();
+        for r in ranges::normalize(ranges) {
+            set.map.insert(r.start, r.end);
+        }
+        set
     }
 
     fn covers(&self, r: &Range<u64>) -> bool {
         if r.start >= r.end {
             return true;
         }
-        let i = self.ranges.partition_point(|c| c.end <= r.start);
-        self.ranges
-            .get(i)
-            .is_some_and(|c| c.start <= r.start && r.end <= c.end)
+        self.map
+            .range(..=r.start)
+            .next_back()
+            .is_some_and(|(_, &end)| end >= r.end)
     }
 
     /// The parts of `wants` (sorted, merged) that this set does not cover.
@@ -87,30 +92,44 @@ impl RangeSet {
         let mut out = Vec::new();
         for w in wants {
             let mut pos = w.start;
-            let mut i = self.ranges.partition_point(|c| c.end <= pos);
-            while pos < w.end {
-                match self.ranges.get(i) {
-                    Some(c) if c.start < w.end => {
-                        if c.start > pos {
-                            out.push(pos..c.start);
-                        }
-                        pos = pos.max(c.end);
-                        i += 1;
-                    }
-                    _ => {
-                        out.push(pos..w.end);
-                        break;
-                    }
+            if let Some((_, &end)) = self.map.range(..=pos).next_back() {
+                pos = pos.max(end);
+            }
+            if pos >= w.end {
+                continue;
+            }
+            for (&s, &e) in self.map.range(pos..w.end) {
+                if s > pos {
+                    out.push(pos..s);
                 }
+                pos = pos.max(e);
+            }
+            if pos < w.end {
+                out.push(pos..w.end);
             }
         }
         out
     }
 
-    fn insert(&mut self, add: Vec<Range<u64>>) {
-        let mut all = std::mem::take(&mut self.ranges);
-        all.extend(add);
-        self.ranges = ranges::normalize(all);
+    /// Adds a range, merging it with the ranges it touches or overlaps
+    /// (so that `covers` sees one range across a boundary).
+    fn insert(&mut self, r: Range<u64>) {
+        if r.start >= r.end {
+            return;
+        }
+        let (mut start, mut end) = (r.start, r.end);
+        if let Some((&s, &e)) = self.map.range(..=start).next_back() {
+            if e >= start {
+                start = s;
+                end = end.max(e);
+                self.map.remove(&s);
+            }
+        }
+        while let Some((&s, &e)) = self.map.range(start..=end).next() {
+            self.map.remove(&s);
+            end = end.max(e);
+        }
+        self.map.insert(start, end);
     }
 }
 
@@ -133,14 +152,13 @@ impl Io<'_> {
 
     /// Prefetches what of `wants` is not yet local, in one call.
     /// Returns whether anything new was requested.
+    ///
+    /// Everything the walker reads is metadata, so the pages around it are
+    /// required anyway: rounding out to pages costs nothing and hands the
+    /// reader whole pages it can store as they are.
     fn prefetch(&mut self, wants: Vec<Range<u64>>) -> Result<bool, WalkError> {
         let size = self.image_size;
-        let wants = ranges::normalize(
-            wants
-                .into_iter()
-                .map(|r| r.start.min(size)..r.end.min(size))
-                .collect(),
-        );
+        let wants = ranges::align_out(&wants, PAGE_SIZE, size);
         let missing = self.covered.missing(&wants);
         if missing.is_empty() {
             return Ok(false);
@@ -155,8 +173,14 @@ impl Io<'_> {
         tracing::trace!(ranges = missing.len(), "erofs walk: prefetch");
         self.reader.prefetch(&missing)?;
         self.calls += 1;
-        self.covered.insert(missing);
+        for r in missing {
+            self.covered.insert(r);
+        }
         Ok(true)
+    }
+
+    fn prefetch_one(&mut self, r: Range<u64>) -> Result<bool, WalkError> {
+        self.prefetch(std::iter::once(r).collect())
     }
 
     fn read_into(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), WalkError> {
@@ -196,7 +220,12 @@ struct WindowSrc<'a, 'r> {
 
 impl<'a, 'r> WindowSrc<'a, 'r> {
     fn new(io: &'a mut Io<'r>, region: Range<u64>) -> Self {
-        WindowSrc { io, region, start: 0, buf: Vec::new() }
+        WindowSrc {
+            io,
+            region,
+            start: 0,
+            buf: Vec::new(),
+        }
     }
 }
 
@@ -213,7 +242,11 @@ impl IndexBytes for WindowSrc<'_, '_> {
         if !(pos >= self.start && end <= cached_end) {
             // Centre the window on the request: lookups walk both ways.
             let wstart = self.region.start.max(pos.saturating_sub(INDEX_WINDOW / 2));
-            let wend = self.region.end.min(wstart.saturating_add(INDEX_WINDOW)).max(end);
+            let wend = self
+                .region
+                .end
+                .min(wstart.saturating_add(INDEX_WINDOW))
+                .max(end);
             self.buf.resize((wend - wstart) as usize, 0);
             self.io.read_into(wstart, &mut self.buf)?;
             self.start = wstart;
@@ -284,7 +317,8 @@ impl<'l> State<'l> {
 
     fn walk(&mut self, io: &mut Io) -> Result<(), WalkError> {
         // Block 0 holds the superblock and the compression configs.
-        self.meta.push(0..self.bs.max(PAGE_SIZE).min(self.image_size));
+        self.meta
+            .push(0..self.bs.max(PAGE_SIZE).min(self.image_size));
         if let Some(devt) = self.sb.device_table() {
             self.check_meta(&devt, "device table")?;
             self.meta.push(devt);
@@ -292,14 +326,26 @@ impl<'l> State<'l> {
 
         let root = self.sb.root_nid;
         let root_off = self.inode_offset(root, "root")?;
-        self.seen.insert(root, Seen { is_dir: None, refs: 1 });
+        self.seen.insert(
+            root,
+            Seen {
+                is_dir: None,
+                refs: 1,
+            },
+        );
         let mut level = vec![(root, root_off)];
         let packed = self.sb.packed_nid;
         if packed != 0 && packed != root {
             // The packed inode holds fragments (and maybe long xattr prefixes):
             // a regular file read through its own address space.
             let off = self.inode_offset(packed, "packed inode")?;
-            self.seen.insert(packed, Seen { is_dir: None, refs: 1 });
+            self.seen.insert(
+                packed,
+                Seen {
+                    is_dir: None,
+                    refs: 1,
+                },
+            );
             level.push((packed, off));
         }
 
@@ -309,32 +355,41 @@ impl<'l> State<'l> {
             self.run_level(io, level, depth)?;
             if depth == 0 {
                 if self.seen.get(&root).and_then(|s| s.is_dir) != Some(true) {
-                    return Err(WalkError::Corrupt(format!("root nid {root} is not a directory")));
+                    return Err(WalkError::Corrupt(format!(
+                        "root nid {root} is not a directory"
+                    )));
                 }
                 if packed != 0 && self.seen.get(&packed).and_then(|s| s.is_dir) == Some(true) {
-                    return Err(WalkError::Corrupt(format!("packed nid {packed} is a directory")));
+                    return Err(WalkError::Corrupt(format!(
+                        "packed nid {packed} is a directory"
+                    )));
                 }
             }
             level = std::mem::take(&mut self.next_level);
             depth += 1;
+            // Adjacent inode slots and blocks merge: keep the lists short.
+            if self.meta.len() > 1 << 16 {
+                self.meta = ranges::normalize(std::mem::take(&mut self.meta));
+            }
+            if self.data.len() > 1 << 16 {
+                self.data = ranges::normalize(std::mem::take(&mut self.data));
+            }
         }
         Ok(())
     }
 
-    fn run_level(&mut self, io: &mut Io, level: Vec<(u64, u64)>, depth: u32) -> Result<(), WalkError> {
+    fn run_level(
+        &mut self,
+        io: &mut Io,
+        level: Vec<(u64, u64)>,
+        depth: u32,
+    ) -> Result<(), WalkError> {
         tracing::debug!(depth, inodes = level.len(), "erofs walk: level");
-        // First round: the page(s) around every slot; usually the whole inode
+        // First round: the page(s) holding every slot; usually the whole inode
         // with its xattrs and inline data, and many of its neighbours.
-        let align = self.bs.max(PAGE_SIZE);
         let guesses = level
             .iter()
-            .map(|&(_, off)| {
-                let end = off
-                    .saturating_add(EXTENDED_INODE_SIZE)
-                    .checked_add(align - 1)
-                    .map_or(u64::MAX, |e| e & !(align - 1));
-                off..end
-            })
+            .map(|&(_, off)| off..off.saturating_add(COMPACT_INODE_SIZE))
             .collect();
         io.prefetch(guesses)?;
 
@@ -397,7 +452,10 @@ impl<'l> State<'l> {
         let off = self
             .sb
             .inode_offset(nid)
-            .filter(|off| off.checked_add(INODE_SLOT_SIZE).is_some_and(|e| e <= self.image_size))
+            .filter(|off| {
+                off.checked_add(INODE_SLOT_SIZE)
+                    .is_some_and(|e| e <= self.image_size)
+            })
             .ok_or_else(|| {
                 WalkError::Corrupt(format!(
                     "{what}: nid {nid} lies outside the image ({} bytes)",
@@ -464,14 +522,18 @@ impl<'l> State<'l> {
                     .sb
                     .inode_offset(nid)
                     .filter(|off| {
-                        off.checked_add(INODE_SLOT_SIZE).is_some_and(|e| e <= image_size)
+                        off.checked_add(INODE_SLOT_SIZE)
+                            .is_some_and(|e| e <= image_size)
                     })
                     .ok_or_else(|| {
                         WalkError::Corrupt(format!(
                             "directory nid {parent}: entry points to nid {nid} outside the image"
                         ))
                     })?;
-                v.insert(Seen { is_dir: None, refs: 1 });
+                v.insert(Seen {
+                    is_dir: None,
+                    refs: 1,
+                });
                 self.next_level.push((nid, off));
             }
         }
@@ -501,7 +563,9 @@ impl<'l> State<'l> {
             if self.sb.extra_devices > 0 {
                 // A flat multi-device address space: beyond our blob is
                 // another device's data, fetched (or not) elsewhere.
-                self.other_device_bytes += r.end - r.start.max(self.image_size);
+                self.other_device_bytes = self
+                    .other_device_bytes
+                    .saturating_add(r.end - r.start.max(self.image_size));
                 if r.start >= self.image_size {
                     return Ok(());
                 }
@@ -537,7 +601,10 @@ impl<'l> State<'l> {
         let required = ranges::align_out(&ranges::complement(&data_only, size), PAGE_SIZE, size);
         let data_extents = ranges::complement(&required, size);
         if self.other_device_bytes > 0 {
-            tracing::debug!(bytes = self.other_device_bytes, "erofs walk: data on extra devices");
+            tracing::debug!(
+                bytes = self.other_device_bytes,
+                "erofs walk: data on extra devices"
+            );
         }
         let map = ImageMap {
             block_size: self.bs as u32,
@@ -548,6 +615,7 @@ impl<'l> State<'l> {
             directories: self.directories,
             regular_files: self.regular_files,
             symlinks: self.symlinks,
+            shared_xattrs: self.shared_xattrs.len() as u64,
             depth: self.depth,
             prefetch_calls: calls,
         };
@@ -600,7 +668,14 @@ struct InodeTask {
 
 impl InodeTask {
     fn new(nid: u64, offset: u64, depth: u32) -> Self {
-        InodeTask { nid, offset, depth, stage: Stage::Header, hdr: None, dir_blocks: Vec::new() }
+        InodeTask {
+            nid,
+            offset,
+            depth,
+            stage: Stage::Header,
+            hdr: None,
+            dir_blocks: Vec::new(),
+        }
     }
 
     fn release(&mut self) {
@@ -618,11 +693,21 @@ impl InodeTask {
         loop {
             match self.stage {
                 Stage::Header => {
-                    let r = self.offset..self.offset.saturating_add(EXTENDED_INODE_SIZE).min(io.image_size);
-                    if !io.covers(&r) {
-                        return Ok(Step::Need(vec![r]));
+                    // A compact inode may end a metadata block right before a
+                    // data block: read 64 bytes only if the inode is extended.
+                    let compact = self.offset..self.offset + COMPACT_INODE_SIZE;
+                    if !io.covers(&compact) {
+                        return Ok(Step::Need(vec![compact]));
                     }
-                    let buf = io.read(r)?;
+                    let mut buf = io.read(compact)?;
+                    if buf.first().is_some_and(|f| f & 1 != 0) {
+                        let extended = self.offset..self.offset.saturating_add(EXTENDED_INODE_SIZE);
+                        st.check_meta(&extended, &format!("inode nid {}", self.nid))?;
+                        if !io.covers(&extended) {
+                            return Ok(Step::Need(vec![extended]));
+                        }
+                        buf = io.read(extended)?;
+                    }
                     let h = InodeHeader::parse(self.nid, self.offset, &buf)?;
                     st.on_inode(&h)?;
                     self.hdr = Some(h);
@@ -640,8 +725,12 @@ impl InodeTask {
                     }
                 }
                 Stage::DirBlocks => {
-                    let missing: Vec<Range<u64>> =
-                        self.dir_blocks.iter().filter(|r| !io.covers(r)).cloned().collect();
+                    let missing: Vec<Range<u64>> = self
+                        .dir_blocks
+                        .iter()
+                        .filter(|r| !io.covers(r))
+                        .cloned()
+                        .collect();
                     if !missing.is_empty() {
                         return Ok(Step::Need(missing));
                     }
@@ -654,7 +743,11 @@ impl InodeTask {
     }
 
     /// Reads the shared xattr ids of the inline xattr body.
-    fn xattrs(&mut self, io: &mut Io, st: &mut State) -> Result<Option<Vec<Range<u64>>>, WalkError> {
+    fn xattrs(
+        &mut self,
+        io: &mut Io,
+        st: &mut State,
+    ) -> Result<Option<Vec<Range<u64>>>, WalkError> {
         let h = self.header()?;
         if h.xattr_icount == 0 {
             return Ok(None);
@@ -702,7 +795,10 @@ impl InodeTask {
                 h.size, st.limits.max_dir_size
             )));
         }
-        if !matches!(h.kind, FileKind::Regular | FileKind::Directory | FileKind::Symlink) {
+        if !matches!(
+            h.kind,
+            FileKind::Regular | FileKind::Directory | FileKind::Symlink
+        ) {
             // Devices, fifos and sockets have no data; i_u is rdev.
             st.meta.push(self.offset..body_end);
             self.stage = Stage::Done;
@@ -719,7 +815,9 @@ impl InodeTask {
                 } else {
                     (nblocks, 0)
                 };
-                let meta_end = body_end.checked_add(tail_len).ok_or_else(|| overflow(nid))?;
+                let meta_end = body_end
+                    .checked_add(tail_len)
+                    .ok_or_else(|| overflow(nid))?;
                 st.check_meta(&(self.offset..meta_end), &what)?;
                 st.meta.push(self.offset..meta_end);
                 let blocks = if whole == 0 {
@@ -735,9 +833,14 @@ impl InodeTask {
                     None
                 };
                 if is_dir {
-                    let Some(blocks) = blocks.clone().or(if whole == 0 { Some(0..0) } else { None })
+                    let Some(blocks) =
+                        blocks
+                            .clone()
+                            .or(if whole == 0 { Some(0..0) } else { None })
                     else {
-                        return Err(WalkError::Corrupt(format!("directory nid {nid} has no data blocks")));
+                        return Err(WalkError::Corrupt(format!(
+                            "directory nid {nid} has no data blocks"
+                        )));
                     };
                     if blocks.end > st.image_size {
                         return Err(WalkError::Corrupt(format!(
@@ -774,7 +877,12 @@ impl InodeTask {
         }
     }
 
-    fn chunked(&mut self, io: &mut Io, st: &mut State, h: &InodeHeader) -> Result<Option<Vec<Range<u64>>>, WalkError> {
+    fn chunked(
+        &mut self,
+        io: &mut Io,
+        st: &mut State,
+        h: &InodeHeader,
+    ) -> Result<Option<Vec<Range<u64>>>, WalkError> {
         let nid = h.nid;
         let bs = st.bs;
         let layout = ChunkLayout::new(h, st.sb.blkszbits)?;
@@ -784,7 +892,10 @@ impl InodeTask {
                 "inode nid {nid}: {index_bytes} bytes of chunk indexes"
             )));
         }
-        let index_end = layout.start.checked_add(index_bytes).ok_or_else(|| overflow(nid))?;
+        let index_end = layout
+            .start
+            .checked_add(index_bytes)
+            .ok_or_else(|| overflow(nid))?;
         let whole = self.offset..index_end;
         st.check_meta(&whole, &format!("inode nid {nid} chunk indexes"))?;
         if !io.covers(&whole) {
@@ -807,9 +918,9 @@ impl InodeTask {
                 let logical = i * chunk_size;
                 // The last chunk ends at the block holding EOF.
                 let len = chunk_size.min((h.size - logical).div_ceil(bs) * bs);
-                let target = layout
-                    .decode(entry, mask)
-                    .ok_or_else(|| WalkError::Corrupt(format!("inode nid {nid}: chunk index {i}")))?;
+                let target = layout.decode(entry, mask).ok_or_else(|| {
+                    WalkError::Corrupt(format!("inode nid {nid}: chunk index {i}"))
+                })?;
                 match target {
                     ChunkTarget::Primary(blk) => {
                         let start = blk.checked_mul(bs).ok_or_else(|| overflow(nid))?;
@@ -831,7 +942,9 @@ impl InodeTask {
                         }
                     }
                     ChunkTarget::Hole if is_dir => {
-                        return Err(WalkError::Corrupt(format!("directory nid {nid}: chunk {i} is a hole")));
+                        return Err(WalkError::Corrupt(format!(
+                            "directory nid {nid}: chunk {i} is a hole"
+                        )));
                     }
                     ChunkTarget::Hole => {}
                     ChunkTarget::OtherDevice { device, .. } if is_dir => {
@@ -840,7 +953,7 @@ impl InodeTask {
                         )));
                     }
                     ChunkTarget::OtherDevice { .. } => {
-                        st.other_device_bytes += len;
+                        st.other_device_bytes = st.other_device_bytes.saturating_add(len);
                     }
                 }
             }
@@ -894,10 +1007,15 @@ impl InodeTask {
             self.stage = Stage::Done;
             return Ok(None);
         }
-        if h.layout == DataLayout::CompressedFull && zh.advise & super::format::zadvise::EXTENTS != 0 {
+        if h.layout == DataLayout::CompressedFull
+            && zh.advise & super::format::zadvise::EXTENTS != 0
+        {
             // Extent-based compressed files (erofs-utils 1.9+): not decoded;
             // their data stays required, which is safe.
-            tracing::warn!(nid, "erofs walk: extent-based compressed file; its data will be fetched eagerly");
+            tracing::warn!(
+                nid,
+                "erofs walk: extent-based compressed file; its data will be fetched eagerly"
+            );
             st.meta.push(header);
             self.stage = Stage::Done;
             return Ok(None);
@@ -909,7 +1027,8 @@ impl InodeTask {
                 "inode nid {nid}: {index_bytes} bytes of compression indexes"
             )));
         }
-        let ztailpacking = zh.advise & super::format::zadvise::INLINE_PCLUSTER != 0 && zh.idata_size > 0;
+        let ztailpacking =
+            zh.advise & super::format::zadvise::INLINE_PCLUSTER != 0 && zh.idata_size > 0;
         let fragment = zh.advise & super::format::zadvise::FRAGMENT_PCLUSTER != 0;
         let mut meta_end = layout.index_end();
         if ztailpacking {
@@ -930,7 +1049,11 @@ impl InodeTask {
         let index_region = header_pos + 8..layout.index_end();
         let mut src = WindowSrc::new(io, index_region);
         let tail = if ztailpacking || fragment {
-            Some(layout.tail_head(&mut src).map_err(|e| with_context(e, "tail extent"))?)
+            Some(
+                layout
+                    .tail_head(&mut src)
+                    .map_err(|e| with_context(e, "tail extent"))?,
+            )
         } else {
             None
         };
@@ -951,7 +1074,9 @@ impl InodeTask {
         let blocks = std::mem::take(&mut self.dir_blocks);
         for (i, piece) in blocks.into_iter().enumerate() {
             if piece.end - piece.start > st.bs {
-                return Err(WalkError::Io("internal: directory piece larger than a block".into()));
+                return Err(WalkError::Io(
+                    "internal: directory piece larger than a block".into(),
+                ));
             }
             st.meta.push(piece.clone());
             let buf = io.read(piece)?;
@@ -973,4 +1098,27 @@ impl InodeTask {
 
 fn overflow(nid: u64) -> WalkError {
     WalkError::Corrupt(format!("inode nid {nid}: offset arithmetic overflows"))
+}
+
+#[cfg(test)]
+mod range_set_tests {
+    use super::RangeSet;
+
+    #[test]
+    fn insert_merges_and_missing_subtracts() {
+        let mut set = RangeSet::default();
+        for r in [10..20, 30..40, 20..25, 50..60, 24..31] {
+            set.insert(r);
+        }
+        assert_eq!(
+            set.map.iter().map(|(&s, &e)| s..e).collect::<Vec<_>>(),
+            vec![10..40, 50..60]
+        );
+        assert!(set.covers(&(12..40)) && set.covers(&(5..5)) && !set.covers(&(39..41)));
+        assert_eq!(
+            set.missing(&[0..12, 38..55, 58..70, 100..101]),
+            vec![0..10, 40..50, 60..70, 100..101]
+        );
+        assert!(set.missing(&[10..40, 52..53]).is_empty());
+    }
 }

@@ -195,29 +195,4 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// A URL fit for logs and status: no user info, no query (tokens live there).
-pub fn redact_url(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut u) => {
-            let _ = u.set_username("");
-            let _ = u.set_password(None);
-            u.set_query(None);
-            u.set_fragment(None);
-            u.to_string()
-        }
-        Err(_) => "<unparsable URL>".to_string(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn redaction_drops_credentials_and_query() {
-        assert_eq!(
-            redact_url("https://user:secret@example.com/v2/x/blobs/sha256:ab?X-Amz-Signature=zzz"),
-            "https://example.com/v2/x/blobs/sha256:ab"
-        );
-        assert_eq!(redact_url("not a url"), "<unparsable URL>");
-    }
-}
+pub use erofs_fanotify_state::redact_url;

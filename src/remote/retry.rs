@@ -58,3 +58,75 @@ pub async fn fetch_with_retry(
         backoff = (backoff * 2).min(policy.max_backoff);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::future::BoxFuture;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// Fails the first `failures` fetches with the given kind, then serves zeros.
+    struct Flaky {
+        failures: u32,
+        permanent: bool,
+        calls: AtomicU32,
+    }
+
+    impl RangeSource for Flaky {
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn fetch(&self, range: Range<u64>) -> BoxFuture<'_, Result<Bytes, FetchError>> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                if n < self.failures {
+                    if self.permanent {
+                        Err(FetchError::Permanent("404".into()))
+                    } else {
+                        Err(FetchError::Transient("500".into()))
+                    }
+                } else {
+                    Ok(Bytes::from(vec![0u8; (range.end - range.start) as usize]))
+                }
+            })
+        }
+        fn describe(&self) -> String {
+            "flaky".into()
+        }
+    }
+
+    fn quick(deadline_ms: u64) -> RetryPolicy {
+        RetryPolicy {
+            deadline: Duration::from_millis(deadline_ms),
+            first_backoff: Duration::from_millis(5),
+            max_backoff: Duration::from_millis(20),
+        }
+    }
+
+    #[tokio::test]
+    async fn transient_failures_are_retried() {
+        let src = Flaky { failures: 3, permanent: false, calls: AtomicU32::new(0) };
+        let got = fetch_with_retry(&src, 0..10, &quick(5_000)).await.ok().unwrap();
+        assert_eq!(got.bytes.len(), 10);
+        assert_eq!(got.failed_attempts, 3);
+        assert_eq!(src.calls.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn permanent_failures_are_not_retried() {
+        let src = Flaky { failures: 1, permanent: true, calls: AtomicU32::new(0) };
+        let (err, attempts) = fetch_with_retry(&src, 0..10, &quick(5_000)).await.err().unwrap();
+        assert!(!err.is_transient());
+        assert_eq!(attempts, 1);
+    }
+
+    #[tokio::test]
+    async fn retries_stop_at_the_deadline() {
+        let src = Flaky { failures: u32::MAX, permanent: false, calls: AtomicU32::new(0) };
+        let started = Instant::now();
+        let (err, attempts) = fetch_with_retry(&src, 0..10, &quick(200)).await.err().unwrap();
+        assert!(err.is_transient());
+        assert!(attempts > 2, "only {attempts} attempts");
+        assert!(started.elapsed() < Duration::from_millis(1_000));
+    }
+}

@@ -73,7 +73,11 @@ impl StateDir {
     /// (the default root leaves room for the longest key: 103 bytes).
     pub fn agent_socket_path(&self, key: &str) -> Result<PathBuf, StateError> {
         validate_cache_key(key)?;
-        let path = self.agents_dir().join(format!("{key}.sock"));
+        // Unix socket paths are short (108 bytes): name the socket by a hash
+        // of the key rather than the key itself.
+        use sha2::Digest;
+        let short = hex::encode(&sha2::Sha256::digest(key.as_bytes())[..8]);
+        let path = self.agents_dir().join(format!("{short}.sock"));
         let len = path.as_os_str().len();
         if len > MAX_SOCKET_PATH {
             return Err(StateError::SocketPathTooLong { path, len });
@@ -151,11 +155,14 @@ mod tests {
     }
 
     #[test]
-    fn default_socket_path_fits_longest_key() {
+    fn socket_paths_are_short_and_distinct() {
         let s = StateDir::new(StateDir::DEFAULT_ROOT);
         let key = format!("sha256-{}", "a".repeat(64));
-        assert_eq!(s.agent_socket_path(&key).unwrap().as_os_str().len(), 103);
-        let long = StateDir::new(format!("/{}", "d".repeat(60)));
+        let other = format!("sha256-{}", "b".repeat(64));
+        // "/run/erofs-fanotify/agents/" + 16 hex digits + ".sock"
+        assert_eq!(s.agent_socket_path(&key).unwrap().as_os_str().len(), 48);
+        assert_ne!(s.agent_socket_path(&key).unwrap(), s.agent_socket_path(&other).unwrap());
+        let long = StateDir::new(format!("/{}", "d".repeat(90)));
         assert!(matches!(
             long.agent_socket_path(&key),
             Err(StateError::SocketPathTooLong { .. })
