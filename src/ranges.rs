@@ -97,13 +97,13 @@ mod tests {
     fn complement_of_middle_and_clamped() {
         assert_eq!(complement(&[2..4, 6..20], 10), vec![0..2, 4..6]);
         assert_eq!(complement(&[], 5), vec![0..5]);
-        assert_eq!(complement(&[0..5], 5), Vec::<Range<u64>>::new());
+        assert_eq!(complement(std::slice::from_ref(&(0..5)), 5), Vec::<Range<u64>>::new());
     }
 
     #[test]
     fn align_out_rounds_and_clamps() {
         assert_eq!(align_out(&[1..2, 4097..4098], 4096, 6000), vec![0..6000]);
-        assert_eq!(align_out(&[8193..8194], 4096, 100_000), vec![8192..12288]);
+        assert_eq!(align_out(std::slice::from_ref(&(8193..8194)), 4096, 100_000), vec![8192..12288]);
     }
 
     #[test]

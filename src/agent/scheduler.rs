@@ -8,10 +8,16 @@
 //! after a complete write, and then every waiter whose units are all present
 //! is allowed. A unit that fails after bounded retries denies its waiters
 //! with EIO; nothing is left blocked and nothing reads zeros.
+//!
+//! A source that has just exhausted a retry budget is *degraded*: until a
+//! fetch succeeds again, new fetches get a single attempt. One read(2) can
+//! raise several events in a row (readahead, then the page itself), and a
+//! dead remote must not cost each of them the whole budget.
 
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 
@@ -36,7 +42,12 @@ pub struct Scheduler {
     permits: Semaphore,
     inner: Mutex<Inner>,
     runtime: tokio::runtime::Handle,
+    /// When a fetch last failed after all its retries, until one succeeds.
+    degraded_since: Mutex<Option<Instant>>,
 }
+
+/// How long a failed source stays degraded without a success.
+const DEGRADED_FOR: Duration = Duration::from_secs(60);
 
 #[derive(Default)]
 struct Inner {
@@ -61,7 +72,16 @@ impl Scheduler {
         runtime: tokio::runtime::Handle,
     ) -> Arc<Scheduler> {
         let permits = Semaphore::new(cfg.parallel.max(1));
-        Arc::new(Scheduler { cache, source, stats, cfg, permits, inner: Mutex::new(Inner::default()), runtime })
+        Arc::new(Scheduler {
+            cache,
+            source,
+            stats,
+            cfg,
+            permits,
+            inner: Mutex::new(Inner::default()),
+            runtime,
+            degraded_since: Mutex::new(None),
+        })
     }
 
     /// Takes an event whose range (clamped to the blob) is not fully present.
@@ -139,7 +159,10 @@ impl Scheduler {
             Err(_) => return false,
         };
         Stats::add(&self.stats.fetch_requests, 1);
-        match fetch_with_retry(self.source.as_ref(), range.clone(), &self.cfg.retry).await {
+        let policy = self.policy();
+        let result = fetch_with_retry(self.source.as_ref(), range.clone(), &policy).await;
+        self.set_degraded(result.is_err());
+        match result {
             Ok(fetched) => {
                 Stats::add(&self.stats.fetch_errors, u64::from(fetched.failed_attempts));
                 Stats::add(&self.stats.fetched_bytes, fetched.bytes.len() as u64);
@@ -195,6 +218,24 @@ impl Scheduler {
         for w in failed {
             Stats::add(&self.stats.denied_events, 1);
             w.event.deny(libc::EIO);
+        }
+    }
+
+    fn policy(&self) -> RetryPolicy {
+        let degraded = match self.degraded_since.lock() {
+            Ok(g) => g.is_some_and(|t| t.elapsed() < DEGRADED_FOR),
+            Err(_) => false,
+        };
+        if degraded {
+            RetryPolicy { max_attempts: 1, ..self.cfg.retry.clone() }
+        } else {
+            self.cfg.retry.clone()
+        }
+    }
+
+    fn set_degraded(&self, failed: bool) {
+        if let Ok(mut g) = self.degraded_since.lock() {
+            *g = if failed { Some(Instant::now()) } else { None };
         }
     }
 

@@ -306,7 +306,7 @@ fn dump_extents(image: &Path, path: &str) -> Vec<(Range<u64>, bool)> {
         let compressed = layout == 1 || layout == 3;
         extents.push((
             a.trim().parse().unwrap()..b.trim().parse().unwrap(),
-            compressed && plen % 4096 != 0,
+            compressed && !plen.is_multiple_of(4096),
         ));
     }
     if layout == 2 {
@@ -858,7 +858,7 @@ fn find_dirent(data: &[u8], name: &[u8]) -> (usize, u64) {
         let block = p & !4095;
         let b = &data[block..(block + 4096).min(data.len())];
         let first = u16::from_le_bytes([b[8], b[9]]) as usize;
-        if (12..4096).contains(&first) && first % 12 == 0 {
+        if (12..4096).contains(&first) && first.is_multiple_of(12) {
             for i in 0..first / 12 {
                 let off = u16::from_le_bytes([b[i * 12 + 8], b[i * 12 + 9]]) as usize;
                 if block + off == p {

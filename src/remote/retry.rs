@@ -14,6 +14,8 @@ pub struct RetryPolicy {
     pub deadline: Duration,
     pub first_backoff: Duration,
     pub max_backoff: Duration,
+    /// Attempts at most (each bounded by the source's own request timeout).
+    pub max_attempts: u32,
 }
 
 impl Default for RetryPolicy {
@@ -22,6 +24,7 @@ impl Default for RetryPolicy {
             deadline: Duration::from_secs(30),
             first_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(2),
+            max_attempts: u32::MAX,
         }
     }
 }
@@ -50,7 +53,7 @@ pub async fn fetch_with_retry(
         };
         failed += 1;
         let elapsed = started.elapsed();
-        if !err.is_transient() || elapsed + backoff >= policy.deadline {
+        if !err.is_transient() || failed >= policy.max_attempts || elapsed + backoff >= policy.deadline {
             return Err((err, failed));
         }
         tracing::warn!(range = ?range, attempt = failed, error = %err, "fetch failed; retrying");
@@ -100,7 +103,17 @@ mod tests {
             deadline: Duration::from_millis(deadline_ms),
             first_backoff: Duration::from_millis(5),
             max_backoff: Duration::from_millis(20),
+            max_attempts: u32::MAX,
         }
+    }
+
+    #[tokio::test]
+    async fn attempts_are_capped() {
+        let src = Flaky { failures: u32::MAX, permanent: false, calls: AtomicU32::new(0) };
+        let policy = RetryPolicy { max_attempts: 1, ..quick(5_000) };
+        let (_, attempts) = fetch_with_retry(&src, 0..10, &policy).await.err().unwrap();
+        assert_eq!(attempts, 1);
+        assert_eq!(src.calls.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
