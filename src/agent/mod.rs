@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 /// a source URL may carry credentials).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AgentConfig {
-    pub source_url: String,
+    pub source: crate::remote::SourceSpec,
     pub cache_dir: PathBuf,
     pub cache_key: String,
     pub state_dir: PathBuf,

@@ -11,7 +11,7 @@ use tokio::net::UnixListener;
 use crate::cache::CacheFile;
 use crate::erofs::{self, WalkLimits};
 use crate::fanotify::{Group, FAN_PRE_ACCESS};
-use crate::remote::http::{HttpConfig, HttpSource};
+use crate::remote::http::HttpConfig;
 use crate::remote::{RangeSource, RetryPolicy};
 
 use super::control::{self, ControlContext};
@@ -79,14 +79,14 @@ struct Agent {
 async fn start(cfg: &AgentConfig) -> Result<Agent, AgentError> {
     let state = StateDir::new(cfg.state_dir.clone());
     let http_cfg = HttpConfig { request_timeout: cfg.fetch_timeout(), ..HttpConfig::default() };
-    let (http, probe) = HttpSource::open(&cfg.source_url, &http_cfg)
+    let opened = crate::remote::open_source(&cfg.source, &http_cfg)
         .await
         .map_err(|e| AgentError::Source(e.to_string()))?;
-    let shown = http.describe();
+    let (source, probe) = (opened.source, opened.probe);
+    let shown = cfg.source.describe();
     erofs::probe_superblock(&probe).map_err(|e| AgentError::NotErofs(format!("{shown} is not an EROFS image ({e})")))?;
-    let size = http.size();
-    let source: Arc<dyn RangeSource> = Arc::new(http);
-    let digest = digest_from_url(&cfg.source_url);
+    let size = source.size();
+    let digest = cfg.source.digest();
 
     state::check_cache_filesystem(&cfg.cache_dir).map_err(|e| AgentError::Cache(e.to_string()))?;
     let cache_dir = CacheDir::new(cfg.cache_dir.clone());
@@ -343,39 +343,5 @@ async fn recv_signal(signals: &mut Option<Signals>) -> &'static str {
             _ = s.hup.recv() => "SIGHUP",
         },
         None => std::future::pending().await,
-    }
-}
-
-/// `…/blobs/sha256:<hex>` names its digest; other URLs have none we can trust.
-pub fn digest_from_url(url: &str) -> Option<String> {
-    let path = url.split(['?', '#']).next()?;
-    let last = path.rsplit('/').next()?;
-    let hex = last.strip_prefix("sha256:")?;
-    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
-        .then(|| format!("sha256:{hex}"))
-}
-
-/// The cache entry key for a source URL: its digest when it names one.
-pub fn cache_key_for_source(url: &str) -> Result<String, String> {
-    match digest_from_url(url) {
-        Some(d) => state::cache_key_for_digest(&d).map_err(|e| e.to_string()),
-        None => Ok(state::cache_key_for_url(url)),
-    }
-}
-
-
-#[cfg(test)]
-mod tests {
-    use super::digest_from_url;
-
-    #[test]
-    fn digest_only_from_blob_urls() {
-        let hex = "a".repeat(64);
-        assert_eq!(
-            digest_from_url(&format!("http://r:5000/v2/x/blobs/sha256:{hex}")),
-            Some(format!("sha256:{hex}"))
-        );
-        assert_eq!(digest_from_url("http://r/image.erofs"), None);
-        assert_eq!(digest_from_url("http://r/v2/x/blobs/sha256:abc"), None);
     }
 }

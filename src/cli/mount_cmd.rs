@@ -16,9 +16,9 @@ use clap::Parser;
 use erofs_fanotify_state::{self as state, AgentLock, StateDir};
 
 use crate::agent::protocol::{AttachInfo, Reply, Request};
-use crate::agent::startup::cache_key_for_source;
 use crate::agent::AgentConfig;
 use crate::mount::MountOptions;
+use crate::remote::SourceSpec;
 use crate::sys;
 
 use super::client::AgentConn;
@@ -52,15 +52,10 @@ pub fn run(args: MountArgs) -> Result<(), CliError> {
     super::require_root("erofs-mount")?;
     let opts = MountOptions::parse(&args.options.join(",")).map_err(|e| CliError::new(e.to_string()))?;
     let mountpoint = check_mountpoint(&args.mountpoint)?;
-    if !args.source.starts_with("http://") && !args.source.starts_with("https://") {
-        return Err(CliError::new(format!(
-            "unsupported source {:?}: expected an http(s):// URL of an EROFS blob",
-            crate::remote::http::redact_url(&args.source)
-        )));
-    }
     // Checked before anything is created, so a refused cache_dir leaves nothing.
     state::check_cache_filesystem(&opts.cache_dir).map_err(|e| CliError::new(e.to_string()))?;
-    let key = cache_key_for_source(&args.source).map_err(CliError::new)?;
+    let source = resolve_source(&args.source, &opts)?;
+    let key = source.cache_key().map_err(CliError::new)?;
     let state_dir = super::state_dir();
     state_dir.create().map_err(|e| CliError::new(format!("cannot create the state directory: {e}")))?;
 
@@ -71,7 +66,7 @@ pub fn run(args: MountArgs) -> Result<(), CliError> {
         Some(conn) => (conn, None),
         None => {
             let cfg = AgentConfig {
-                source_url: args.source.clone(),
+                source,
                 cache_dir: opts.cache_dir.clone(),
                 cache_key: key.clone(),
                 state_dir: state_dir.root().to_path_buf(),
@@ -217,4 +212,12 @@ fn spawn_agent(cfg: &AgentConfig, state_dir: &StateDir, foreground: bool) -> Res
 /// The agent's log: in the state dir, beside its record and socket.
 pub fn agent_log_path(state_dir: &StateDir, key: &str) -> PathBuf {
     state_dir.agents_dir().join(format!("{key}.log"))
+}
+
+/// An http(s) URL is used as is; anything else is an image reference.
+fn resolve_source(source: &str, opts: &MountOptions) -> Result<SourceSpec, CliError> {
+    if source.starts_with("http://") || source.starts_with("https://") {
+        return Ok(SourceSpec::Url { url: source.to_string() });
+    }
+    crate::oci::resolve_reference(source, opts).map(SourceSpec::Oci).map_err(|e| CliError::new(e.to_string()))
 }

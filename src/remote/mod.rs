@@ -11,6 +11,7 @@
 pub mod file;
 pub mod http;
 pub mod retry;
+pub mod source;
 
 use std::ops::Range;
 
@@ -20,6 +21,7 @@ use futures_util::future::BoxFuture;
 pub use file::FileSource;
 pub use http::HttpSource;
 pub use retry::{fetch_with_retry, RetryPolicy};
+pub use source::{open_source, OpenedSource, SourceSpec};
 
 /// Why a fetch failed. Transient failures are retried, permanent ones not.
 #[derive(Debug, thiserror::Error)]
