@@ -29,6 +29,8 @@ pub struct ControlContext {
     pub read_ahead_kb: u32,
     pub socket_path: PathBuf,
     pub identity: AgentIdentity,
+    /// Notified when `erofs-fanotify upgrade` asks this worker to hand over.
+    pub upgrade: tokio::sync::Notify,
 }
 
 pub async fn serve(listener: UnixListener, ctx: Arc<ControlContext>) {
@@ -75,6 +77,10 @@ async fn handle(stream: UnixStream, ctx: Arc<ControlContext>) -> std::io::Result
 fn answer(req: Request, ctx: &Arc<ControlContext>, lease: &mut Option<Lease>) -> Reply {
     match req {
         Request::Ping => Reply::Pong { pid: ctx.identity.pid },
+        Request::Upgrade => {
+            ctx.upgrade.notify_one();
+            Reply::Upgrading { pid: ctx.identity.pid }
+        }
         Request::Prepare => {
             if lease.is_none() {
                 *lease = Some(ctx.lifecycle.lease());

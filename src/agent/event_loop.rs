@@ -1,18 +1,35 @@
-//! The I/O loop: read event batches from the group fd and route them.
-//! Kept small on purpose: decisions live in the scheduler and lifecycle.
+//! The I/O loop: read event batches from the group and route them. Kept
+//! small on purpose: decisions live in the scheduler and the lifecycle.
+//!
+//! Batches are read straight into the journal's shared batch area and each
+//! permission event gets a journal slot before anything answers it, so a
+//! successor can answer what this worker leaves behind (see `journal`).
 
 use std::io;
 use std::os::fd::AsFd;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::cache::CacheFile;
 use crate::fanotify::{self, Event, Group};
+use crate::sys::fanotify::PERMISSION_EVENTS;
+use crate::sys::shm::SharedMap;
 
+use super::journal::Journal;
 use super::lifecycle::Lifecycle;
 use super::scheduler::Scheduler;
 use super::stats::Stats;
+
+pub type SharedJournal = Arc<Mutex<Journal<SharedMap>>>;
+
+pub fn lock_journal(journal: &SharedJournal) -> MutexGuard<'_, Journal<SharedMap>> {
+    match journal.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
 
 pub struct EventLoop {
     pub group: Arc<Group>,
@@ -20,41 +37,67 @@ pub struct EventLoop {
     pub scheduler: Arc<Scheduler>,
     pub lifecycle: Arc<Lifecycle>,
     pub stats: Arc<Stats>,
+    pub journal: SharedJournal,
+    /// Set to stop reading (a live upgrade hands the group to a successor).
+    pub stop: Arc<AtomicBool>,
 }
 
 impl EventLoop {
     /// Runs on its own thread: the fast path never waits for the async
     /// runtime, and fetches are handed to the scheduler's runtime.
     pub fn run(self) -> io::Result<()> {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
+        while !self.stop.load(Ordering::SeqCst) {
             let mut fds = [PollFd::new(self.group.as_fd(), PollFlags::POLLIN)];
-            match poll(&mut fds, PollTimeout::from(1000u16)) {
+            match poll(&mut fds, PollTimeout::from(200u16)) {
                 Ok(_) => {}
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => return Err(e.into()),
             }
-            loop {
-                match self.group.read_batch(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => self.dispatch(&buf[..n]),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(e),
-                }
+            while !self.stop.load(Ordering::SeqCst) {
+                let batch = {
+                    let mut journal = lock_journal(&self.journal);
+                    let n = match self.group.read_batch(journal.batch_for_read()) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(e),
+                    };
+                    if n == 0 {
+                        break;
+                    }
+                    let parsed = fanotify::parse_batch(journal.batch(n));
+                    let slots: Vec<Option<u32>> = parsed
+                        .events
+                        .iter()
+                        .map(|ev| {
+                            (ev.mask & PERMISSION_EVENTS != 0 && ev.fd >= 0)
+                                .then(|| journal.record(ev.fd, ev.range))
+                                .flatten()
+                        })
+                        .collect();
+                    journal.clear_batch();
+                    (parsed, slots)
+                };
+                self.dispatch(batch.0, batch.1);
             }
         }
+        Ok(())
     }
 
-    fn dispatch(&self, batch: &[u8]) {
-        let parsed = fanotify::parse_batch(batch);
+    fn dispatch(&self, parsed: fanotify::ParsedBatch, slots: Vec<Option<u32>>) {
         for bad in parsed.malformed {
             tracing::error!(error = %bad.error, "malformed fanotify event");
             fanotify::dispose_malformed(&self.group, bad);
         }
-        for raw in parsed.events {
+        for (raw, slot) in parsed.events.into_iter().zip(slots) {
             match fanotify::classify(raw, &self.group) {
-                Event::Permission(event) => self.on_pre_access(event),
+                Event::Permission(mut event) => {
+                    if let Some(slot) = slot {
+                        let journal = Arc::clone(&self.journal);
+                        event.set_on_answered(move || lock_journal(&journal).answered(slot));
+                    }
+                    self.on_pre_access(event)
+                }
                 Event::Notification { mask, .. } => {
                     if mask & libc::FAN_OPEN != 0 {
                         self.lifecycle.on_open();

@@ -80,6 +80,12 @@ impl Lifecycle {
         inner.open_files = 0;
     }
 
+    /// Nobody is coming to prepare a mount: leave as soon as nothing else holds us.
+    pub fn end_startup_grace(&self) {
+        self.lock().ever_prepared = true;
+        self.changed.notify_one();
+    }
+
     pub fn lease(self: &Arc<Self>) -> Lease {
         {
             let mut inner = self.lock();
@@ -94,6 +100,25 @@ impl Lifecycle {
             .map_err(|e| format!("cannot write the mount record: {e}"))?;
         self.lock().mounts.insert(record.mnt_id, record);
         Ok(())
+    }
+
+    /// A restarted worker takes over the records of its cache entry,
+    /// rewriting them with its own identity.
+    pub fn adopt_records(&self, cache_key: &str, identity: erofs_fanotify_state::AgentIdentity) {
+        let records = match erofs_fanotify_state::list_mount_records(&self.state) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list mount records");
+                return;
+            }
+        };
+        for mut record in records.into_iter().flatten().filter(|r| r.cache_key == cache_key) {
+            record.agent = identity;
+            if let Err(e) = self.attach(record) {
+                tracing::warn!(error = %e, "cannot adopt a mount record");
+            }
+        }
+        self.lock().ever_prepared = true;
     }
 
     /// A front end unmounted `mnt_id`; returns how many mounts remain recorded.

@@ -19,12 +19,14 @@
 
 pub mod control;
 pub mod event_loop;
+pub mod journal;
 pub mod lifecycle;
 pub mod metadata;
 pub mod protocol;
 pub mod scheduler;
 pub mod startup;
 pub mod stats;
+pub mod supervisor;
 
 use std::path::PathBuf;
 use std::time::Duration;

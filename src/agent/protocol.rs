@@ -16,6 +16,8 @@ pub enum Request {
     Unmounted { mnt_id: u64 },
     /// Counters for `status`.
     Stats,
+    /// Hand over to a worker started from the binary now on disk.
+    Upgrade,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -31,6 +33,7 @@ pub struct AttachInfo {
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Reply {
     Pong { pid: i32 },
+    Upgrading { pid: i32 },
     Prepared { cache_path: String, blob_size: u64, read_ahead_kb: u32 },
     Attached,
     /// `remaining_mounts`: records the agent still holds; with none left it

@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use erofs_fanotify::cli::{self, agent_cmd, status_cmd};
+use erofs_fanotify::cli::{self, agent_cmd, status_cmd, upgrade_cmd};
 
 #[derive(Parser)]
 #[command(name = "erofs-fanotify", version, about = "Lazy EROFS mounts backed by fanotify pre-content events")]
@@ -18,6 +18,12 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Replace the agent's worker with the binary now on disk, without failing reads
+    Upgrade {
+        mountpoint: Option<PathBuf>,
+        #[arg(long, conflicts_with = "mountpoint")]
+        all: bool,
+    },
     /// Mount a local EROFS image file-backed, without an agent (for comparisons)
     #[command(hide = true)]
     MountFile {
@@ -31,6 +37,15 @@ enum Cmd {
     Agent {
         #[arg(long)]
         foreground: bool,
+        /// Take over the running worker PID whose supervisor died
+        #[arg(long)]
+        adopt: Option<i32>,
+    },
+    /// Run a worker (started by the agent's supervisor)
+    #[command(hide = true)]
+    Worker {
+        #[arg(long)]
+        resume: bool,
     },
 }
 
@@ -41,7 +56,12 @@ fn main() {
             cli::init_cli_logging();
             status_cmd::run(mountpoint, json).map(|_| 0)
         }
-        Cmd::Agent { foreground } => agent_cmd::run(foreground),
+        Cmd::Upgrade { mountpoint, all } => {
+            cli::init_cli_logging();
+            upgrade_cmd::run(mountpoint, all).map(|_| 0)
+        }
+        Cmd::Agent { foreground, adopt } => agent_cmd::run_supervisor(foreground, adopt),
+        Cmd::Worker { resume } => agent_cmd::run_worker(resume),
         Cmd::MountFile { image, mountpoint, read_ahead_kb } => {
             cli::init_cli_logging();
             mount_file(&image, &mountpoint, read_ahead_kb).map(|_| 0)

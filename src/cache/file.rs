@@ -80,6 +80,20 @@ impl CacheFile {
             .custom_flags(libc::O_NOFOLLOW)
             .open(path)
             .map_err(io("open"))?;
+        Self::from_file(file, path, map)
+    }
+
+    /// Wraps an already open cache file (a restarted worker gets the fd its
+    /// predecessor opened before the fanotify mark: writes through it raise
+    /// no events, while an fd opened now would block on our own mark).
+    pub fn from_file(file: File, path: &Path, map: PresenceMap) -> Result<Self, CacheFileError> {
+        let io = |op| {
+            move |source| CacheFileError::Io {
+                op,
+                path: path.to_owned(),
+                source,
+            }
+        };
         let meta = file.metadata().map_err(io("stat"))?;
         if !meta.file_type().is_file() {
             return Err(CacheFileError::NotRegular {
@@ -167,6 +181,11 @@ impl CacheFile {
 
     pub fn is_complete(&self) -> bool {
         self.map().is_complete()
+    }
+
+    /// The same file with `map` as its presence (a trusted persisted bitmap).
+    pub fn replace_presence(self, map: PresenceMap) -> CacheFile {
+        CacheFile { map: Mutex::new(map), ..self }
     }
 
     /// A copy of the presence bitmap. Not durable by itself: see [`Self::durable_snapshot`].

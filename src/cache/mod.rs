@@ -33,24 +33,33 @@ pub enum CacheError {
 /// bitmap saved for it, if that bitmap is intact and names this file. A discarded bitmap is
 /// logged and the blocks count as missing (they will be fetched again).
 pub fn open_entry(entry: &CacheEntry) -> Result<CacheFile, CacheError> {
-    let file = CacheFile::open(&entry.blob_path(), entry.blob_size())?;
-    let identity = entry.bitmap_identity(file.inode());
+    open_entry_with(entry, None)
+}
+
+/// Like [`open_entry`], using `file` (the cache file opened before the mark)
+/// instead of opening `blob` again when given.
+pub fn open_entry_with(entry: &CacheEntry, file: Option<std::fs::File>) -> Result<CacheFile, CacheError> {
+    let empty = PresenceMap::new(entry.blob_size()).map_err(CacheFileError::from)?;
+    let plain = match file {
+        Some(f) => CacheFile::from_file(f, &entry.blob_path(), empty)?,
+        None => CacheFile::open(&entry.blob_path(), entry.blob_size())?,
+    };
+    let identity = entry.bitmap_identity(plain.inode());
     let map = match load_bitmap(&entry.bitmap_path(), &identity)? {
-        LoadedBitmap::Missing => return Ok(file),
+        LoadedBitmap::Missing => return Ok(plain),
         LoadedBitmap::Loaded(bits) => match PresenceMap::from_roaring(entry.blob_size(), bits) {
             Ok(map) => map,
             Err(e) => {
                 tracing::warn!(entry = %entry.dir().display(), error = %e, "discarding persisted bitmap");
-                return Ok(file);
+                return Ok(plain);
             }
         },
         LoadedBitmap::Discarded(reason) => {
             tracing::warn!(entry = %entry.dir().display(), %reason, "discarding persisted bitmap");
-            return Ok(file);
+            return Ok(plain);
         }
     };
-    drop(file);
-    Ok(CacheFile::open_with_presence(&entry.blob_path(), map)?)
+    Ok(plain.replace_presence(map))
 }
 
 /// Saves the presence bitmap durably: snapshot, then `fdatasync` of the cache file, then an

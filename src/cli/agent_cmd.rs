@@ -1,14 +1,47 @@
-//! `erofs-fanotify agent`: the daemon side, started by `erofs-mount`.
-//! Reads its config as JSON on stdin and reports readiness on stdout.
+//! The daemon side, started by `erofs-mount`: `erofs-fanotify agent` is the
+//! supervisor (it holds the fanotify group), `erofs-fanotify worker` does the
+//! work. See `agent::supervisor` for the model.
 
+use std::fs::File;
 use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
 
-use crate::agent::{startup, AgentConfig};
+use erofs_fanotify_state::StateDir;
+
+use crate::agent::journal::{Journal, JOURNAL_LEN};
+use crate::agent::startup::{self, WorkerContext};
+use crate::agent::supervisor::{self, StatusPipe, Supervisor, CACHE_FD, GROUP_FD, STATUS_FD};
+use crate::agent::AgentConfig;
+use crate::fanotify::Group;
 use crate::sys;
+use crate::sys::shm::SharedMap;
 
 use super::CliError;
 
-pub fn run(foreground: bool) -> Result<i32, CliError> {
+fn read_config() -> Result<(Vec<u8>, AgentConfig), CliError> {
+    let mut input = Vec::new();
+    std::io::stdin()
+        .take(1 << 20)
+        .read_to_end(&mut input)
+        .map_err(|e| CliError::new(format!("cannot read the agent config: {e}")))?;
+    let cfg: AgentConfig =
+        serde_json::from_slice(&input).map_err(|e| CliError::new(format!("bad agent config: {e}")))?;
+    Ok((input, cfg))
+}
+
+/// `erofs-fanotify agent [--foreground]`: the supervisor of a new agent.
+pub fn run_supervisor(foreground: bool, adopt: Option<i32>) -> Result<i32, CliError> {
+    if let Some(worker_pid) = adopt {
+        let (bytes, cfg) = read_config()?;
+        init_agent_logging();
+        let group = sys::process::take_inherited_fd(GROUP_FD)
+            .ok_or_else(|| CliError::new("no fanotify group inherited"))?;
+        let status = sys::process::take_inherited_fd(STATUS_FD)
+            .ok_or_else(|| CliError::new("no status channel inherited"))?;
+        let cache_fd = sys::process::take_inherited_fd(CACHE_FD);
+        return Ok(Supervisor::adopt(bytes, cfg, group, cache_fd, worker_pid, UnixStream::from(status)));
+    }
     // Before any thread exists: setns(CLONE_NEWNS) needs a single thread,
     // and the agent must not pin the private namespace of whoever mounted.
     if let Err(e) = sys::process::enter_outer_mount_namespace() {
@@ -18,28 +51,72 @@ pub fn run(foreground: bool) -> Result<i32, CliError> {
         // Leave the front end's session so its terminal and signals do not reach us.
         let _ = nix::unistd::setsid();
     }
-    let mut input = Vec::new();
-    std::io::stdin()
-        .take(1 << 20)
-        .read_to_end(&mut input)
-        .map_err(|e| CliError::new(format!("cannot read the agent config: {e}")))?;
-    let cfg: AgentConfig =
-        serde_json::from_slice(&input).map_err(|e| CliError::new(format!("bad agent config: {e}")))?;
+    let (bytes, cfg) = read_config()?;
     init_agent_logging();
     let ready = take_stdout()?;
-    Ok(startup::run(cfg, ready))
+    Ok(Supervisor::start(bytes, cfg, ready))
 }
 
-/// Moves stdout (the front end's ready pipe) to a private writer and points
+/// `erofs-fanotify worker [--resume]`: started by a supervisor only.
+pub fn run_worker(resume: bool) -> Result<i32, CliError> {
+    let (bytes, cfg) = read_config()?;
+    let group = sys::process::take_inherited_fd(GROUP_FD).ok_or_else(|| CliError::new("no fanotify group inherited"))?;
+    let status = sys::process::take_inherited_fd(STATUS_FD).map(UnixStream::from);
+    let cache_fd = Arc::new(Mutex::new(sys::process::take_inherited_fd(CACHE_FD).map(File::from)));
+    // Journal and fd-number reservations come before anything else opens a
+    // descriptor (see agent::journal).
+    let placeholder = File::open("/dev/null").map_err(|e| CliError::new(format!("cannot open /dev/null: {e}")))?;
+    let journal_path = startup::journal_path(&StateDir::new(cfg.state_dir.clone()), &cfg.cache_key).map_err(CliError::new)?;
+    let map = SharedMap::open(&journal_path, JOURNAL_LEN)
+        .map_err(|e| CliError::new(format!("cannot open the journal {}: {e}", journal_path.display())))?;
+    let (journal, orphans) = Journal::open(map).map_err(CliError::new)?;
+    let mut reserved = Vec::new();
+    for orphan in &orphans {
+        if let Ok(true) = sys::process::reserve_fd_number(orphan.fd, std::os::fd::AsFd::as_fd(&placeholder)) {
+            reserved.push(orphan.fd);
+        }
+    }
+    init_agent_logging();
+    if !orphans.is_empty() {
+        tracing::warn!(orphans = orphans.len(), reserved = reserved.len(), "journal holds unanswered events");
+    }
+    let ready: Option<Box<dyn std::io::Write + Send>> = if resume { None } else { Some(Box::new(take_stdout()?)) };
+    let group = Arc::new(Group::from_owned(group));
+    let status = Arc::new(StatusPipe::new(status));
+    let supervisor_pid = nix::unistd::getppid().as_raw();
+    {
+        let (group, cache_fd, status, bytes) =
+            (Arc::clone(&group), Arc::clone(&cache_fd), Arc::clone(&status), bytes.clone());
+        let _ = std::thread::Builder::new()
+            .name("supervisor-watch".into())
+            .spawn(move || supervisor::watch_supervisor(group, cache_fd, status, bytes, supervisor_pid));
+    }
+    let ctx = WorkerContext {
+        group,
+        status,
+        ready,
+        resume,
+        journal: Arc::new(Mutex::new(journal)),
+        orphans,
+        reserved,
+        cache_fd,
+    };
+    let code = startup::run_worker(cfg, ctx);
+    // The placeholder stays open until here: orphan numbers must stay taken.
+    drop(placeholder);
+    Ok(code)
+}
+
+/// Moves stdout (the front end's ready pipe) to a private file and points
 /// fd 1 at /dev/null, so the pipe closes as soon as readiness is reported.
-fn take_stdout() -> Result<Box<dyn std::io::Write + Send>, CliError> {
+fn take_stdout() -> Result<File, CliError> {
     let err = |e: std::io::Error| CliError::new(format!("cannot set up the ready pipe: {e}"));
     let pipe = std::io::stdout().lock();
     let owned = std::os::fd::AsFd::as_fd(&pipe).try_clone_to_owned().map_err(err)?;
     drop(pipe);
     let devnull = std::fs::OpenOptions::new().write(true).open("/dev/null").map_err(err)?;
     nix::unistd::dup2_stdout(&devnull).map_err(|e| err(e.into()))?;
-    Ok(Box::new(std::fs::File::from(owned)))
+    Ok(File::from(owned))
 }
 
 fn init_agent_logging() {

@@ -6,6 +6,7 @@ pub mod client;
 pub mod mount_cmd;
 pub mod status_cmd;
 pub mod umount_cmd;
+pub mod upgrade_cmd;
 
 use erofs_fanotify_state::StateDir;
 

@@ -108,6 +108,11 @@ impl Group {
         Group { fd }
     }
 
+    /// Gives up the descriptor (e.g. to hand it to a supervisor's children).
+    pub fn into_owned(self) -> OwnedFd {
+        self.fd
+    }
+
     /// Another descriptor of the same group (close-on-exec).
     pub fn try_clone(&self) -> io::Result<Group> {
         Ok(Group {

@@ -17,11 +17,22 @@ use super::event::{FileRange, Malformed, RawEvent};
 use super::group::{Group, Response};
 use crate::sys::fanotify as sys;
 
+/// Runs after the response is written and before the event fd is closed
+/// (the journal frees the event's slot there; see `agent::journal`).
+pub struct AnswerHook(Box<dyn FnOnce() + Send>);
+
+impl std::fmt::Debug for AnswerHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AnswerHook")
+    }
+}
+
 /// A pending permission event (pre-access, or another `*_PERM` event).
 #[derive(Debug)]
 pub struct PermissionEvent {
     /// `None` once answered.
     fd: Option<OwnedFd>,
+    on_answered: Option<AnswerHook>,
     fd_number: i32,
     group: Arc<Group>,
     mask: u64,
@@ -63,6 +74,11 @@ impl PermissionEvent {
     }
 
     /// Lets the blocked reader proceed. Failures are logged.
+    /// Sets what runs between the response and the closing of the fd.
+    pub fn set_on_answered(&mut self, hook: impl FnOnce() + Send + 'static) {
+        self.on_answered = Some(AnswerHook(Box::new(hook)));
+    }
+
     pub fn allow(self) {
         self.answer_logged(Response::Allow);
     }
@@ -96,6 +112,9 @@ impl PermissionEvent {
             return Ok(());
         };
         let result = self.group.respond(fd.as_raw_fd(), response);
+        if let Some(AnswerHook(hook)) = self.on_answered.take() {
+            hook();
+        }
         drop(fd);
         result
     }
@@ -146,6 +165,7 @@ pub fn classify(raw: RawEvent, group: &Arc<Group>) -> Event {
         if let Some(fd) = fd {
             return Event::Permission(PermissionEvent {
                 fd: Some(fd),
+                on_answered: None,
                 fd_number: raw.fd,
                 group: Arc::clone(group),
                 mask: raw.mask,

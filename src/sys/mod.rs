@@ -20,6 +20,7 @@ pub mod fanotify;
 pub mod fs;
 pub mod mount;
 pub mod process;
+pub mod shm;
 pub mod statx;
 
 use std::ffi::CString;

@@ -165,6 +165,102 @@ pub fn mount_namespace_inode() -> io::Result<u64> {
     Ok(std::fs::metadata("/proc/self/ns/mnt")?.ino())
 }
 
+
+/// Makes sure fd number `n` is occupied in this process, by a duplicate of
+/// `placeholder` if it is free, so the kernel cannot hand `n` to anything
+/// else (such as a new fanotify event). Returns whether a placeholder was
+/// installed (`false`: `n` is already one of our open fds).
+pub fn reserve_fd_number(n: i32, placeholder: BorrowedFd<'_>) -> io::Result<bool> {
+    if n < 0 {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "negative fd"));
+    }
+    // SAFETY: F_GETFD only queries the descriptor table.
+    let in_use = unsafe { libc::fcntl(n, libc::F_GETFD) } != -1;
+    if in_use {
+        return Ok(false);
+    }
+    // SAFETY: `n` is free (checked above, and this runs before other threads
+    // open files), so dup3 closes nothing of ours; O_CLOEXEC keeps it private.
+    cvt(unsafe { libc::dup3(placeholder.as_raw_fd(), n, libc::O_CLOEXEC) })?;
+    Ok(true)
+}
+
+/// Closes a placeholder installed by [`reserve_fd_number`].
+pub fn release_fd_number(n: i32) {
+    // SAFETY: `n` was installed by reserve_fd_number and is owned by nobody else.
+    unsafe {
+        libc::close(n);
+    }
+}
+
+const MAX_INHERITED_FDS: usize = 8;
+
+/// Spawns `cmd` with `fds` duplicated onto the given fd numbers in the child
+/// (inherited across exec: the group fd a worker or supervisor needs).
+pub fn spawn_with_fds(
+    cmd: &mut std::process::Command,
+    fds: &[(BorrowedFd<'_>, i32)],
+) -> io::Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    let pairs: Vec<(i32, i32)> = fds.iter().map(|(fd, target)| (fd.as_raw_fd(), *target)).collect();
+    if pairs.len() > MAX_INHERITED_FDS || pairs.iter().any(|&(_, t)| t <= 2) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "cannot replace stdio"));
+    }
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // calls async-signal-safe functions (fcntl, dup2) on plain integers.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Move sources out of the way first so a target cannot clobber a
+            // source that is still needed.
+            // No allocation here: fork of a threaded process.
+            let mut moved = [(-1i32, -1i32); MAX_INHERITED_FDS];
+            for (slot, &(src, target)) in moved.iter_mut().zip(pairs.iter()) {
+                let tmp = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, 100);
+                if tmp == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+                *slot = (tmp, target);
+            }
+            for &(tmp, target) in moved.iter().take(pairs.len()) {
+                // dup2 clears FD_CLOEXEC on the target: it survives exec.
+                if libc::dup2(tmp, target) == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+/// Takes ownership of fd `n` inherited from our parent (see [`spawn_with_fds`]).
+/// `None` if `n` is not open.
+pub fn take_inherited_fd(n: i32) -> Option<OwnedFd> {
+    // SAFETY: F_GETFD only queries the descriptor table.
+    let open = n > 2 && unsafe { libc::fcntl(n, libc::F_GETFD) } != -1;
+    if !open {
+        return None;
+    }
+    // Close-on-exec from now on: it is ours, not our children's.
+    // SAFETY: setting a flag on an fd we just checked is open.
+    unsafe {
+        libc::fcntl(n, libc::F_SETFD, libc::FD_CLOEXEC);
+    }
+    // SAFETY: our parent set `n` up for us before exec, and nothing else in
+    // this process has taken ownership of it (called once, at startup).
+    Some(unsafe { OwnedFd::from_raw_fd(n) })
+}
+
+/// Takes ownership of a descriptor received with SCM_RIGHTS.
+pub fn own_received_fd(fd: i32) -> Option<OwnedFd> {
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the kernel installed `fd` in our table for this message, and
+    // nothing else in the process knows its number yet.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

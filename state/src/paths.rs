@@ -71,6 +71,14 @@ impl StateDir {
 
     /// `agents/<key>.sock`; an error if the path does not fit a unix socket address
     /// (the default root leaves room for the longest key: 103 bytes).
+    /// The worker's event journal (see the agent's `journal` module).
+    pub fn agent_journal_path(&self, key: &str) -> Result<PathBuf, StateError> {
+        validate_cache_key(key)?;
+        use sha2::Digest;
+        let short = hex::encode(&sha2::Sha256::digest(key.as_bytes())[..8]);
+        Ok(self.agents_dir().join(format!("{short}.journal")))
+    }
+
     pub fn agent_socket_path(&self, key: &str) -> Result<PathBuf, StateError> {
         validate_cache_key(key)?;
         // Unix socket paths are short (108 bytes): name the socket by a hash

@@ -1,0 +1,400 @@
+//! The supervisor: a small process that holds the fanotify group so that no
+//! single process death closes it, and restarts the worker.
+//!
+//! It never touches the network and never parses remote data: it creates
+//! the group, spawns a worker with the group fd inherited (fd 3) and a status
+//! pipe (fd 4), and reads one word per line from that pipe: `entry_created`,
+//! `ready`, `exit_clean`, `exit_upgrade`. End of file without an `exit_*`
+//! word means the worker died: a new one is started (with backoff) in resume
+//! mode, and it answers the events the dead one left (see `journal`).
+//!
+//! If the supervisor dies instead, the worker keeps the group alive and
+//! starts a new supervisor in *adopt* mode, which watches the existing worker.
+//! When every process dies at once the kernel closes the group and allows
+//! whatever was pending: the one case no design of ours can cover.
+
+use std::fs::File;
+use std::io::{IoSlice, IoSliceMut, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use erofs_fanotify_state::{CacheDir, StateDir};
+
+use crate::fanotify::Group;
+use crate::sys;
+
+use super::AgentConfig;
+
+/// Fd numbers of what a worker or supervisor inherits.
+pub const GROUP_FD: i32 = 3;
+pub const STATUS_FD: i32 = 4;
+/// The cache file, opened before the mark (writes through it raise no events).
+pub const CACHE_FD: i32 = 5;
+
+/// What the last worker said before its status pipe closed.
+#[derive(Default, Debug)]
+struct WorkerReport {
+    entry_created: bool,
+    ready: bool,
+    exit: Option<String>,
+}
+
+pub struct Supervisor {
+    cfg_bytes: Vec<u8>,
+    cfg: AgentConfig,
+    group: OwnedFd,
+    binary: PathBuf,
+    /// The first worker's pre-mark fd of the cache file, for its successors.
+    cache_fd: std::sync::Mutex<Option<OwnedFd>>,
+}
+
+impl Supervisor {
+    pub fn new(cfg_bytes: Vec<u8>, cfg: AgentConfig, group: OwnedFd, cache_fd: Option<OwnedFd>) -> Supervisor {
+        let binary = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("erofs-fanotify"));
+        Supervisor { cfg_bytes, cfg, group, binary, cache_fd: std::sync::Mutex::new(cache_fd) }
+    }
+
+    /// Creates the group (reporting failure on `ready`) and runs the first
+    /// worker, which reports readiness to the front end on `ready` itself.
+    pub fn start(cfg_bytes: Vec<u8>, cfg: AgentConfig, mut ready: File) -> i32 {
+        let group = match Group::new_pre_content() {
+            Ok(g) => g,
+            Err(e) => {
+                let _ = writeln!(ready, "{}", serde_json::json!({ "error": e.to_string() }));
+                return 1;
+            }
+        };
+        let sup = Supervisor::new(cfg_bytes, cfg, group.into_owned(), None);
+        let first = match sup.spawn_worker(false, Some(ready)) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the worker");
+                return 1;
+            }
+        };
+        sup.watch(first, false)
+    }
+
+    /// Takes over a running worker whose supervisor died.
+    pub fn adopt(
+        cfg_bytes: Vec<u8>,
+        cfg: AgentConfig,
+        group: OwnedFd,
+        cache_fd: Option<OwnedFd>,
+        worker_pid: i32,
+        status: UnixStream,
+    ) -> i32 {
+        let sup = Supervisor::new(cfg_bytes, cfg, group, cache_fd);
+        tracing::info!(worker_pid, "supervisor adopting a running worker");
+        sup.watch(RunningWorker { pid: worker_pid, child: None, status }, true)
+    }
+
+    fn watch(&self, mut worker: RunningWorker, adopted: bool) -> i32 {
+        ignore_termination_signals();
+        let mut backoff = Duration::ZERO;
+        let mut ever_ready = adopted;
+        loop {
+            let started = Instant::now();
+            let report = self.read_reports(&mut worker);
+            worker.reap();
+            ever_ready |= report.ready;
+            match report.exit.as_deref() {
+                Some("exit_clean") => {
+                    tracing::info!("worker finished; supervisor leaving");
+                    return 0;
+                }
+                Some("exit_upgrade") => {
+                    tracing::info!("worker handed over for an upgrade; starting the binary on disk");
+                    backoff = Duration::ZERO;
+                }
+                _ if !ever_ready => {
+                    tracing::error!(pid = worker.pid, "worker died during startup");
+                    if report.entry_created {
+                        self.remove_half_made_entry();
+                    }
+                    return 1;
+                }
+                _ => {
+                    tracing::error!(pid = worker.pid, "worker died; starting a successor");
+                    if started.elapsed() > Duration::from_secs(60) {
+                        backoff = Duration::ZERO;
+                    }
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
+                }
+            }
+            worker = loop {
+                match self.spawn_worker(true, None) {
+                    Ok(w) => break w,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start a worker; retrying");
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                }
+            };
+        }
+    }
+
+    fn spawn_worker(&self, resume: bool, ready: Option<File>) -> std::io::Result<RunningWorker> {
+        let (ours, theirs) = status_channel()?;
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("worker");
+        if resume {
+            cmd.arg("--resume");
+        }
+        cmd.stdin(Stdio::piped()).stdout(match ready {
+            Some(f) => Stdio::from(f),
+            None => Stdio::null(),
+        });
+        let cache_fd = match self.cache_fd.lock() {
+            Ok(g) => g.as_ref().map(|f| f.try_clone()).transpose()?,
+            Err(_) => None,
+        };
+        let mut fds = vec![(self.group.as_fd(), GROUP_FD), (theirs.as_fd(), STATUS_FD)];
+        if let Some(f) = cache_fd.as_ref() {
+            fds.push((f.as_fd(), CACHE_FD));
+        }
+        let mut child = sys::process::spawn_with_fds(&mut cmd, &fds)?;
+        drop(theirs);
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(&self.cfg_bytes)?;
+        }
+        tracing::info!(pid = child.id(), resume, "worker started");
+        Ok(RunningWorker { pid: child.id() as i32, child: Some(child), status: ours })
+    }
+
+    /// Reads status words (and the cache fd) until the worker's end closes.
+    fn read_reports(&self, worker: &mut RunningWorker) -> WorkerReport {
+        let mut report = WorkerReport::default();
+        let mut text = Vec::new();
+        let mut buf = [0u8; 512];
+        loop {
+            let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            let msg = match nix::sys::socket::recvmsg::<()>(
+                worker.status.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC,
+            ) {
+                Ok(m) => m,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => break,
+            };
+            let n = msg.bytes;
+            if let Ok(cmsgs) = msg.cmsgs() {
+                for c in cmsgs {
+                    if let nix::sys::socket::ControlMessageOwned::ScmRights(fds) = c {
+                        for fd in fds {
+                            if let (Some(owned), Ok(mut slot)) = (sys::process::own_received_fd(fd), self.cache_fd.lock()) {
+                                *slot = Some(owned);
+                            }
+                        }
+                    }
+                }
+            }
+            if n == 0 {
+                break;
+            }
+            text.extend_from_slice(&buf[..n]);
+            while let Some(pos) = text.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = text.drain(..=pos).collect();
+                match String::from_utf8_lossy(&line).trim() {
+                    "entry_created" => report.entry_created = true,
+                    "ready" => report.ready = true,
+                    "cache_fd" => {}
+                    word @ ("exit_clean" | "exit_upgrade") => report.exit = Some(word.to_string()),
+                    other => tracing::debug!(word = other, "unknown worker status"),
+                }
+            }
+        }
+        report
+    }
+
+    /// A worker killed during its first startup may leave a cache entry it
+    /// created; a failed mount leaves nothing behind.
+    fn remove_half_made_entry(&self) {
+        let state = StateDir::new(self.cfg.state_dir.clone());
+        if let Ok(sock) = state.agent_socket_path(&self.cfg.cache_key) {
+            let _ = std::fs::remove_file(sock);
+        }
+        let _ = erofs_fanotify_state::remove_agent_record(&state, &self.cfg.cache_key);
+        match CacheDir::new(self.cfg.cache_dir.clone()).entry_dir(&self.cfg.cache_key) {
+            Ok(dir) => {
+                if let Err(e) = std::fs::remove_dir_all(&dir) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!(dir = %dir.display(), error = %e, "cannot remove the half-made cache entry");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "bad cache key"),
+        }
+    }
+}
+
+struct RunningWorker {
+    pid: i32,
+    /// Our child (first supervisor); an adopted worker is not.
+    child: Option<std::process::Child>,
+    status: UnixStream,
+}
+
+impl RunningWorker {
+    /// Waits until the worker process is gone.
+    fn reap(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.wait();
+            return;
+        }
+        if let Ok(pidfd) = sys::process::pidfd_open(self.pid) {
+            while !pidfd.wait_exit(Duration::from_secs(60)).unwrap_or(true) {}
+        }
+    }
+}
+
+
+/// SIGTERM/SIGINT/SIGHUP must not close the group while mounts live: the
+/// worker decides when the agent leaves. Flags record them for the log.
+pub fn ignore_termination_signals() {
+    let flag = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT, signal_hook::consts::SIGHUP] {
+        if let Err(e) = signal_hook::flag::register(sig, Arc::clone(&flag)) {
+            tracing::warn!(signal = sig, error = %e, "cannot install a signal handler");
+        }
+    }
+}
+
+/// A connected pair: our end and the child's end of a status channel.
+fn status_channel() -> std::io::Result<(UnixStream, OwnedFd)> {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    let (a, b) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)
+        .map_err(std::io::Error::from)?;
+    Ok((UnixStream::from(a), b))
+}
+
+/// The worker's line to its supervisor. Replaced when a new supervisor adopts it.
+pub struct StatusPipe {
+    stream: std::sync::Mutex<Option<UnixStream>>,
+}
+
+impl StatusPipe {
+    pub fn new(stream: Option<UnixStream>) -> StatusPipe {
+        StatusPipe { stream: std::sync::Mutex::new(stream) }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut UnixStream) -> std::io::Result<T>) -> Option<T> {
+        let mut guard = match self.stream.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let stream = guard.as_mut()?;
+        match f(stream) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::debug!(error = %e, "status channel write failed");
+                None
+            }
+        }
+    }
+
+    pub fn say(&self, word: &str) {
+        self.with(|s| writeln!(s, "{word}"));
+    }
+
+    /// Hands the supervisor the cache fd opened before the mark.
+    pub fn send_fd(&self, fd: std::os::fd::BorrowedFd<'_>) {
+        self.with(|s| {
+            let line = b"cache_fd\n";
+            let fds = [fd.as_raw_fd()];
+            nix::sys::socket::sendmsg::<()>(
+                s.as_raw_fd(),
+                &[IoSlice::new(line)],
+                &[nix::sys::socket::ControlMessage::ScmRights(&fds)],
+                nix::sys::socket::MsgFlags::empty(),
+                None,
+            )
+            .map_err(std::io::Error::from)
+        });
+    }
+
+    pub fn replace(&self, stream: UnixStream) {
+        let mut guard = match self.stream.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        *guard = Some(stream);
+    }
+}
+
+/// Runs in the worker: when its supervisor dies, start a new one in adopt
+/// mode (group fd inherited) and watch that one instead.
+pub fn watch_supervisor(
+    group: Arc<Group>,
+    cache: Arc<std::sync::Mutex<Option<File>>>,
+    status: Arc<StatusPipe>,
+    cfg_bytes: Vec<u8>,
+    first_supervisor: i32,
+) {
+    let binary = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("erofs-fanotify"));
+    let mut supervisor_pid = first_supervisor;
+    let mut child: Option<std::process::Child> = None;
+    loop {
+        let gone = match sys::process::pidfd_open(supervisor_pid) {
+            Ok(pidfd) => loop {
+                match pidfd.wait_exit(Duration::from_secs(3600)) {
+                    Ok(true) => break true,
+                    Ok(false) => continue,
+                    Err(_) => break true,
+                }
+            },
+            Err(_) => true,
+        };
+        if !gone {
+            continue;
+        }
+        if let Some(mut c) = child.take() {
+            let _ = c.wait();
+        }
+        tracing::error!(pid = supervisor_pid, "supervisor died; starting a new one");
+        let cache_fd = cache.lock().ok().and_then(|g| g.as_ref().and_then(|f| f.try_clone().ok()));
+        match spawn_adopting_supervisor(&binary, &group, cache_fd.as_ref(), &cfg_bytes) {
+            Ok((c, status_write)) => {
+                supervisor_pid = c.id() as i32;
+                status.replace(status_write);
+                status.say("ready");
+                child = Some(c);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start a supervisor; retrying in 1 s");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+fn spawn_adopting_supervisor(
+    binary: &Path,
+    group: &Group,
+    cache: Option<&File>,
+    cfg_bytes: &[u8],
+) -> std::io::Result<(std::process::Child, UnixStream)> {
+    let (ours, theirs) = status_channel()?;
+    let mut cmd = Command::new(binary);
+    cmd.arg("agent").arg("--adopt").arg(std::process::id().to_string());
+    cmd.stdin(Stdio::piped()).stdout(Stdio::null());
+    let mut fds = vec![(group.as_fd(), GROUP_FD), (theirs.as_fd(), STATUS_FD)];
+    if let Some(f) = cache {
+        fds.push((f.as_fd(), CACHE_FD));
+    }
+    let mut child = sys::process::spawn_with_fds(&mut cmd, &fds)?;
+    drop(theirs);
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(cfg_bytes)?;
+    }
+    Ok((child, ours))
+}
