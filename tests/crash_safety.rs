@@ -212,6 +212,41 @@ fn remount_fetches_nothing_already_present() {
     assert_eq!(m.status().fetched_bytes, 0, "a remount refetched data: {:?}", m.status());
     m.unmount().assert_success();
     env.assert_nothing_left(&[]);
+    // Host reboot: every process gone and /run wiped; the cache dir survives.
+    std::fs::remove_dir_all(&env.state_dir).expect("wipe the state dir");
+    let m = env.mount(&blob.url, "mnt", &[]);
+    for f in &files {
+        assert_eq!(std::fs::read(m.path(&f.rel)).expect("read"), fx.read_source(&f.rel));
+    }
+    assert_eq!(m.status().fetched_bytes, 0, "after a simulated reboot: {:?}", m.status());
+    m.unmount().assert_success();
+    env.assert_nothing_left(&[]);
+}
+
+/// SIGTERM and SIGINT, twice, to either agent process while a mount is
+/// alive: nothing closes the group, reads keep working.
+#[test]
+fn termination_signals_do_not_close_the_group() {
+    if !ready() {
+        return;
+    }
+    let fx = fixtures::small();
+    let blob = shared_blob(&fx.plain.path);
+    let env = TestEnv::new("signals");
+    let m = env.mount(&blob.url, "mnt", &[]);
+    let (worker, supervisor) = agent_pids(&env, &m.mountpoint);
+    for sig in [nix::sys::signal::Signal::SIGTERM, nix::sys::signal::Signal::SIGINT] {
+        for pid in [worker, supervisor, worker, supervisor] {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).expect("signal");
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(agent_alive(worker) && agent_alive(supervisor), "a signal ended an agent process");
+    for f in fx.big_files() {
+        assert_eq!(std::fs::read(m.path(&f.rel)).expect("read"), fx.read_source(&f.rel));
+    }
+    m.unmount().assert_success();
+    env.assert_nothing_left_within(Duration::from_secs(10), &[]);
 }
 
 /// A damaged bitmap or a replaced cache file is detected: data is fetched
