@@ -25,6 +25,8 @@ pub struct ControlContext {
     pub cache_dir: PathBuf,
     pub cache_key: String,
     pub source: String,
+    /// The remote, for which endpoint served data last (mirrors, redirects).
+    pub remote: Arc<dyn crate::remote::RangeSource>,
     pub digest: Option<String>,
     pub read_ahead_kb: u32,
     pub socket_path: PathBuf,
@@ -129,6 +131,7 @@ fn answer(req: Request, ctx: &Arc<ControlContext>, lease: &mut Option<Lease>) ->
             denied_events: Stats::get(&ctx.stats.denied_events),
             superblocks: ctx.lifecycle.superblocks(),
             agent_pid: ctx.identity.pid,
+            served_by: ctx.remote.served_by(),
         }),
     }
 }

@@ -57,4 +57,6 @@ pub struct StatsReply {
     pub denied_events: u64,
     pub superblocks: u64,
     pub agent_pid: i32,
+    #[serde(default)]
+    pub served_by: Option<String>,
 }

@@ -282,6 +282,7 @@ async fn prepare(
         cache_dir: cfg.cache_dir.clone(),
         cache_key: cfg.cache_key.clone(),
         source: shown,
+        remote: Arc::clone(&source),
         digest,
         read_ahead_kb: cfg.read_ahead_kb,
         socket_path,

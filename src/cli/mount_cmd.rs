@@ -219,5 +219,5 @@ fn resolve_source(source: &str, opts: &MountOptions) -> Result<SourceSpec, CliEr
     if source.starts_with("http://") || source.starts_with("https://") {
         return Ok(SourceSpec::Url { url: source.to_string() });
     }
-    crate::oci::resolve_reference(source, opts).map(SourceSpec::Oci).map_err(|e| CliError::new(e.to_string()))
+    crate::oci::resolve_reference(source, opts).map(|spec| SourceSpec::Oci(Box::new(spec))).map_err(|e| CliError::new(e.to_string()))
 }

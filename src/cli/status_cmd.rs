@@ -28,6 +28,8 @@ pub struct MountStatus {
     pub denied_events: u64,
     pub agent_pid: i32,
     pub agent_state: &'static str,
+    /// The endpoint that served data last (registry, mirror, redirect target).
+    pub served_by: Option<String>,
     pub cache_key: String,
     pub sysfs_name: String,
 }
@@ -93,6 +95,7 @@ fn collect(record: &MountRecord) -> MountStatus {
         denied_events: s.denied_events,
         agent_pid: record.agent.pid,
         agent_state,
+        served_by: s.served_by.clone(),
         cache_key: record.cache_key.clone(),
         sysfs_name: record.sysfs_name.clone(),
     }
@@ -116,6 +119,9 @@ fn print_human(s: &MountStatus) {
     println!("  present:   {} / {} bytes ({pct:.1}%)", s.populated_bytes, s.blob_size);
     println!("  fetched:   {} bytes in {} requests, {} errors", s.fetched_bytes, s.fetch_requests, s.fetch_errors);
     println!("  events:    {} ({} fast path, {} denied)", s.events, s.fast_path_events, s.denied_events);
+    if let Some(by) = &s.served_by {
+        println!("  served by: {by}");
+    }
     println!("  agent:     pid {} ({})", s.agent_pid, s.agent_state);
     println!("  mount id:  {} ({})", s.mnt_id, s.sysfs_name);
 }

@@ -21,7 +21,7 @@ pub enum OptionError {
 }
 
 /// Options for the OCI source (issue: OCI registry source). Carried verbatim.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct OciOptions {
     pub blob: Option<String>,
     pub layer: Option<u32>,
@@ -30,6 +30,28 @@ pub struct OciOptions {
     #[serde(skip_serializing)]
     pub password: Option<String>,
     pub insecure: bool,
+    /// `oci.mirror=URL`, repeatable: tried in order before the registry.
+    #[serde(default)]
+    pub mirrors: Vec<String>,
+    /// `oci.cafile=PATH`: extra CA certificates (PEM) beside the system roots.
+    #[serde(default)]
+    pub cafile: Option<PathBuf>,
+}
+
+// The password never reaches a log line.
+impl std::fmt::Debug for OciOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OciOptions")
+            .field("blob", &self.blob)
+            .field("layer", &self.layer)
+            .field("platform", &self.platform)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("insecure", &self.insecure)
+            .field("mirrors", &self.mirrors.len())
+            .field("cafile", &self.cafile)
+            .finish()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -148,6 +170,14 @@ impl MountOptions {
                 "oci.username" => o.oci.username = Some(need(value)?),
                 "oci.password" => o.oci.password = Some(need(value)?),
                 "oci.insecure" => o.oci.insecure = true,
+                "oci.mirror" => o.oci.mirrors.push(need(value)?),
+                "oci.cafile" => {
+                    let v = need(value)?;
+                    if !v.starts_with('/') {
+                        return Err(bad(&v, "must be an absolute path"));
+                    }
+                    o.oci.cafile = Some(PathBuf::from(v));
+                }
                 k if is_generic_flag(k) => {}
                 _ => return Err(OptionError::Unknown(key.to_string())),
             }
@@ -208,6 +238,16 @@ mod tests {
         let o = MountOptions::parse("oci.username=u,oci.password=hunter2").unwrap();
         let json = serde_json::to_string(&o.oci).unwrap();
         assert!(!json.contains("hunter2"));
+        assert!(!format!("{o:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn mirrors_repeat_and_cafile_is_absolute() {
+        let o = MountOptions::parse("oci.mirror=http://a:1,oci.mirror=https://b/x,oci.cafile=/etc/ca.pem").unwrap();
+        assert_eq!(o.oci.mirrors, vec!["http://a:1".to_string(), "https://b/x".to_string()]);
+        assert_eq!(o.oci.cafile, Some(PathBuf::from("/etc/ca.pem")));
+        assert!(MountOptions::parse("oci.cafile=ca.pem").is_err());
+        assert!(MountOptions::parse("oci.mirror").is_err());
     }
 
     #[test]

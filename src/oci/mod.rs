@@ -1,39 +1,342 @@
 //! OCI registry source: image references, manifests, auth, mirrors.
-//! (Placeholder until the OCI issue: references are refused clearly.)
+//!
+//! Two halves. The front end ([`resolve_reference`]) turns
+//! `[registry/]repo[:tag][@digest]` plus the `oci.*` options into one blob:
+//! it fetches the manifest (index -> platform -> image manifest), picks the
+//! layer, checks its media type, and gathers what the agent will need —
+//! endpoint, credentials (from the options or the container tools' files),
+//! mirrors (options and `registries.conf`), CA file — into an
+//! [`OciBlobSpec`], handed to the agent on its stdin. The agent
+//! ([`open_blob`]) reads byte ranges of that blob for the life of the mount,
+//! renewing tokens as they expire, trying mirrors first, following CDN
+//! redirects.
+//!
+//! The registry protocol is spoken here over the crate's reqwest client
+//! rather than through `oci-client`: that crate brings its own reqwest 0.12
+//! stack and its blob reads neither expose Content-Range, nor renew a token
+//! on a mid-life 401, nor try mirrors, nor keep a redirect target — the
+//! parts this source is mostly about. What it would have saved (reference
+//! parsing, challenge parsing, manifest JSON) is small and unit-tested here.
+//!
+//! Nothing secret is ever displayed: [`OciBlobSpec::describe`], every Debug
+//! and every error name registries and repositories, never credentials.
 
+pub mod auth;
+pub mod credentials;
+pub mod manifest;
+pub mod mirrors;
+pub mod reference;
+pub mod source;
+pub mod transport;
+
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE};
+use reqwest::Method;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
-use crate::remote::http::HttpConfig;
+use crate::remote::http::{HttpConfig, PROBE_LEN};
 use crate::remote::RangeSource;
 
-/// A blob of an image, resolved by the front end.
-#[derive(Clone, Serialize, Deserialize)]
+pub use credentials::Credentials;
+pub use mirrors::MirrorSpec;
+pub use reference::Reference;
+
+use auth::Authenticator;
+use manifest::{LayerChoice, LayerError, Manifest};
+use transport::Endpoint;
+
+/// A blob of an image, resolved by the front end and handed to the agent.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OciBlobSpec {
+    /// The canonical reference, e.g. `docker.io/library/x:1` (credential-free).
     pub reference: String,
+    /// `host[:port]` as named (`docker.io` for Docker Hub).
+    pub registry: String,
+    /// `scheme://host[:port]` of the registry API.
+    pub endpoint: String,
+    pub repository: String,
+    /// `sha256:<hex>` of the layer blob.
     pub digest: String,
+    /// From the descriptor; every answer's Content-Range total must match.
     pub size: u64,
+    pub media_type: String,
+    pub insecure: bool,
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Tried in order before the registry.
+    #[serde(default)]
+    pub mirrors: Vec<MirrorSpec>,
+    #[serde(default)]
+    pub credentials: Option<Credentials>,
+    /// The front end's registry authorization (token), reused by the agent.
+    #[serde(default)]
+    pub auth_handoff: Option<auth::AuthHandoff>,
 }
 
 impl OciBlobSpec {
+    /// Credential-free text for records, logs and status.
     pub fn describe(&self) -> String {
         self.reference.clone()
     }
 }
 
+impl std::fmt::Debug for OciBlobSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OciBlobSpec")
+            .field("reference", &self.reference)
+            .field("endpoint", &self.endpoint)
+            .field("digest", &self.digest)
+            .field("size", &self.size)
+            .field("mirrors", &self.mirrors)
+            .field("credentials", &self.credentials.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// Every failure is one sentence, fit for `erofs-mount`'s one line.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct OciError(pub String);
-
-pub async fn open_blob(spec: &OciBlobSpec, _http: &HttpConfig) -> Result<(Arc<dyn RangeSource>, Bytes), OciError> {
-    Err(OciError(format!("{}: image references are not supported yet; use the blob URL", spec.reference)))
+pub enum OciError {
+    #[error("{0}")]
+    BadReference(String),
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot read registry credentials: {0}")]
+    Credentials(String),
+    #[error("image {0} not found")]
+    ImageNotFound(String),
+    #[error("tag {tag:?} of image {image} not found")]
+    TagNotFound { image: String, tag: String },
+    #[error("image {image} has no manifest for platform {wanted}; available: {available}")]
+    Platform { image: String, wanted: String, available: String },
+    #[error("{registry} requires authentication; give oci.username= and oci.password= or log in (podman/docker login)")]
+    AuthRequired { registry: String },
+    #[error("authentication to {registry} refused")]
+    AuthRefused { registry: String },
+    #[error("insufficient scope: the credentials for {registry} do not grant pull access to {repository}")]
+    InsufficientScope { registry: String, repository: String },
+    #[error("registry {endpoint} unreachable: {why}")]
+    Unreachable { endpoint: String, why: String },
+    #[error("{endpoint}: server error (HTTP {status})")]
+    Server { endpoint: String, status: u16 },
+    #[error("{0}")]
+    Layer(String),
+    #[error("layer {digest} of {image} is not EROFS (media type {media_type:?}); name it with oci.blob= to mount it anyway")]
+    NotErofs { image: String, digest: String, media_type: String },
+    #[error("{0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Transient(String),
+    #[error("{0}")]
+    Fetch(String),
 }
 
-/// Resolves an image reference to one blob (front end side).
-pub fn resolve_reference(reference: &str, _opts: &crate::mount::MountOptions) -> Result<OciBlobSpec, OciError> {
-    Err(OciError(format!(
-        "unsupported source {reference:?}: image references are not supported yet; use an http(s):// URL of the blob"
-    )))
+impl OciError {
+    /// Worth retrying: the network or the server, not the request.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, OciError::Unreachable { .. } | OciError::Server { .. } | OciError::Transient(_))
+    }
 }
+
+/// Connect bound for the front end's requests.
+const RESOLVE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const RESOLVE_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Resolves an image reference to one blob (front end side; blocking).
+pub fn resolve_reference(reference: &str, opts: &crate::mount::MountOptions) -> Result<OciBlobSpec, OciError> {
+    let parsed = Reference::parse(reference).map_err(|e| OciError::BadReference(e.to_string()))?;
+    let o = &opts.oci;
+    let choice = match (&o.blob, o.layer) {
+        (Some(_), Some(_)) => return Err(OciError::Config("oci.blob and oci.layer cannot be used together".into())),
+        (Some(b), None) => LayerChoice::Digest(reference::parse_digest(b).map_err(|e| OciError::Config(format!("oci.blob: {e}")))?),
+        (None, Some(n)) => LayerChoice::Index(n),
+        (None, None) => LayerChoice::Only,
+    };
+    let platform = match &o.platform {
+        Some(p) => manifest::parse_platform(p).map_err(|e| OciError::Config(format!("oci.platform: {e}")))?,
+        None => manifest::host_platform(),
+    };
+    let files = credentials::CredentialFiles::from_env();
+    let creds = match (&o.username, &o.password) {
+        (Some(u), Some(p)) => Some(Credentials::Basic { username: u.clone(), password: p.clone() }),
+        (Some(_), None) | (None, Some(_)) => {
+            return Err(OciError::Config("oci.username and oci.password go together".into()))
+        }
+        (None, None) => files.lookup(&parsed.registry, &parsed.repository).map_err(OciError::Credentials)?,
+    };
+    let mut mirror_specs = Vec::new();
+    let mut found = Vec::new();
+    for m in &o.mirrors {
+        let (hm, c) = mirrors::mirror_from_option(m, &parsed.repository, o.insecure).map_err(OciError::Config)?;
+        found.push((hm, c));
+    }
+    for hm in mirrors::host_mirrors(&mirrors::host_config_files(), &parsed.registry, &parsed.repository)
+        .map_err(OciError::Config)?
+    {
+        found.push((hm, None));
+    }
+    for (hm, c) in found {
+        let creds = match c {
+            Some(c) => Some(c),
+            None => {
+                let host = hm.base.split_once("://").map_or(hm.base.as_str(), |(_, h)| h);
+                files.lookup(host, &hm.repository).unwrap_or_else(|e| {
+                    tracing::warn!(mirror = %hm.base, error = %e, "cannot read mirror credentials; trying anonymously");
+                    None
+                })
+            }
+        };
+        mirror_specs.push(MirrorSpec { base: hm.base, repository: hm.repository, credentials: creds });
+    }
+    let scheme = if o.insecure { "http" } else { "https" };
+    let endpoint = format!("{scheme}://{}", parsed.api_host());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| OciError::Config(format!("cannot start the async runtime: {e}")))?;
+    let client = transport::build_client(RESOLVE_CONNECT_TIMEOUT, RESOLVE_REQUEST_TIMEOUT, o.cafile.as_deref())?;
+    let ep = Endpoint::new(
+        &endpoint,
+        &parsed.repository,
+        false,
+        Authenticator::new(&parsed.registry, &parsed.repository, creds.clone()),
+    )?;
+    let layer = runtime.block_on(resolve_layer(&client, &ep, &parsed, &platform, &choice))?;
+    Ok(OciBlobSpec {
+        reference: parsed.to_string(),
+        registry: parsed.registry.clone(),
+        endpoint,
+        repository: parsed.repository.clone(),
+        digest: layer.digest,
+        size: layer.size,
+        media_type: layer.media_type,
+        insecure: o.insecure,
+        ca_file: o.cafile.clone(),
+        mirrors: mirror_specs,
+        credentials: creds,
+        auth_handoff: ep.auth.export(),
+    })
+}
+
+/// index -> platform -> manifest -> layer.
+async fn resolve_layer(
+    client: &reqwest::Client,
+    ep: &Endpoint,
+    r: &Reference,
+    platform: &manifest::Platform,
+    choice: &LayerChoice,
+) -> Result<manifest::Descriptor, OciError> {
+    let image = r.to_string();
+    let mut wanted_ref = r.manifest_ref().to_string();
+    let mut by_digest = r.digest.is_some();
+    for depth in 0..=manifest::MAX_INDEX_DEPTH {
+        let (ct, body) = fetch_manifest(client, ep, r, &wanted_ref, by_digest).await?;
+        let parsed = manifest::parse_manifest(ct.as_deref(), &body)
+            .map_err(|e| OciError::Protocol(format!("{image}: {e}")))?;
+        match parsed {
+            Manifest::Index { manifests } => {
+                if depth == manifest::MAX_INDEX_DEPTH {
+                    break;
+                }
+                let d = manifest::select_platform(&manifests, platform).map_err(|available| OciError::Platform {
+                    image: image.clone(),
+                    wanted: platform.to_string(),
+                    available,
+                })?;
+                wanted_ref = d.digest.clone();
+                by_digest = true;
+            }
+            Manifest::Image { layers } => {
+                return manifest::select_layer(&layers, choice).cloned().map_err(|e| layer_error(&image, e));
+            }
+        }
+    }
+    Err(OciError::Protocol(format!("{image}: indexes nested too deep")))
+}
+
+fn layer_error(image: &str, e: LayerError) -> OciError {
+    match e {
+        LayerError::NoLayers => OciError::Layer(format!("image {image} has no layers")),
+        LayerError::NotALayer { digest } => OciError::Layer(format!("blob {digest} is not a layer of image {image}")),
+        LayerError::IndexOutOfRange { index, count } => {
+            OciError::Layer(format!("image {image} has {count} layer(s); oci.layer={index} is out of range (0-based)"))
+        }
+        LayerError::Ambiguous { listing } => OciError::Layer(format!(
+            "image {image} has several layers; choose one with oci.layer=N or oci.blob=DIGEST: {listing}"
+        )),
+        LayerError::NotErofs { digest, media_type } => OciError::NotErofs { image: image.to_string(), digest, media_type },
+        LayerError::BadSize { digest } => OciError::Layer(format!("layer {digest} of image {image} is empty")),
+    }
+}
+
+/// GETs one manifest with every Accept type; a digest-pinned one is verified.
+async fn fetch_manifest(
+    client: &reqwest::Client,
+    ep: &Endpoint,
+    r: &Reference,
+    wanted: &str,
+    by_digest: bool,
+) -> Result<(Option<String>, Vec<u8>), OciError> {
+    let url = ep.url(&format!("manifests/{wanted}"))?;
+    let mut headers = HeaderMap::new();
+    headers.insert(ACCEPT, HeaderValue::from_static(manifest::MANIFEST_ACCEPT));
+    let answer = transport::authorized(client, ep, Method::GET, url, headers).await?;
+    let resp = answer.response;
+    let status = resp.status().as_u16();
+    let ct = resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let image = r.to_string();
+    match status {
+        200 => {}
+        404 => {
+            let body = transport::read_capped(resp, 64 << 10).await.unwrap_or_default();
+            let code = transport::registry_error_code(&body);
+            return Err(match (code.as_deref(), &r.tag, by_digest) {
+                (Some("NAME_UNKNOWN"), _, _) => OciError::ImageNotFound(r.name()),
+                (_, Some(tag), false) => OciError::TagNotFound { image: r.name(), tag: tag.clone() },
+                _ => OciError::ImageNotFound(format!("{}@{wanted}", r.name())),
+            });
+        }
+        403 => return Err(OciError::InsufficientScope { registry: ep.host(), repository: ep.repository.clone() }),
+        408 | 429 | 500..=599 => return Err(OciError::Server { endpoint: ep.host(), status }),
+        _ => return Err(OciError::Protocol(format!("{image}: the registry answered HTTP {status} for the manifest"))),
+    }
+    let body = transport::read_capped(resp, manifest::MAX_MANIFEST_BYTES).await?;
+    if by_digest {
+        let got = format!("sha256:{}", hex::encode(Sha256::digest(&body)));
+        if got != wanted {
+            return Err(OciError::Protocol(format!("{image}: manifest {wanted} does not match its digest (got {got})")));
+        }
+    }
+    Ok((ct, body))
+}
+
+/// Opens the blob for the agent: the range source and its first bytes
+/// (4096, or the whole blob when smaller).
+pub async fn open_blob(spec: &OciBlobSpec, http: &HttpConfig) -> Result<(Arc<dyn RangeSource>, Bytes), OciError> {
+    if spec.size == 0 {
+        return Err(OciError::Layer(format!("blob {} of {} is empty", spec.digest, spec.reference)));
+    }
+    let client = transport::build_client(http.connect_timeout, http.request_timeout, spec.ca_file.as_deref())?;
+    let mut endpoints = Vec::new();
+    for m in &spec.mirrors {
+        let host = m.base.split_once("://").map_or(m.base.as_str(), |(_, h)| h);
+        let auth = Authenticator::new(host, &m.repository, m.credentials.clone());
+        endpoints.push(source::EndpointState::new(Endpoint::new(&m.base, &m.repository, true, auth)?));
+    }
+    let auth = Authenticator::new(&spec.registry, &spec.repository, spec.credentials.clone());
+    if let Some(h) = &spec.auth_handoff {
+        auth.import(h);
+    }
+    endpoints.push(source::EndpointState::new(Endpoint::new(&spec.endpoint, &spec.repository, false, auth)?));
+    let src = source::OciSource::new(client, endpoints, spec.digest.clone(), spec.size, spec.reference.clone());
+    let probe = src.fetch(0..PROBE_LEN.min(spec.size)).await.map_err(|e| OciError::Fetch(e.to_string()))?;
+    Ok((Arc::new(src), probe))
+}
+
+
+#[cfg(test)]
+mod tests;

@@ -46,6 +46,11 @@ pub trait RangeSource: Send + Sync {
     fn fetch(&self, range: Range<u64>) -> BoxFuture<'_, Result<Bytes, FetchError>>;
     /// A short, credential-free description for logs and status.
     fn describe(&self) -> String;
+    /// Which endpoint (registry, mirror, CDN) served the last data, when the
+    /// source has several; credential-free.
+    fn served_by(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Checks a parsed `Content-Range: bytes a-b/total` against the request.

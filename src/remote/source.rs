@@ -15,7 +15,7 @@ pub enum SourceSpec {
     /// A Range-capable http(s) URL of the blob.
     Url { url: String },
     /// A blob of an OCI image, already resolved to its digest and size.
-    Oci(crate::oci::OciBlobSpec),
+    Oci(Box<crate::oci::OciBlobSpec>),
 }
 
 impl std::fmt::Debug for SourceSpec {

@@ -1,0 +1,242 @@
+//! The agent's view of an OCI blob: a [`RangeSource`] doing Range GETs.
+//!
+//! Endpoints are tried in order: the mirrors, then the registry itself. A
+//! mirror that fails is skipped for a while ([`MIRROR_BACKOFF`]) and the
+//! read goes on to the next endpoint; the registry's own error is what the
+//! caller sees. A blob GET that was redirected (registries send blobs to a
+//! CDN) leaves its target cached for [`REDIRECT_TTL`] or until it fails; the
+//! `Authorization` header never follows a redirect off the origin. Every
+//! answer is checked: 206 with a Content-Range whose total is the size from
+//! the descriptor, and exactly the bytes asked.
+
+use std::ops::Range;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::future::BoxFuture;
+use reqwest::header::{HeaderMap, HeaderValue, CONTENT_RANGE, RANGE};
+use reqwest::{Method, StatusCode, Url};
+
+use super::transport::{authorized, follow, origin, Endpoint};
+use super::OciError;
+use crate::remote::{check_content_range, FetchError, RangeSource};
+
+/// A failed mirror is not asked again for this long.
+pub const MIRROR_BACKOFF: Duration = Duration::from_secs(30);
+/// A blob redirect target is reused at most this long (signed CDN URLs expire).
+pub const REDIRECT_TTL: Duration = Duration::from_secs(300);
+
+struct CachedRedirect {
+    url: Url,
+    /// Off the endpoint's origin: sent without Authorization.
+    left_origin: bool,
+    until: Instant,
+}
+
+pub struct EndpointState {
+    pub endpoint: Endpoint,
+    down_until: Mutex<Option<Instant>>,
+    redirect: Mutex<Option<CachedRedirect>>,
+}
+
+impl EndpointState {
+    pub fn new(endpoint: Endpoint) -> EndpointState {
+        EndpointState { endpoint, down_until: Mutex::new(None), redirect: Mutex::new(None) }
+    }
+
+    fn is_down(&self) -> bool {
+        lock(&self.down_until).is_some_and(|t| Instant::now() < t)
+    }
+
+    fn set_down(&self, down: bool) {
+        *lock(&self.down_until) = down.then(|| Instant::now() + MIRROR_BACKOFF);
+    }
+
+    fn cached_redirect(&self) -> Option<(Url, bool)> {
+        let mut g = lock(&self.redirect);
+        match &*g {
+            Some(c) if Instant::now() < c.until => Some((c.url.clone(), c.left_origin)),
+            Some(_) => {
+                *g = None;
+                None
+            }
+            None => None,
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub struct OciSource {
+    client: reqwest::Client,
+    /// Mirrors first, the registry last.
+    endpoints: Vec<EndpointState>,
+    digest: String,
+    size: u64,
+    /// Credential-free, e.g. `docker.io/library/x:1`.
+    reference: String,
+    served_by: Mutex<Option<String>>,
+}
+
+impl OciSource {
+    pub fn new(client: reqwest::Client, endpoints: Vec<EndpointState>, digest: String, size: u64, reference: String) -> OciSource {
+        OciSource { client, endpoints, digest, size, reference, served_by: Mutex::new(None) }
+    }
+
+    async fn fetch_range(&self, range: Range<u64>) -> Result<Bytes, FetchError> {
+        if range.start >= range.end || range.end > self.size {
+            return Err(FetchError::Permanent(format!("range {range:?} outside blob of {} bytes", self.size)));
+        }
+        let last = self.endpoints.len().saturating_sub(1);
+        let mut last_error = FetchError::Permanent("no endpoint to read from".into());
+        for (i, st) in self.endpoints.iter().enumerate() {
+            if i != last && st.is_down() {
+                continue;
+            }
+            match self.fetch_from(st, &range).await {
+                Ok((bytes, served)) => {
+                    if i != last {
+                        st.set_down(false);
+                    }
+                    *lock(&self.served_by) = Some(served);
+                    return Ok(bytes);
+                }
+                Err(e) if i != last => {
+                    tracing::warn!(endpoint = %st.endpoint.shown(), error = %e, "mirror failed; trying the next endpoint");
+                    st.set_down(true);
+                    last_error = e;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_error)
+    }
+
+    async fn fetch_from(&self, st: &EndpointState, range: &Range<u64>) -> Result<(Bytes, String), FetchError> {
+        let mut headers = HeaderMap::new();
+        let r = HeaderValue::from_str(&format!("bytes={}-{}", range.start, range.end - 1))
+            .map_err(|_| FetchError::Permanent("bad range".into()))?;
+        headers.insert(RANGE, r);
+        if let Some((url, left_origin)) = st.cached_redirect() {
+            let auth = if left_origin { None } else { st.endpoint.auth.header(&self.client).await.ok().and_then(|h| h.0) };
+            let tried = async {
+                let answer = follow(&self.client, Method::GET, url.clone(), headers.clone(), auth.as_deref()).await?;
+                read_range(answer.response, range, self.size, &origin(&answer.final_url)).await
+            };
+            match tried.await {
+                Ok(bytes) => return Ok((bytes, format!("{} (redirected from {})", origin(&url), st.endpoint.shown()))),
+                Err(e) => {
+                    tracing::debug!(target = %origin(&url), error = %e, "cached blob redirect failed; asking the registry again");
+                    *lock(&st.redirect) = None;
+                }
+            }
+        }
+        let url = st.endpoint.url(&format!("blobs/{}", self.digest)).map_err(FetchError::from)?;
+        let answer = authorized(&self.client, &st.endpoint, Method::GET, url.clone(), headers).await?;
+        let final_url = answer.final_url.clone();
+        let left_origin = answer.left_origin;
+        let bytes = read_range(answer.response, range, self.size, &origin(&final_url)).await?;
+        if final_url != url {
+            *lock(&st.redirect) = Some(CachedRedirect { url: final_url.clone(), left_origin, until: Instant::now() + REDIRECT_TTL });
+            return Ok((bytes, format!("{} (redirected from {})", origin(&final_url), st.endpoint.shown())));
+        }
+        Ok((bytes, st.endpoint.shown()))
+    }
+}
+
+impl From<OciError> for FetchError {
+    fn from(e: OciError) -> FetchError {
+        if e.is_transient() {
+            FetchError::Transient(e.to_string())
+        } else {
+            FetchError::Permanent(e.to_string())
+        }
+    }
+}
+
+impl RangeSource for OciSource {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn fetch(&self, range: Range<u64>) -> BoxFuture<'_, Result<Bytes, FetchError>> {
+        Box::pin(self.fetch_range(range))
+    }
+
+    fn describe(&self) -> String {
+        match self.served_by() {
+            Some(s) => format!("{}@{} via {s}", self.reference, self.digest),
+            None => format!("{}@{}", self.reference, self.digest),
+        }
+    }
+
+    fn served_by(&self) -> Option<String> {
+        lock(&self.served_by).clone()
+    }
+}
+
+/// Checks a blob range answer and reads exactly the bytes asked.
+pub async fn read_range(resp: reqwest::Response, range: &Range<u64>, size: u64, shown: &str) -> Result<Bytes, FetchError> {
+    let status = resp.status();
+    match status {
+        StatusCode::PARTIAL_CONTENT => {
+            let cr = resp
+                .headers()
+                .get(CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| FetchError::Permanent(format!("{shown}: 206 without Content-Range")))?
+                .to_string();
+            check_content_range(&cr, range, Some(size)).map_err(|e| match e {
+                FetchError::Permanent(m) | FetchError::Transient(m) => FetchError::Permanent(format!("{shown}: {m}")),
+            })?;
+        }
+        // A server that ignores Range is fine only when the whole blob was asked.
+        StatusCode::OK if range.start == 0 && range.end == size => {}
+        StatusCode::OK => return Err(FetchError::Permanent(format!("{shown}: server ignores HTTP Range requests"))),
+        other => return Err(status_error(other, shown)),
+    }
+    read_body(resp, range.end - range.start).await
+}
+
+fn status_error(status: StatusCode, shown: &str) -> FetchError {
+    let code = status.as_u16();
+    match code {
+        404 => FetchError::Permanent(format!("{shown}: blob not found (HTTP 404)")),
+        401 | 403 => FetchError::Permanent(format!("{shown}: access denied (HTTP {code})")),
+        416 => FetchError::Permanent(format!("{shown}: range not satisfiable (HTTP 416)")),
+        408 | 429 | 500..=599 => FetchError::Transient(format!("{shown}: server error (HTTP {code})")),
+        _ => FetchError::Permanent(format!("{shown}: unexpected HTTP status {code}")),
+    }
+}
+
+/// Reads exactly `want` bytes: longer is an error, shorter transient.
+async fn read_body(mut resp: reqwest::Response, want: u64) -> Result<Bytes, FetchError> {
+    if let Some(len) = resp.content_length() {
+        if len != want {
+            return Err(FetchError::Permanent(format!("Content-Length {len}, expected {want}")));
+        }
+    }
+    let cap = usize::try_from(want).map_err(|_| FetchError::Permanent("range too large".into()))?;
+    let mut buf = BytesMut::with_capacity(cap);
+    loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                if buf.len() + chunk.len() > cap {
+                    return Err(FetchError::Permanent(format!("body longer than the {want} bytes asked")));
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok(None) => break,
+            Err(e) => {
+                return Err(FetchError::Transient(format!("body read failed after {} of {want} bytes: {e}", buf.len())))
+            }
+        }
+    }
+    if buf.len() != cap {
+        return Err(FetchError::Transient(format!("short body: {} of {want} bytes", buf.len())));
+    }
+    Ok(buf.freeze())
+}
