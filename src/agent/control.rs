@@ -118,7 +118,7 @@ fn answer(req: Request, ctx: &Arc<ControlContext>, lease: &mut Option<Lease>) ->
             }
         }
         Request::Unmounted { mnt_id } => Reply::Unmounted { remaining_mounts: ctx.lifecycle.unmounted(mnt_id) },
-        Request::Stats => Reply::Stats(StatsReply {
+        Request::Stats => Reply::Stats(Box::new(StatsReply {
             source: ctx.source.clone(),
             digest: ctx.digest.clone(),
             blob_size: ctx.cache.blob_size(),
@@ -132,7 +132,9 @@ fn answer(req: Request, ctx: &Arc<ControlContext>, lease: &mut Option<Lease>) ->
             superblocks: ctx.lifecycle.superblocks(),
             agent_pid: ctx.identity.pid,
             served_by: ctx.remote.served_by(),
-        }),
+            fetch_latency: ctx.stats.fetch_latency.snapshot(),
+            event_wait: ctx.stats.event_wait.snapshot(),
+        })),
     }
 }
 

@@ -39,7 +39,7 @@ pub enum Reply {
     /// `remaining_mounts`: records the agent still holds; with none left it
     /// leaves as soon as the superblock has closed the cache file.
     Unmounted { remaining_mounts: usize },
-    Stats(StatsReply),
+    Stats(Box<StatsReply>),
     Error { message: String },
 }
 
@@ -59,4 +59,8 @@ pub struct StatsReply {
     pub agent_pid: i32,
     #[serde(default)]
     pub served_by: Option<String>,
+    #[serde(default)]
+    pub fetch_latency: super::stats::HistogramSnapshot,
+    #[serde(default)]
+    pub event_wait: super::stats::HistogramSnapshot,
 }

@@ -60,6 +60,7 @@ struct Inner {
 struct Waiter {
     event: PermissionEvent,
     remaining: usize,
+    since: Instant,
 }
 
 impl Scheduler {
@@ -120,7 +121,7 @@ impl Scheduler {
                 to_start.push(u);
             }
             if remaining > 0 {
-                inner.waiters.insert(id, Waiter { event, remaining });
+                inner.waiters.insert(id, Waiter { event, remaining, since: Instant::now() });
                 None
             } else {
                 Some(event)
@@ -160,7 +161,9 @@ impl Scheduler {
         };
         Stats::add(&self.stats.fetch_requests, 1);
         let policy = self.policy();
+        let started = Instant::now();
         let result = fetch_with_retry(self.source.as_ref(), range.clone(), &policy).await;
+        self.stats.fetch_latency.observe(started.elapsed());
         self.set_degraded(result.is_err());
         match result {
             Ok(fetched) => {
@@ -213,9 +216,11 @@ impl Scheduler {
             }
         }
         for w in ready {
+            self.stats.event_wait.observe(w.since.elapsed());
             w.event.allow();
         }
         for w in failed {
+            self.stats.event_wait.observe(w.since.elapsed());
             Stats::add(&self.stats.denied_events, 1);
             w.event.deny(libc::EIO);
         }

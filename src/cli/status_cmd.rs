@@ -104,7 +104,7 @@ fn collect(record: &MountRecord) -> MountStatus {
 fn query(socket: &Path) -> Option<StatsReply> {
     let mut conn = AgentConn::connect(socket, Duration::from_secs(3)).ok()?;
     match conn.call(&Request::Stats) {
-        Ok(Reply::Stats(s)) => Some(s),
+        Ok(Reply::Stats(s)) => Some(*s),
         _ => None,
     }
 }
