@@ -44,6 +44,9 @@ pub struct MountStatus {
     pub fetch_requests: u64,
     pub fetch_errors: u64,
     pub agent_pid: i32,
+    /// OCI sources: the endpoint base URL(s) that served blob data (a string, or a list if several did).
+    #[serde(default)]
+    pub served_by: Option<serde_json::Value>,
 }
 
 pub struct TestEnv {
@@ -120,16 +123,37 @@ impl TestEnv {
 
     /// Runs erofs-mount and returns what happened (success or not).
     pub fn try_mount(&self, source: &str, mountpoint: &Path, extra: &[&str]) -> Outcome {
-        cmd::run(
-            &mut self.mount_command(source, mountpoint, extra),
-            COMMAND_TIMEOUT,
-        )
+        self.try_mount_with(source, mountpoint, extra, |_| {})
+    }
+
+    /// `try_mount` with the command adjusted by `configure` first (environment variables, ...).
+    pub fn try_mount_with(
+        &self,
+        source: &str,
+        mountpoint: &Path,
+        extra: &[&str],
+        configure: impl FnOnce(&mut Command),
+    ) -> Outcome {
+        let mut cmd = self.mount_command(source, mountpoint, extra);
+        configure(&mut cmd);
+        cmd::run(&mut cmd, COMMAND_TIMEOUT)
     }
 
     /// Mounts `source` on `<root>/<mountpoint_name>` and returns the guard; panics if the mount fails.
     pub fn mount(&self, source: &str, mountpoint_name: &str, extra: &[&str]) -> Mounted {
+        self.mount_with(source, mountpoint_name, extra, |_| {})
+    }
+
+    /// `mount` with the command adjusted by `configure` first (environment variables, ...).
+    pub fn mount_with(
+        &self,
+        source: &str,
+        mountpoint_name: &str,
+        extra: &[&str],
+        configure: impl FnOnce(&mut Command),
+    ) -> Mounted {
         let mountpoint = self.mountpoint(mountpoint_name);
-        let outcome = self.try_mount(source, &mountpoint, extra);
+        let outcome = self.try_mount_with(source, &mountpoint, extra, configure);
         let mut mounted = Mounted {
             mountpoint: mountpoint.clone(),
             state_dir: self.state_dir.clone(),

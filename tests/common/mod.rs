@@ -19,6 +19,11 @@
 //! - `tree`: `assert_tree_identical` (bytes, symlink targets, modes, owners, user.* xattrs) and mmap reads.
 //! - `cmd`: running a command with a timeout, and insisting that spawned daemons do not hold its stdio.
 //! - `http`: a tiny blocking HTTP/1.1 client for loopback use (the registry and the fault server).
+//! - `http_server`: a tiny in-process HTTP/1.1 server driven by a closure (token server, redirecting proxy,
+//!   a "CDN" for redirected blobs), with a request log.
+//! - `token_server`: the Docker registry token protocol (JWTs signed with openssl) for `auth: token`.
+//! - `oci`: small distinct EROFS images, pushing manifests and indexes, `OciEnv` (mounts with
+//!   `oci.insecure` and an isolated credential environment), error assertions.
 #![allow(dead_code)]
 
 pub mod cmd;
@@ -26,8 +31,11 @@ pub mod env;
 pub mod fault_server;
 pub mod fixtures;
 pub mod http;
+pub mod http_server;
+pub mod oci;
 pub mod prereq;
 pub mod registry;
+pub mod token_server;
 pub mod tree;
 pub mod wait;
 
@@ -36,7 +44,7 @@ use std::time::Duration;
 #[allow(unused_imports)]
 pub use env::{MountStatus, Mounted, TestEnv};
 #[allow(unused_imports)]
-pub use prereq::{ready, require, Need};
+pub use prereq::{oci_ready, ready, require, Need};
 
 /// The binaries under test (built by cargo for integration tests).
 pub const EROFS_MOUNT: &str = env!("CARGO_BIN_EXE_erofs-mount");

@@ -19,6 +19,9 @@ pub enum Need {
     Tools,
     /// The kernel knows EROFS and offers fanotify pre-content events (FAN_PRE_ACCESS) on /var/tmp.
     Kernel,
+    /// The OCI auth tests' tools: `htpasswd` (bcrypt files) and `openssl` (token server keys and JWTs).
+    /// Not part of `ALL`: only the OCI tests ask for it (`oci_ready()`).
+    OciTools,
 }
 
 pub const ALL: &[Need] = &[
@@ -34,6 +37,13 @@ pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
 /// Everything the mount tests need.
 pub fn ready() -> bool {
     require(ALL)
+}
+
+/// Everything the OCI tests need: `ready()` plus htpasswd and openssl.
+pub fn oci_ready() -> bool {
+    let mut needs = ALL.to_vec();
+    needs.push(Need::OciTools);
+    require(&needs)
 }
 
 /// True when every need is met. Otherwise prints why and returns false, or panics under `CI=true`.
@@ -60,7 +70,7 @@ fn check(need: Need) -> Result<(), String> {
     all.iter()
         .find(|(n, _)| *n == need)
         .map(|(_, r)| r.clone())
-        .unwrap_or(Ok(()))
+        .unwrap_or_else(|| probe(need))
 }
 
 fn probe(need: Need) -> Result<(), String> {
@@ -94,6 +104,10 @@ fn probe(need: Need) -> Result<(), String> {
             Ok(())
         }
         Need::Kernel => probe_kernel(),
+        Need::OciTools => {
+            find_tool("htpasswd", "apache2-utils")?;
+            find_tool("openssl", "openssl")
+        }
     }
 }
 

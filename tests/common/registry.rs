@@ -24,6 +24,18 @@ pub struct Registry {
     /// Some for per-test registries: the tempdir holding storage, config and log, removed on drop.
     _tempdir: Option<tempfile::TempDir>,
     log: PathBuf,
+    /// `Authorization` header value sent with pushes (a registry started with an `auth:` section).
+    push_auth: Mutex<Option<String>>,
+}
+
+/// What `Registry::start_with` adds to the default configuration.
+#[derive(Debug, Clone, Default)]
+pub struct RegistryConfig {
+    /// Top-level YAML sections appended verbatim to the config (e.g. `auth:` or `proxy:`), two-space indents.
+    pub extra_yaml: String,
+    /// Log every request (Apache combined format: method, path, status) to the registry log, for tests that
+    /// count what reached this registry (`access_log()`).
+    pub access_log: bool,
 }
 
 /// A blob in a registry.
@@ -44,17 +56,27 @@ impl Blob {
 impl Registry {
     /// Starts a registry owned by the calling test; it stops when dropped.
     pub fn start() -> Registry {
+        Self::start_with(&RegistryConfig::default())
+    }
+
+    /// Starts a registry owned by the calling test with extra configuration (auth, pull-through proxy, ...).
+    /// It must still answer `GET /v2/` (200 or 401) to count as up.
+    pub fn start_with(config: &RegistryConfig) -> Registry {
         let dir = tempfile::Builder::new()
             .prefix("erofs-registry-")
             .tempdir()
             .expect("registry tempdir");
         let root = dir.path().to_path_buf();
-        let mut registry = Self::start_in(&root);
+        let mut registry = Self::start_configured(&root, config);
         registry._tempdir = Some(dir);
         registry
     }
 
     fn start_in(root: &Path) -> Registry {
+        Self::start_configured(root, &RegistryConfig::default())
+    }
+
+    fn start_configured(root: &Path, extra: &RegistryConfig) -> Registry {
         let storage = root.join("storage");
         std::fs::create_dir_all(&storage).expect("registry storage dir");
         let log = root.join("registry.log");
@@ -64,7 +86,8 @@ impl Registry {
         for _ in 0..5 {
             let port = free_port();
             let config = root.join("config.yml");
-            std::fs::write(&config, config_yaml(&storage, port)).expect("write registry config");
+            std::fs::write(&config, config_yaml(&storage, port, extra))
+                .expect("write registry config");
             let log_file = std::fs::File::create(&log).expect("registry log");
             let mut cmd = Command::new(REGISTRY_BIN);
             cmd.arg("serve")
@@ -89,6 +112,7 @@ impl Registry {
                 storage: storage.clone(),
                 _tempdir: None,
                 log: log.clone(),
+                push_auth: Mutex::new(None),
             };
             match registry.wait_ready(Duration::from_secs(20)) {
                 Ok(()) => return registry,
@@ -111,7 +135,8 @@ impl Registry {
                 return Err(format!("registry exited at start ({status})"));
             }
             match http::get(&format!("{}/v2/", self.base_url())) {
-                Ok(r) if r.status == 200 => return Ok(()),
+                // 401: a registry with an auth section is up and challenging.
+                Ok(r) if r.status == 200 || r.status == 401 => return Ok(()),
                 Ok(r) => return Err(format!("/v2/ answered {}", r.status)),
                 Err(_) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(50))
@@ -143,6 +168,41 @@ impl Registry {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Access log lines (`RegistryConfig::access_log`) as (method, path, status), in order.
+    pub fn access_log(&self) -> Vec<(String, String, u16)> {
+        self.log()
+            .lines()
+            .filter_map(|line| {
+                // 127.0.0.1 - - [date] "GET /v2/... HTTP/1.1" 206 1234 "" "agent"
+                let mut quoted = line.split('"');
+                quoted.next()?;
+                let request = quoted.next()?;
+                let status = quoted.next()?.split_whitespace().next()?.parse().ok()?;
+                let mut parts = request.split_whitespace();
+                let method = parts.next()?.to_string();
+                let path = parts.next()?.to_string();
+                Some((method, path, status))
+            })
+            .collect()
+    }
+
+    /// Sets the `Authorization` header value sent with pushes (None: anonymous).
+    pub fn set_push_auth(&self, header: Option<String>) {
+        *self.push_auth.lock().unwrap_or_else(|e| e.into_inner()) = header;
+    }
+
+    fn auth_headers(&self) -> Vec<(&'static str, String)> {
+        match &*self.push_auth.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(h) => vec![("Authorization", h.clone())],
+            None => Vec::new(),
+        }
+    }
+
+    /// The storage root (for tests that look at what a pull-through cache stored).
+    pub fn storage(&self) -> &Path {
+        &self.storage
+    }
+
     pub fn blob_url(&self, repo: &str, digest: &str) -> String {
         format!("{}/v2/{repo}/blobs/{digest}", self.base_url())
     }
@@ -163,13 +223,18 @@ impl Registry {
 
     fn upload(&self, repo: &str, digest: &str, body: Body) {
         let url = self.blob_url(repo, digest);
-        if http::head(&url).map(|r| r.status == 200).unwrap_or(false) {
+        let auth = self.auth_headers();
+        let auth: Vec<(&str, &str)> = auth.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        if http::request("HEAD", &url, &auth, Body::Empty)
+            .map(|r| r.status == 200)
+            .unwrap_or(false)
+        {
             return;
         }
         let start = http::request(
             "POST",
             &format!("{}/v2/{repo}/blobs/uploads/", self.base_url()),
-            &[],
+            &auth,
             Body::Empty,
         )
         .expect("POST blob upload");
@@ -190,13 +255,9 @@ impl Registry {
         };
         let separator = if location.contains('?') { '&' } else { '?' };
         let put_url = format!("{location}{separator}digest={digest}");
-        let done = http::request(
-            "PUT",
-            &put_url,
-            &[("Content-Type", "application/octet-stream")],
-            body,
-        )
-        .expect("PUT blob upload");
+        let mut headers = auth.clone();
+        headers.push(("Content-Type", "application/octet-stream"));
+        let done = http::request("PUT", &put_url, &headers, body).expect("PUT blob upload");
         assert_eq!(
             done.status,
             201,
@@ -208,13 +269,11 @@ impl Registry {
     /// Puts a manifest (or index) under `repo:tag`; returns its digest.
     pub fn push_manifest(&self, repo: &str, tag: &str, json: &[u8], media_type: &str) -> String {
         let url = format!("{}/v2/{repo}/manifests/{tag}", self.base_url());
-        let response = http::request(
-            "PUT",
-            &url,
-            &[("Content-Type", media_type)],
-            Body::Bytes(json),
-        )
-        .expect("PUT manifest");
+        let auth = self.auth_headers();
+        let mut headers: Vec<(&str, &str)> = auth.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        headers.push(("Content-Type", media_type));
+        let response =
+            http::request("PUT", &url, &headers, Body::Bytes(json)).expect("PUT manifest");
         assert_eq!(
             response.status,
             201,
@@ -252,10 +311,12 @@ impl Drop for Registry {
     }
 }
 
-fn config_yaml(storage: &Path, port: u16) -> String {
+fn config_yaml(storage: &Path, port: u16, extra: &RegistryConfig) -> String {
     format!(
-        "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: 127.0.0.1:{port}\n",
-        storage.display()
+        "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: {}\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: 127.0.0.1:{port}\n{}",
+        !extra.access_log,
+        storage.display(),
+        extra.extra_yaml
     )
 }
 
