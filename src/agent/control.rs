@@ -18,6 +18,9 @@ use super::stats::Stats;
 const MAX_LINE: usize = 64 * 1024;
 
 pub struct ControlContext {
+    pub scheduler: Arc<super::scheduler::Scheduler>,
+    pub trace: Arc<super::trace::Trace>,
+    pub completion: Arc<super::complete::Completion>,
     pub lifecycle: Arc<Lifecycle>,
     pub stats: Arc<Stats>,
     pub cache: Arc<CacheFile>,
@@ -79,6 +82,23 @@ async fn handle(stream: UnixStream, ctx: Arc<ControlContext>) -> std::io::Result
 fn answer(req: Request, ctx: &Arc<ControlContext>, lease: &mut Option<Lease>) -> Reply {
     match req {
         Request::Ping => Reply::Pong { pid: ctx.identity.pid },
+        Request::Prefetch { all, ranges, rate } => {
+            let size = ctx.cache.blob_size();
+            let wanted: Vec<std::ops::Range<u64>> = if all {
+                std::iter::once(0..size).collect()
+            } else {
+                ranges.iter().map(|[a, b]| (*a).min(size)..(*b).min(size)).filter(|r| r.start < r.end).collect()
+            };
+            let missing: u64 = wanted.iter().flat_map(|r| ctx.cache.missing(r.clone())).map(|r| r.end - r.start).sum();
+            let scheduler = Arc::clone(&ctx.scheduler);
+            tokio::spawn(scheduler.prefetch(wanted, rate));
+            Reply::Prefetching { bytes: missing }
+        }
+        Request::Trace { reset } => Reply::Trace {
+            digest: ctx.digest.clone(),
+            blob_size: ctx.cache.blob_size(),
+            ranges: ctx.trace.ranges(reset).into_iter().map(|r| [r.start, r.end]).collect(),
+        },
         Request::Upgrade => {
             ctx.upgrade.notify_one();
             Reply::Upgrading { pid: ctx.identity.pid }
@@ -132,6 +152,10 @@ fn answer(req: Request, ctx: &Arc<ControlContext>, lease: &mut Option<Lease>) ->
             superblocks: ctx.lifecycle.superblocks(),
             agent_pid: ctx.identity.pid,
             served_by: ctx.remote.served_by(),
+            state: ctx.completion.state().as_str().to_string(),
+            verify_failures: ctx.completion.mismatches(),
+            prefetch_active: ctx.scheduler.prefetch_tasks.load(std::sync::atomic::Ordering::SeqCst) > 0,
+            prefetched_bytes: Stats::get(&ctx.scheduler.prefetched_bytes),
             fetch_latency: ctx.stats.fetch_latency.snapshot(),
             event_wait: ctx.stats.event_wait.snapshot(),
         })),

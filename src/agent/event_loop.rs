@@ -40,6 +40,7 @@ pub struct EventLoop {
     pub journal: SharedJournal,
     /// Set to stop reading (a live upgrade hands the group to a successor).
     pub stop: Arc<AtomicBool>,
+    pub trace: Arc<super::trace::Trace>,
 }
 
 impl EventLoop {
@@ -122,6 +123,7 @@ impl EventLoop {
             Some(r) => r.offset.min(size)..r.offset.saturating_add(r.count).min(size),
             None => 0..size,
         };
+        self.trace.record(&range);
         if self.cache.contains(range.clone()) {
             Stats::add(&self.stats.fast_path_events, 1);
             event.allow();

@@ -17,6 +17,7 @@
 //! 4. `control` is the unix socket the front ends talk to (prepare, attach,
 //!    unmounted, stats); `protocol` holds its message types.
 
+pub mod complete;
 pub mod control;
 pub mod event_loop;
 pub mod journal;
@@ -27,6 +28,7 @@ pub mod scheduler;
 pub mod startup;
 pub mod stats;
 pub mod supervisor;
+pub mod trace;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -18,6 +18,10 @@ pub enum Request {
     Stats,
     /// Hand over to a worker started from the binary now on disk.
     Upgrade,
+    /// Fetch in the background: the whole blob, or the given byte ranges.
+    Prefetch { all: bool, ranges: Vec<[u64; 2]>, rate: Option<u64> },
+    /// The byte ranges readers asked for since the agent started (or the last reset).
+    Trace { reset: bool },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -34,6 +38,8 @@ pub struct AttachInfo {
 pub enum Reply {
     Pong { pid: i32 },
     Upgrading { pid: i32 },
+    Prefetching { bytes: u64 },
+    Trace { digest: Option<String>, blob_size: u64, ranges: Vec<[u64; 2]> },
     Prepared { cache_path: String, blob_size: u64, read_ahead_kb: u32 },
     Attached,
     /// `remaining_mounts`: records the agent still holds; with none left it
@@ -59,6 +65,16 @@ pub struct StatsReply {
     pub agent_pid: i32,
     #[serde(default)]
     pub served_by: Option<String>,
+    /// lazy, verifying, complete, complete-unverified, digest-mismatch
+    #[serde(default)]
+    pub state: String,
+    #[serde(default)]
+    pub verify_failures: u32,
+    /// A background prefetch is running; bytes it fetched so far.
+    #[serde(default)]
+    pub prefetch_active: bool,
+    #[serde(default)]
+    pub prefetched_bytes: u64,
     #[serde(default)]
     pub fetch_latency: super::stats::HistogramSnapshot,
     #[serde(default)]

@@ -9,6 +9,12 @@
 //! is allowed. A unit that fails after bounded retries denies its waiters
 //! with EIO; nothing is left blocked and nothing reads zeros.
 //!
+//! Sequential streams are detected from event ranges: a miss that starts
+//! where a recent one ended doubles that stream's read-ahead window (up to
+//! `max_window`), and the extra units ride in the same request. Random
+//! misses fetch one unit. Background prefetch (`prefetch`) runs one request
+//! at a time and only while no reader waits: demand always goes first.
+//!
 //! A source that has just exhausted a retry budget is *degraded*: until a
 //! fetch succeeds again, new fetches get a single attempt. One read(2) can
 //! raise several events in a row (readahead, then the page itself), and a
@@ -29,6 +35,8 @@ use super::stats::Stats;
 
 pub struct SchedulerConfig {
     pub fetch_unit: u64,
+    /// Largest read-ahead window of a sequential stream.
+    pub max_window: u64,
     pub max_request: u64,
     pub parallel: usize,
     pub retry: RetryPolicy,
@@ -44,6 +52,9 @@ pub struct Scheduler {
     runtime: tokio::runtime::Handle,
     /// When a fetch last failed after all its retries, until one succeeds.
     degraded_since: Mutex<Option<Instant>>,
+    /// Background prefetch tasks running, and bytes they fetched.
+    pub prefetch_tasks: std::sync::atomic::AtomicU64,
+    pub prefetched_bytes: std::sync::atomic::AtomicU64,
 }
 
 /// How long a failed source stays degraded without a success.
@@ -55,6 +66,36 @@ struct Inner {
     inflight: HashMap<u64, Vec<u64>>,
     waiters: HashMap<u64, Waiter>,
     next_id: u64,
+    streams: Streams,
+}
+
+/// Recent miss streams: where each ended and its current window.
+#[derive(Default)]
+struct Streams {
+    recent: std::collections::VecDeque<(u64, u64)>,
+}
+
+const MAX_STREAMS: usize = 32;
+
+impl Streams {
+    /// Records a miss at `range`; returns the read-ahead window to fetch
+    /// past its end (0 for a random miss).
+    fn on_miss(&mut self, range: &Range<u64>, unit: u64, max_window: u64) -> u64 {
+        let near = |end: u64| range.start <= end.saturating_add(unit) && range.start.saturating_add(unit) >= end;
+        if let Some(i) = self.recent.iter().position(|&(end, _)| near(end)) {
+            if let Some((_, window)) = self.recent.remove(i) {
+                let grown = (window.max(unit / 2) * 2).min(max_window);
+                // The next miss of this stream comes where the read-ahead ends.
+                self.recent.push_front((range.end.saturating_add(grown), grown));
+                return grown;
+            }
+        }
+        if self.recent.len() >= MAX_STREAMS {
+            self.recent.pop_back();
+        }
+        self.recent.push_front((range.end, 0));
+        0
+    }
 }
 
 struct Waiter {
@@ -82,6 +123,8 @@ impl Scheduler {
             inner: Mutex::new(Inner::default()),
             runtime,
             degraded_since: Mutex::new(None),
+            prefetch_tasks: Default::default(),
+            prefetched_bytes: Default::default(),
         })
     }
 
@@ -102,6 +145,7 @@ impl Scheduler {
             };
             let id = inner.next_id;
             inner.next_id += 1;
+            let window = inner.streams.on_miss(&range, unit, self.cfg.max_window);
             let mut remaining = 0usize;
             for u in units {
                 if let Some(ids) = inner.inflight.get_mut(&u) {
@@ -120,6 +164,22 @@ impl Scheduler {
                 remaining += 1;
                 to_start.push(u);
             }
+            // Read-ahead units of a sequential stream: fetched in the same
+            // requests, waited on by nobody yet.
+            if window > 0 {
+                let size = self.cache.blob_size();
+                let ahead = range.end..range.end.saturating_add(window).min(size);
+                for m in self.cache.missing(ahead) {
+                    for u in m.start / unit..=(m.end.max(m.start + 1) - 1) / unit {
+                        if !inner.inflight.contains_key(&u) && !self.cache.contains(self.unit_range(u)) {
+                            inner.inflight.insert(u, Vec::new());
+                            to_start.push(u);
+                        }
+                    }
+                }
+                to_start.sort_unstable();
+                to_start.dedup();
+            }
             if remaining > 0 {
                 inner.waiters.insert(id, Waiter { event, remaining, since: Instant::now() });
                 None
@@ -135,6 +195,65 @@ impl Scheduler {
             let this = Arc::clone(self);
             self.runtime.spawn(async move { this.fetch_units(run).await });
         }
+    }
+
+    /// Background fetch of `ranges`, one request at a time, only while no
+    /// reader waits; `rate` caps bytes per second. Units fetched here are in
+    /// flight like any other: a reader that needs one waits for it.
+    pub async fn prefetch(self: Arc<Self>, ranges: Vec<Range<u64>>, rate: Option<u64>) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.prefetch_tasks.fetch_add(1, SeqCst);
+        self.prefetch_ranges(ranges, rate).await;
+        self.prefetch_tasks.fetch_sub(1, SeqCst);
+    }
+
+    async fn prefetch_ranges(self: &Arc<Self>, ranges: Vec<Range<u64>>, rate: Option<u64>) {
+        let unit = self.cfg.fetch_unit;
+        let per_request = (self.cfg.max_request / unit).max(1);
+        let started = Instant::now();
+        let mut sent = 0u64;
+        for r in crate::ranges::normalize(ranges) {
+            let r = r.start.min(self.cache.blob_size())..r.end.min(self.cache.blob_size());
+            if r.is_empty() {
+                continue;
+            }
+            let mut u = r.start / unit;
+            let last = (r.end - 1) / unit;
+            while u <= last {
+                while self.waiting() > 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                let batch_end = (u + per_request).min(last + 1);
+                let claimed: Vec<u64> = {
+                    let mut inner = match self.inner.lock() {
+                        Ok(g) => g,
+                        Err(p) => p.into_inner(),
+                    };
+                    let mut claimed = Vec::new();
+                    for x in u..batch_end {
+                        if !inner.inflight.contains_key(&x) && !self.cache.contains(self.unit_range(x)) {
+                            inner.inflight.insert(x, Vec::new());
+                            claimed.push(x);
+                        }
+                    }
+                    claimed
+                };
+                for run in runs(&claimed, per_request) {
+                    let bytes = self.unit_range(run.end - 1).end - self.unit_range(run.start).start;
+                    Arc::clone(self).fetch_units(run).await;
+                    sent += bytes;
+                    Stats::add(&self.prefetched_bytes, bytes);
+                    if let Some(rate) = rate.filter(|&r| r > 0) {
+                        let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+                        if let Some(wait) = due.checked_sub(started.elapsed()) {
+                            tokio::time::sleep(wait).await;
+                        }
+                    }
+                }
+                u = batch_end;
+            }
+        }
+        tracing::info!(bytes = sent, "prefetch done");
     }
 
     fn unit_range(&self, u: u64) -> Range<u64> {
@@ -264,7 +383,24 @@ fn runs(units: &[u64], max: u64) -> Vec<Range<u64>> {
 
 #[cfg(test)]
 mod tests {
-    use super::runs;
+    use super::{runs, Streams};
+
+    #[test]
+    fn sequential_misses_grow_the_window_and_random_ones_do_not() {
+        let mut s = Streams::default();
+        let unit = 1 << 20;
+        let max = 8 << 20;
+        let m = |start: u64| start..start + 262_144;
+        // Each miss comes where the previous fetch (unit-rounded) ended.
+        assert_eq!(s.on_miss(&m(0), unit, max), 0);
+        assert_eq!(s.on_miss(&m(1 << 20), unit, max), unit);
+        assert_eq!(s.on_miss(&m(3 << 20), unit, max), 2 * unit);
+        assert_eq!(s.on_miss(&m(6 << 20), unit, max), 4 * unit);
+        assert_eq!(s.on_miss(&m(11 << 20), unit, max), 8 * unit);
+        assert_eq!(s.on_miss(&m(20 << 20), unit, max), 8 * unit, "capped");
+        // A miss far away is a new (random) stream.
+        assert_eq!(s.on_miss(&(900 << 20..(900 << 20) + 4096), unit, max), 0);
+    }
 
     #[test]
     fn runs_split_on_gaps_and_length() {

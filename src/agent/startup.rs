@@ -113,6 +113,7 @@ struct Agent {
     stats: Arc<Stats>,
     scheduler: Arc<Scheduler>,
     fetcher: Arc<Fetcher>,
+    completion: Arc<super::complete::Completion>,
     control: Arc<ControlContext>,
     listener: Option<UnixListener>,
 }
@@ -271,10 +272,29 @@ async fn prepare(
         Arc::clone(&cache),
         Arc::clone(&source),
         Arc::clone(&stats),
-        SchedulerConfig { fetch_unit: cfg.fetch_unit, max_request: 8 << 20, parallel: cfg.fetch_parallel, retry },
+        SchedulerConfig {
+            fetch_unit: cfg.fetch_unit,
+            max_window: (8 * cfg.fetch_unit).max(8 << 20),
+            max_request: (8 * cfg.fetch_unit).max(8 << 20),
+            parallel: cfg.fetch_parallel,
+            retry,
+        },
         tokio::runtime::Handle::current(),
     );
+    let completion = super::complete::Completion::new(
+        Arc::clone(&cache),
+        Arc::clone(&group),
+        blob_path.clone(),
+        digest.clone(),
+        Arc::clone(&fetcher),
+        Arc::clone(&scheduler),
+        required.clone(),
+    );
+    let trace = Arc::new(super::trace::Trace::default());
     let control = Arc::new(ControlContext {
+        scheduler: Arc::clone(&scheduler),
+        trace: Arc::clone(&trace),
+        completion: Arc::clone(&completion),
         lifecycle: Arc::clone(&lifecycle),
         stats: Arc::clone(&stats),
         cache: Arc::clone(&cache),
@@ -300,6 +320,7 @@ async fn prepare(
         stats,
         scheduler,
         fetcher,
+        completion,
         control,
         listener: Some(listener),
     })
@@ -318,6 +339,7 @@ impl Agent {
             stats: Arc::clone(&self.stats),
             journal: Arc::clone(&ctx.journal),
             stop: Arc::clone(&stop),
+            trace: Arc::clone(&self.control.trace),
         };
         let event_thread = std::thread::Builder::new().name("fanotify-events".into()).spawn(move || {
             // The loop ends on `stop` or a read error of the group fd; the
@@ -350,7 +372,10 @@ impl Agent {
         let exit_lock = loop {
             tokio::select! {
                 _ = self.lifecycle.changed.notified() => {}
-                _ = tick.tick() => self.lifecycle.reconcile(),
+                _ = tick.tick() => {
+                    self.lifecycle.reconcile();
+                    self.completion.poll();
+                }
                 _ = self.control.upgrade.notified() => {
                     return self.hand_over(&ctx, stop, event_thread).await;
                 }

@@ -18,6 +18,15 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Print (or save) the byte ranges readers of a mount asked for, for -o prefetch_trace=FILE
+    Trace {
+        mountpoint: PathBuf,
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Start a new trace after this one
+        #[arg(long)]
+        reset: bool,
+    },
     /// Replace the agent's worker with the binary now on disk, without failing reads
     Upgrade {
         mountpoint: Option<PathBuf>,
@@ -55,6 +64,10 @@ fn main() {
         Cmd::Status { mountpoint, json } => {
             cli::init_cli_logging();
             status_cmd::run(mountpoint, json).map(|_| 0)
+        }
+        Cmd::Trace { mountpoint, output, reset } => {
+            cli::init_cli_logging();
+            cli::trace_cmd::run(&mountpoint, output, reset).map(|_| 0)
         }
         Cmd::Upgrade { mountpoint, all } => {
             cli::init_cli_logging();

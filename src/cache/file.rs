@@ -183,6 +183,13 @@ impl CacheFile {
         self.map().is_complete()
     }
 
+    /// Forgets what is present (the data stays; events refetch it).
+    pub fn clear_presence(&self) -> Result<(), CacheFileError> {
+        let fresh = PresenceMap::new(self.blob_size)?;
+        *self.map() = fresh;
+        Ok(())
+    }
+
     /// The same file with `map` as its presence (a trusted persisted bitmap).
     pub fn replace_presence(self, map: PresenceMap) -> CacheFile {
         CacheFile { map: Mutex::new(map), ..self }

@@ -54,6 +54,7 @@ pub fn run(args: MountArgs) -> Result<(), CliError> {
     let mountpoint = check_mountpoint(&args.mountpoint)?;
     // Checked before anything is created, so a refused cache_dir leaves nothing.
     state::check_cache_filesystem(&opts.cache_dir).map_err(|e| CliError::new(e.to_string()))?;
+    let prefetch_ranges = read_prefetch_trace(&opts)?;
     let source = resolve_source(&args.source, &opts)?;
     let key = source.cache_key().map_err(CliError::new)?;
     let state_dir = super::state_dir();
@@ -83,6 +84,12 @@ pub fn run(args: MountArgs) -> Result<(), CliError> {
         }
     };
     let result = mount_with_agent(&mut conn, &mountpoint);
+    if result.is_ok() {
+        // The mount stands; a prefetch that cannot start is only reported.
+        if let Err(e) = start_prefetch(&mut conn, opts.prefetch_all, &prefetch_ranges, opts.prefetch_rate) {
+            eprintln!("erofs-mount: {e}");
+        }
+    }
     drop(conn);
     drop(lock);
     result?;
@@ -220,4 +227,28 @@ fn resolve_source(source: &str, opts: &MountOptions) -> Result<SourceSpec, CliEr
         return Ok(SourceSpec::Url { url: source.to_string() });
     }
     crate::oci::resolve_reference(source, opts).map(|spec| SourceSpec::Oci(Box::new(spec))).map_err(|e| CliError::new(e.to_string()))
+}
+
+/// Reads `prefetch_trace=FILE` before anything is set up, so a bad file
+/// fails the mount with nothing left behind.
+fn read_prefetch_trace(opts: &MountOptions) -> Result<Vec<[u64; 2]>, CliError> {
+    let Some(path) = &opts.prefetch_trace else { return Ok(Vec::new()) };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError::new(format!("cannot read prefetch_trace {}: {e}", path.display())))?;
+    let (_, ranges) = crate::agent::trace::parse_trace(&text)
+        .map_err(|e| CliError::new(format!("prefetch_trace {} is not a trace: {e}", path.display())))?;
+    Ok(ranges.into_iter().map(|r| [r.start, r.end]).collect())
+}
+
+/// Asks the agent for background prefetch (`prefetch=all`, `prefetch_trace=`).
+fn start_prefetch(conn: &mut AgentConn, all: bool, ranges: &[[u64; 2]], rate: Option<u64>) -> Result<(), CliError> {
+    if !all && ranges.is_empty() {
+        return Ok(());
+    }
+    let req = Request::Prefetch { all, ranges: ranges.to_vec(), rate };
+    match conn.call(&req) {
+        Ok(Reply::Prefetching { .. }) => Ok(()),
+        Ok(other) => Err(CliError::new(format!("mounted, but the agent refused prefetch: {other:?}"))),
+        Err(e) => Err(CliError::new(format!("mounted, but prefetch could not start: {e}"))),
+    }
 }

@@ -30,6 +30,11 @@ pub struct MountStatus {
     pub agent_state: &'static str,
     /// The endpoint that served data last (registry, mirror, redirect target).
     pub served_by: Option<String>,
+    /// Cache state: lazy, verifying, complete (detached), complete-unverified, digest-mismatch.
+    pub state: String,
+    pub verify_failures: u32,
+    pub prefetch_active: bool,
+    pub prefetched_bytes: u64,
     pub cache_key: String,
     pub sysfs_name: String,
 }
@@ -96,6 +101,10 @@ fn collect(record: &MountRecord) -> MountStatus {
         agent_pid: record.agent.pid,
         agent_state,
         served_by: s.served_by.clone(),
+        state: s.state.clone(),
+        verify_failures: s.verify_failures,
+        prefetch_active: s.prefetch_active,
+        prefetched_bytes: s.prefetched_bytes,
         cache_key: record.cache_key.clone(),
         sysfs_name: record.sysfs_name.clone(),
     }
@@ -116,8 +125,12 @@ fn print_human(s: &MountStatus) {
     if let Some(d) = &s.digest {
         println!("  digest:    {d}");
     }
-    println!("  present:   {} / {} bytes ({pct:.1}%)", s.populated_bytes, s.blob_size);
+    println!("  present:   {} / {} bytes ({pct:.1}%), {}", s.populated_bytes, s.blob_size, s.state);
     println!("  fetched:   {} bytes in {} requests, {} errors", s.fetched_bytes, s.fetch_requests, s.fetch_errors);
+    if s.prefetch_active || s.prefetched_bytes > 0 {
+        let state = if s.prefetch_active { "running" } else { "done" };
+        println!("  prefetch:  {} bytes ({state})", s.prefetched_bytes);
+    }
     println!("  events:    {} ({} fast path, {} denied)", s.events, s.fast_path_events, s.denied_events);
     if let Some(by) = &s.served_by {
         println!("  served by: {by}");

@@ -67,6 +67,12 @@ pub struct MountOptions {
     pub read_ahead_kb: u32,
     /// Concurrent range requests.
     pub fetch_parallel: usize,
+    /// `prefetch=all`: fetch the whole blob in the background after mounting.
+    pub prefetch_all: bool,
+    /// Cap of background prefetch, bytes per second.
+    pub prefetch_rate: Option<u64>,
+    /// A trace from `erofs-fanotify trace` to prefetch after mounting.
+    pub prefetch_trace: Option<PathBuf>,
     pub oci: OciOptions,
 }
 
@@ -79,6 +85,9 @@ impl Default for MountOptions {
             retry_timeout: Duration::from_secs(30),
             read_ahead_kb: DEFAULT_READ_AHEAD_KB,
             fetch_parallel: 8,
+            prefetch_all: false,
+            prefetch_rate: None,
+            prefetch_trace: None,
             oci: OciOptions::default(),
         }
     }
@@ -161,6 +170,22 @@ impl MountOptions {
                     }
                     o.fetch_parallel = n;
                 }
+                "prefetch" => match need(value)?.as_str() {
+                    "all" => o.prefetch_all = true,
+                    "none" => o.prefetch_all = false,
+                    v => return Err(bad(v, "expected all or none")),
+                },
+                "prefetch_rate" => {
+                    let v = need(value)?;
+                    o.prefetch_rate = Some(parse_size(&v).filter(|&n| n > 0).ok_or_else(|| bad(&v, "expected bytes per second like 10M"))?);
+                }
+                "prefetch_trace" => {
+                    let v = need(value)?;
+                    if !v.starts_with('/') {
+                        return Err(bad(&v, "must be an absolute path"));
+                    }
+                    o.prefetch_trace = Some(PathBuf::from(v));
+                }
                 "oci.blob" => o.oci.blob = Some(need(value)?),
                 "oci.layer" => {
                     let v = need(value)?;
@@ -222,6 +247,16 @@ mod tests {
         assert_eq!(o.retry_timeout, Duration::from_millis(4500));
         assert!(o.oci.insecure);
         assert_eq!(o.oci.layer, Some(2));
+    }
+
+    #[test]
+    fn prefetch_options() {
+        let o = MountOptions::parse("prefetch=all,prefetch_rate=10M,prefetch_trace=/tmp/t").unwrap();
+        assert!(o.prefetch_all);
+        assert_eq!(o.prefetch_rate, Some(10 << 20));
+        assert_eq!(o.prefetch_trace, Some(PathBuf::from("/tmp/t")));
+        assert!(MountOptions::parse("prefetch=some").is_err());
+        assert!(MountOptions::parse("prefetch_trace=rel").is_err());
     }
 
     #[test]
