@@ -165,3 +165,32 @@ fn a_bad_trace_file_fails_the_mount_cleanly() {
     assert!(out.stderr.contains("prefetch_trace"), "{}", out.stderr);
     env.assert_nothing_left(&[]);
 }
+
+#[test]
+fn prefetch_files_fetches_those_files_after_mounting() {
+    if !ready() {
+        return;
+    }
+    let fx = fixtures::small();
+    let blob = shared_blob(&fx.lz4.path);
+    let env = TestEnv::new("prefetch-files");
+    let mut files: Vec<_> = fx.small_files(4);
+    files.push(fx.big_files()[0].clone());
+    let list = env.root.join("files.txt");
+    let text: String = files.iter().map(|f| format!("/{}\n", f.rel.display())).collect();
+    std::fs::write(&list, text).expect("write list");
+    let opt = format!("prefetch_files={}", list.display());
+    let m = env.mount(&blob.url, "mnt", &[opt.as_str()]);
+    wait_until(Duration::from_secs(30), "the listed files are prefetched", || {
+        let s = status(&env, &m.mountpoint);
+        s["prefetch_active"] == false && num(&s, "prefetched_bytes") > 0
+    });
+    let fetched = num(&status(&env, &m.mountpoint), "fetched_bytes");
+    for f in &files {
+        assert_eq!(std::fs::read(m.path(&f.rel)).expect("read"), fx.read_source(&f.rel), "{}", f.rel.display());
+    }
+    let after = status(&env, &m.mountpoint);
+    assert_eq!(num(&after, "fetched_bytes"), fetched, "reading prefetched files still fetched: {after}");
+    m.unmount().assert_success();
+    env.assert_nothing_left(&[]);
+}

@@ -55,6 +55,7 @@ pub fn run(args: MountArgs) -> Result<(), CliError> {
     // Checked before anything is created, so a refused cache_dir leaves nothing.
     state::check_cache_filesystem(&opts.cache_dir).map_err(|e| CliError::new(e.to_string()))?;
     let prefetch_ranges = read_prefetch_trace(&opts)?;
+    let prefetch_paths = read_prefetch_files(&opts)?;
     let source = resolve_source(&args.source, &opts)?;
     let key = source.cache_key().map_err(CliError::new)?;
     let state_dir = super::state_dir();
@@ -86,7 +87,9 @@ pub fn run(args: MountArgs) -> Result<(), CliError> {
     let result = mount_with_agent(&mut conn, &mountpoint);
     if result.is_ok() {
         // The mount stands; a prefetch that cannot start is only reported.
-        if let Err(e) = start_prefetch(&mut conn, opts.prefetch_all, &prefetch_ranges, opts.prefetch_rate) {
+        let mut ranges = prefetch_ranges;
+        ranges.extend(extents_of(&mountpoint, &prefetch_paths));
+        if let Err(e) = start_prefetch(&mut conn, opts.prefetch_all, &ranges, opts.prefetch_rate) {
             eprintln!("erofs-mount: {e}");
         }
     }
@@ -238,6 +241,48 @@ fn read_prefetch_trace(opts: &MountOptions) -> Result<Vec<[u64; 2]>, CliError> {
     let (_, ranges) = crate::agent::trace::parse_trace(&text)
         .map_err(|e| CliError::new(format!("prefetch_trace {} is not a trace: {e}", path.display())))?;
     Ok(ranges.into_iter().map(|r| [r.start, r.end]).collect())
+}
+
+/// Reads `prefetch_files=FILE` (one path inside the image per line) before
+/// anything is set up.
+fn read_prefetch_files(opts: &MountOptions) -> Result<Vec<PathBuf>, CliError> {
+    const MAX_PATHS: usize = 1 << 20;
+    let Some(path) = &opts.prefetch_files else { return Ok(Vec::new()) };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError::new(format!("cannot read prefetch_files {}: {e}", path.display())))?;
+    let mut out = Vec::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let rel = Path::new(line.trim_start_matches('/'));
+        if rel.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+            return Err(CliError::new(format!("prefetch_files {}: {line:?} leaves the image", path.display())));
+        }
+        if out.len() >= MAX_PATHS {
+            return Err(CliError::new(format!("prefetch_files {}: more than {MAX_PATHS} paths", path.display())));
+        }
+        out.push(rel.to_path_buf());
+    }
+    Ok(out)
+}
+
+/// Image byte ranges of the data of `paths` (FIEMAP on the mounted files;
+/// opening raises no read). Missing paths are reported and skipped.
+fn extents_of(mountpoint: &Path, paths: &[PathBuf]) -> Vec<[u64; 2]> {
+    let mut out = Vec::new();
+    for rel in paths {
+        let full = mountpoint.join(rel);
+        let extents = std::fs::File::open(&full).and_then(|f| {
+            if f.metadata()?.is_file() {
+                sys::fs::fiemap(&f)
+            } else {
+                Ok(Vec::new())
+            }
+        });
+        match extents {
+            Ok(e) => out.extend(e.into_iter().map(|r| [r.start, r.end])),
+            Err(e) => eprintln!("erofs-mount: prefetch_files: skipping {}: {e}", rel.display()),
+        }
+    }
+    out
 }
 
 /// Asks the agent for background prefetch (`prefetch=all`, `prefetch_trace=`).

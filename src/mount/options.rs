@@ -73,6 +73,8 @@ pub struct MountOptions {
     pub prefetch_rate: Option<u64>,
     /// A trace from `erofs-fanotify trace` to prefetch after mounting.
     pub prefetch_trace: Option<PathBuf>,
+    /// A list of paths inside the image whose data is prefetched after mounting.
+    pub prefetch_files: Option<PathBuf>,
     pub oci: OciOptions,
 }
 
@@ -88,6 +90,7 @@ impl Default for MountOptions {
             prefetch_all: false,
             prefetch_rate: None,
             prefetch_trace: None,
+            prefetch_files: None,
             oci: OciOptions::default(),
         }
     }
@@ -179,12 +182,16 @@ impl MountOptions {
                     let v = need(value)?;
                     o.prefetch_rate = Some(parse_size(&v).filter(|&n| n > 0).ok_or_else(|| bad(&v, "expected bytes per second like 10M"))?);
                 }
-                "prefetch_trace" => {
+                "prefetch_trace" | "prefetch_files" => {
                     let v = need(value)?;
                     if !v.starts_with('/') {
                         return Err(bad(&v, "must be an absolute path"));
                     }
-                    o.prefetch_trace = Some(PathBuf::from(v));
+                    if key == "prefetch_trace" {
+                        o.prefetch_trace = Some(PathBuf::from(v));
+                    } else {
+                        o.prefetch_files = Some(PathBuf::from(v));
+                    }
                 }
                 "oci.blob" => o.oci.blob = Some(need(value)?),
                 "oci.layer" => {
