@@ -18,6 +18,25 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Fetch data of a live mount in the background (whole image, a trace, or files)
+    Prefetch {
+        mountpoint: PathBuf,
+        /// The whole image
+        #[arg(long)]
+        all: bool,
+        /// A trace saved by `erofs-fanotify trace`
+        #[arg(long)]
+        trace: Option<PathBuf>,
+        /// A file listing paths inside the image, one per line
+        #[arg(long)]
+        files: Option<PathBuf>,
+        /// Cap in bytes per second (e.g. 20M)
+        #[arg(long)]
+        rate: Option<String>,
+        /// Wait, with a progress bar on a terminal, until done
+        #[arg(long)]
+        wait: bool,
+    },
     /// Print (or save) the byte ranges readers of a mount asked for, for -o prefetch_trace=FILE
     Trace {
         mountpoint: PathBuf,
@@ -64,6 +83,10 @@ fn main() {
         Cmd::Status { mountpoint, json } => {
             cli::init_cli_logging();
             status_cmd::run(mountpoint, json).map(|_| 0)
+        }
+        Cmd::Prefetch { mountpoint, all, trace, files, rate, wait } => {
+            cli::init_cli_logging();
+            cli::prefetch_cmd::run(cli::prefetch_cmd::PrefetchArgs { mountpoint, all, trace, files, rate, wait }).map(|_| 0)
         }
         Cmd::Trace { mountpoint, output, reset } => {
             cli::init_cli_logging();

@@ -4,6 +4,7 @@
 pub mod agent_cmd;
 pub mod client;
 pub mod mount_cmd;
+pub mod prefetch_cmd;
 pub mod status_cmd;
 pub mod trace_cmd;
 pub mod umount_cmd;

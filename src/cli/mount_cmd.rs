@@ -234,7 +234,7 @@ fn resolve_source(source: &str, opts: &MountOptions) -> Result<SourceSpec, CliEr
 
 /// Reads `prefetch_trace=FILE` before anything is set up, so a bad file
 /// fails the mount with nothing left behind.
-fn read_prefetch_trace(opts: &MountOptions) -> Result<Vec<[u64; 2]>, CliError> {
+pub fn read_prefetch_trace(opts: &MountOptions) -> Result<Vec<[u64; 2]>, CliError> {
     let Some(path) = &opts.prefetch_trace else { return Ok(Vec::new()) };
     let text = std::fs::read_to_string(path)
         .map_err(|e| CliError::new(format!("cannot read prefetch_trace {}: {e}", path.display())))?;
@@ -245,7 +245,7 @@ fn read_prefetch_trace(opts: &MountOptions) -> Result<Vec<[u64; 2]>, CliError> {
 
 /// Reads `prefetch_files=FILE` (one path inside the image per line) before
 /// anything is set up.
-fn read_prefetch_files(opts: &MountOptions) -> Result<Vec<PathBuf>, CliError> {
+pub fn read_prefetch_files(opts: &MountOptions) -> Result<Vec<PathBuf>, CliError> {
     const MAX_PATHS: usize = 1 << 20;
     let Some(path) = &opts.prefetch_files else { return Ok(Vec::new()) };
     let text = std::fs::read_to_string(path)
@@ -266,7 +266,7 @@ fn read_prefetch_files(opts: &MountOptions) -> Result<Vec<PathBuf>, CliError> {
 
 /// Image byte ranges of the data of `paths` (FIEMAP on the mounted files;
 /// opening raises no read). Missing paths are reported and skipped.
-fn extents_of(mountpoint: &Path, paths: &[PathBuf]) -> Vec<[u64; 2]> {
+pub fn extents_of(mountpoint: &Path, paths: &[PathBuf]) -> Vec<[u64; 2]> {
     let mut out = Vec::new();
     for rel in paths {
         let full = mountpoint.join(rel);
