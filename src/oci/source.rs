@@ -13,13 +13,14 @@ use std::ops::Range;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use reqwest::header::{HeaderMap, HeaderValue, CONTENT_RANGE, RANGE};
 use reqwest::{Method, StatusCode, Url};
 
 use super::transport::{authorized, follow, origin, Endpoint};
 use super::OciError;
+use crate::remote::http::read_body;
 use crate::remote::{check_content_range, FetchError, RangeSource};
 
 /// A failed mirror is not asked again for this long.
@@ -212,31 +213,3 @@ fn status_error(status: StatusCode, shown: &str) -> FetchError {
     }
 }
 
-/// Reads exactly `want` bytes: longer is an error, shorter transient.
-async fn read_body(mut resp: reqwest::Response, want: u64) -> Result<Bytes, FetchError> {
-    if let Some(len) = resp.content_length() {
-        if len != want {
-            return Err(FetchError::Permanent(format!("Content-Length {len}, expected {want}")));
-        }
-    }
-    let cap = usize::try_from(want).map_err(|_| FetchError::Permanent("range too large".into()))?;
-    let mut buf = BytesMut::with_capacity(cap);
-    loop {
-        match resp.chunk().await {
-            Ok(Some(chunk)) => {
-                if buf.len() + chunk.len() > cap {
-                    return Err(FetchError::Permanent(format!("body longer than the {want} bytes asked")));
-                }
-                buf.extend_from_slice(&chunk);
-            }
-            Ok(None) => break,
-            Err(e) => {
-                return Err(FetchError::Transient(format!("body read failed after {} of {want} bytes: {e}", buf.len())))
-            }
-        }
-    }
-    if buf.len() != cap {
-        return Err(FetchError::Transient(format!("short body: {} of {want} bytes", buf.len())));
-    }
-    Ok(buf.freeze())
-}

@@ -4,6 +4,7 @@
 //! their own authorization, and redirects followed by hand so that `Range`
 //! is kept and `Authorization` dropped when the redirect leaves the origin.
 
+use crate::remote::http::error_chain;
 use std::path::Path;
 use std::time::Duration;
 
@@ -208,15 +209,6 @@ pub fn send_error_reason(e: &reqwest::Error) -> String {
     error_chain(e)
 }
 
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut last = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        last = s.to_string();
-        cur = s.source();
-    }
-    last
-}
 
 /// Reads a whole body of at most `cap` bytes.
 pub async fn read_capped(mut resp: reqwest::Response, cap: usize) -> Result<Vec<u8>, OciError> {

@@ -133,7 +133,7 @@ fn header_str(resp: &reqwest::Response, name: reqwest::header::HeaderName) -> Op
 }
 
 /// Reads exactly `want` bytes; a longer body is an error, a shorter one transient.
-async fn read_body(mut resp: reqwest::Response, want: u64) -> Result<Bytes, FetchError> {
+pub(crate) async fn read_body(mut resp: reqwest::Response, want: u64) -> Result<Bytes, FetchError> {
     if let Some(len) = resp.content_length() {
         if len != want {
             return Err(FetchError::Permanent(format!("Content-Length {len}, expected {want}")));
@@ -184,7 +184,7 @@ fn classify_send_error(e: &reqwest::Error, shown: &str) -> FetchError {
 }
 
 /// The innermost useful cause, e.g. "Connection refused (os error 111)".
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut last = e.to_string();
     let mut cur = e.source();
     while let Some(s) = cur {
