@@ -39,6 +39,19 @@ fn agent_pids(env: &TestEnv, mountpoint: &Path) -> (i32, i32) {
     (s.agent_pid, parent_of(s.agent_pid))
 }
 
+/// Everything the agents of this env logged.
+fn agent_logs(env: &TestEnv) -> String {
+    let mut all = String::new();
+    if let Ok(entries) = std::fs::read_dir(env.state_dir.join("agents")) {
+        for e in entries.flatten() {
+            if e.path().extension().is_some_and(|x| x == "log") {
+                all.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+            }
+        }
+    }
+    all
+}
+
 fn sha(data: &[u8]) -> [u8; 32] {
     Sha256::digest(data).into()
 }
@@ -97,6 +110,7 @@ fn kill_during_reads(victim: &str) {
     let mut rng = Rng::new(0x6b11_1000 + victim.len() as u64);
     let tally = Arc::new(ReadTally { bytes: AtomicU64::new(0), wrong: AtomicU64::new(0), longest_ms: AtomicU64::new(0) });
     let mut kills = 0;
+    let mut orphans_answered = 0;
     for round in 0..3 {
         let env = TestEnv::new(&format!("kill-{victim}-{round}"));
         let m = env.mount(&server.url(), "mnt", &["fetch_unit=64K"]);
@@ -126,11 +140,16 @@ fn kill_during_reads(victim: &str) {
             assert_ne!(new_supervisor, supervisor);
         }
         assert!(agent_alive(new_supervisor), "no supervisor after the kill");
+        orphans_answered += agent_logs(&env).matches("orphaned event answered").count();
         m.unmount().assert_success();
         env.assert_nothing_left_within(Duration::from_secs(10), &[]);
     }
+    if victim == "worker" {
+        // Readers were blocked on held fetches when each worker died.
+        assert!(orphans_answered > 0, "no orphaned event was answered by a successor");
+    }
     eprintln!(
-        "kill -9 {victim}: kills={kills} bytes_verified={} wrong_files={} longest_read_ms={}",
+        "kill -9 {victim}: kills={kills} orphans_answered={orphans_answered} bytes_verified={} wrong_files={} longest_read_ms={}",
         tally.bytes.load(Ordering::Relaxed),
         tally.wrong.load(Ordering::Relaxed),
         tally.longest_ms.load(Ordering::Relaxed)
