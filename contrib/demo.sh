@@ -70,6 +70,11 @@ cat "$WORK/mnt/docs/note-1.txt" "$WORK/mnt/docs/note-100.txt" "$WORK/mnt/docs/no
 
 echo "== reading everything and comparing with the source tree"
 diff -r "$WORK/tree" "$WORK/mnt" && echo "identical"
+echo "== every block is present: the agent verifies the digest and detaches the mark"
+for _ in $(seq 50); do
+    "$BIN/erofs-fanotify" status "$WORK/mnt" --json | grep -q '"state": "complete"' && break
+    sleep 0.2
+done
 "$BIN/erofs-fanotify" status "$WORK/mnt"
 
 echo "== unmounting"
