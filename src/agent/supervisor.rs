@@ -98,6 +98,7 @@ impl Supervisor {
         ignore_termination_signals();
         let mut backoff = Duration::ZERO;
         let mut ever_ready = adopted;
+        let mut failed_restarts = 0u32;
         loop {
             let started = Instant::now();
             let report = self.read_reports(&mut worker);
@@ -119,7 +120,17 @@ impl Supervisor {
                     }
                     return 1;
                 }
+                _ if !report.ready && failed_restarts >= 3 && !self.mounts_remain() => {
+                    // Successors keep failing and no mount needs this agent.
+                    tracing::error!("workers keep failing to start and no mount is left; supervisor leaving");
+                    return 1;
+                }
                 _ => {
+                    if report.ready {
+                        failed_restarts = 0;
+                    } else {
+                        failed_restarts += 1;
+                    }
                     tracing::error!(pid = worker.pid, "worker died; starting a successor");
                     if started.elapsed() > Duration::from_secs(60) {
                         backoff = Duration::ZERO;
@@ -166,6 +177,17 @@ impl Supervisor {
         }
         tracing::info!(pid = child.id(), resume, "worker started");
         Ok(RunningWorker { pid: child.id() as i32, child: Some(child), status: ours })
+    }
+
+    /// Whether any mount record still names this agent's cache entry. While
+    /// one does, the group must stay open however often workers fail.
+    fn mounts_remain(&self) -> bool {
+        let state = StateDir::new(self.cfg.state_dir.clone());
+        match erofs_fanotify_state::list_mount_records(&state) {
+            Ok(records) => records.into_iter().flatten().any(|r| r.cache_key == self.cfg.cache_key),
+            // Unknown: stay, the safe side.
+            Err(_) => true,
+        }
     }
 
     /// Reads status words (and the cache fd) until the worker's end closes.
