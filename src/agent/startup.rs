@@ -209,7 +209,8 @@ async fn prepare(
         source: Arc::clone(&source),
         stats: Arc::clone(&stats),
         retry: retry.clone(),
-        parallel: cfg.fetch_parallel,
+        // The metadata walk is latency bound: more requests in flight.
+        parallel: (2 * cfg.fetch_parallel).min(32),
     });
     let required = match entry.required_ranges() {
         Some(required) => required,
@@ -275,7 +276,8 @@ async fn prepare(
         SchedulerConfig {
             fetch_unit: cfg.fetch_unit,
             max_window: (8 * cfg.fetch_unit).max(8 << 20),
-            max_request: (8 * cfg.fetch_unit).max(8 << 20),
+            // Bodies are buffered whole: this bounds memory per request.
+            max_request: (4 * cfg.fetch_unit).max(4 << 20),
             parallel: cfg.fetch_parallel,
             retry,
         },
