@@ -52,6 +52,36 @@ enum Cmd {
         #[arg(long, conflicts_with = "mountpoint")]
         all: bool,
     },
+    /// Print Prometheus text metrics of every mount (or write them for node_exporter's textfile collector)
+    Metrics {
+        /// Write atomically to FILE (e.g. /var/lib/prometheus/node-exporter/erofs-fanotify.prom)
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// Print a shell completion script (for erofs-fanotify, erofs-mount or erofs-umount)
+    Completions {
+        shell: clap_complete::Shell,
+        /// The command to complete
+        #[arg(long = "for", value_name = "COMMAND", default_value = "erofs-fanotify",
+              value_parser = ["erofs-fanotify", "erofs-mount", "erofs-umount"])]
+        command: String,
+    },
+    /// Print the man page of erofs-fanotify, or write every page (erofs-fanotify.8, erofs-mount.8, ...) to DIR
+    Man {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+    /// OCI runtime hook: mount the image named by the container's annotations (createRuntime), unmount it (poststop)
+    Hook {
+        /// createRuntime/prestart or poststop; default: from the state's status
+        #[arg(long)]
+        stage: Option<String>,
+    },
+    /// List or prune the local cache of blobs
+    Cache {
+        #[command(subcommand)]
+        action: CacheCmd,
+    },
     /// Mount a local EROFS image file-backed, without an agent (for comparisons)
     #[command(hide = true)]
     MountFile {
@@ -77,6 +107,28 @@ enum Cmd {
     },
 }
 
+#[derive(Subcommand)]
+enum CacheCmd {
+    /// List cache entries: key, size, bytes present, last use, whether a mount uses it
+    Ls {
+        #[arg(long, default_value = erofs_fanotify::mount::options::DEFAULT_CACHE_DIR)]
+        cache_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove unused entries (never one in use), least recently used first
+    Prune {
+        #[arg(long, default_value = erofs_fanotify::mount::options::DEFAULT_CACHE_DIR)]
+        cache_dir: PathBuf,
+        /// Remove unused entries until the cache takes at most SIZE on disk (e.g. 20G)
+        #[arg(long, value_name = "SIZE")]
+        max_size: Option<String>,
+        /// Remove unused entries not used for DURATION (e.g. 7d, 12h, 30m)
+        #[arg(long, value_name = "DURATION")]
+        unused_for: Option<String>,
+    },
+}
+
 fn main() {
     let args = Args::parse();
     let result = match args.command {
@@ -96,6 +148,30 @@ fn main() {
             cli::init_cli_logging();
             upgrade_cmd::run(mountpoint, all).map(|_| 0)
         }
+        Cmd::Completions { shell, command } => {
+            let mut cmd = cli_command(&command);
+            clap_complete::generate(shell, &mut cmd, command, &mut std::io::stdout());
+            Ok(0)
+        }
+        Cmd::Man { dir } => man_pages(dir).map(|_| 0),
+        Cmd::Hook { stage } => {
+            cli::init_cli_logging();
+            cli::hook_cmd::run(stage).map(|_| 0)
+        }
+        Cmd::Metrics { output } => {
+            cli::init_cli_logging();
+            cli::metrics_cmd::run(output).map(|_| 0)
+        }
+        Cmd::Cache { action } => {
+            cli::init_cli_logging();
+            match action {
+                CacheCmd::Ls { cache_dir, json } => cli::cache_cmd::run_ls(&cache_dir, json),
+                CacheCmd::Prune { cache_dir, max_size, unused_for } => {
+                    cli::cache_cmd::run_prune(&cache_dir, max_size.as_deref(), unused_for.as_deref())
+                }
+            }
+            .map(|_| 0)
+        }
         Cmd::Agent { foreground, adopt } => agent_cmd::run_supervisor(foreground, adopt),
         Cmd::Worker { resume } => agent_cmd::run_worker(resume),
         Cmd::MountFile { image, mountpoint, read_ahead_kb } => {
@@ -110,6 +186,48 @@ fn main() {
             std::process::exit(1);
         }
     }
+}
+
+/// The clap definition of one of our commands.
+fn cli_command(name: &str) -> clap::Command {
+    use clap::CommandFactory;
+    match name {
+        "erofs-mount" => erofs_fanotify::cli::mount_cmd::MountArgs::command(),
+        "erofs-umount" => erofs_fanotify::cli::umount_cmd::UmountArgs::command(),
+        _ => Args::command(),
+    }
+}
+
+/// Man pages (section 8: these are administration commands) from the clap definitions. The
+/// subcommands of erofs-fanotify get their own pages (erofs-fanotify-cache.8, ...).
+fn man_pages(dir: Option<PathBuf>) -> Result<(), cli::CliError> {
+    let render = |cmd: clap::Command| -> Result<Vec<u8>, cli::CliError> {
+        let mut out = Vec::new();
+        clap_mangen::Man::new(cmd).section("8").render(&mut out).map_err(|e| cli::CliError::new(format!("cannot render a man page: {e}")))?;
+        Ok(out)
+    };
+    let Some(dir) = dir else {
+        let page = render(cli_command("erofs-fanotify"))?;
+        std::io::Write::write_all(&mut std::io::stdout(), &page).map_err(|e| cli::CliError::new(e.to_string()))?;
+        return Ok(());
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| cli::CliError::new(format!("cannot create {}: {e}", dir.display())))?;
+    let mut pages: Vec<(String, clap::Command)> = Vec::new();
+    for name in ["erofs-fanotify", "erofs-mount", "erofs-umount"] {
+        pages.push((name.to_string(), cli_command(name)));
+    }
+    let main = cli_command("erofs-fanotify");
+    for sub in main.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("erofs-fanotify-{}", sub.get_name());
+        let leaked: &'static str = Box::leak(name.clone().into_boxed_str());
+        pages.push((name, sub.clone().name(leaked)));
+    }
+    for (name, cmd) in pages {
+        let path = dir.join(format!("{name}.8"));
+        std::fs::write(&path, render(cmd)?).map_err(|e| cli::CliError::new(format!("cannot write {}: {e}", path.display())))?;
+        println!("{}", path.display());
+    }
+    Ok(())
 }
 
 fn mount_file(image: &std::path::Path, mountpoint: &std::path::Path, read_ahead_kb: u32) -> Result<(), cli::CliError> {

@@ -2,7 +2,11 @@
 //! sentence on stderr (`error_line`) and details go to the agent's log.
 
 pub mod agent_cmd;
+pub mod cache_cmd;
 pub mod client;
+pub mod helper;
+pub mod hook_cmd;
+pub mod metrics_cmd;
 pub mod mount_cmd;
 pub mod prefetch_cmd;
 pub mod status_cmd;

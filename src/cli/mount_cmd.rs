@@ -96,7 +96,21 @@ pub fn run(args: MountArgs) -> Result<(), CliError> {
     drop(conn);
     drop(lock);
     result?;
+    if let Some(max) = opts.cache_max {
+        // The new mount's entry is in use (its agent is live), so it is never the one removed.
+        match super::cache_cmd::prune(&opts.cache_dir, &state_dir, Some(max), None) {
+            Ok(report) if !report.removed.is_empty() => {
+                tracing::info!(removed = report.removed.len(), freed = report.freed_bytes, "cache_max applied")
+            }
+            Ok(_) => {}
+            Err(e) => eprintln!("erofs-mount: mounted, but cache_max could not be applied: {e}"),
+        }
+    }
     if args.foreground {
+        // Type=notify units: the mount stands, so the service is up.
+        if let Err(e) = notify_ready() {
+            eprintln!("erofs-mount: cannot notify the service manager: {e}");
+        }
         if let Some(mut child) = child {
             let _ = child.wait();
         }
@@ -296,4 +310,21 @@ fn start_prefetch(conn: &mut AgentConn, all: bool, ranges: &[[u64; 2]], rate: Op
         Ok(other) => Err(CliError::new(format!("mounted, but the agent refused prefetch: {other:?}"))),
         Err(e) => Err(CliError::new(format!("mounted, but prefetch could not start: {e}"))),
     }
+}
+
+/// sd_notify(3) `READY=1` without libsystemd: one datagram to `$NOTIFY_SOCKET` (a path, or an abstract
+/// name when it starts with '@'). Does nothing when the variable is unset (not under systemd).
+fn notify_ready() -> std::io::Result<()> {
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else { return Ok(()) };
+    let target = target.to_string_lossy().into_owned();
+    let socket = std::os::unix::net::UnixDatagram::unbound()?;
+    let message = format!("READY=1\nMAINPID={}\n", std::process::id());
+    if let Some(name) = target.strip_prefix('@') {
+        use std::os::linux::net::SocketAddrExt;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+        socket.send_to_addr(message.as_bytes(), &addr)?;
+    } else {
+        socket.send_to(message.as_bytes(), &target)?;
+    }
+    Ok(())
 }

@@ -7,7 +7,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_CACHE_DIR: &str = "/var/cache/erofs-fanotify";
-pub const DEFAULT_FETCH_UNIT: u64 = 1 << 20;
+/// Small, so a random miss fetches little; sequential streams grow their
+/// read-ahead window from here (see agent::scheduler).
+pub const DEFAULT_FETCH_UNIT: u64 = 256 << 10;
 pub const DEFAULT_READ_AHEAD_KB: u32 = 512;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -75,6 +77,8 @@ pub struct MountOptions {
     pub prefetch_trace: Option<PathBuf>,
     /// A list of paths inside the image whose data is prefetched after mounting.
     pub prefetch_files: Option<PathBuf>,
+    /// `cache_max=SIZE`: after mounting, prune unused cache entries (oldest first) down to SIZE on disk.
+    pub cache_max: Option<u64>,
     pub oci: OciOptions,
 }
 
@@ -91,6 +95,7 @@ impl Default for MountOptions {
             prefetch_rate: None,
             prefetch_trace: None,
             prefetch_files: None,
+            cache_max: None,
             oci: OciOptions::default(),
         }
     }
@@ -192,6 +197,10 @@ impl MountOptions {
                     } else {
                         o.prefetch_files = Some(PathBuf::from(v));
                     }
+                }
+                "cache_max" => {
+                    let v = need(value)?;
+                    o.cache_max = Some(parse_size(&v).ok_or_else(|| bad(&v, "expected a size like 20G"))?);
                 }
                 "oci.blob" => o.oci.blob = Some(need(value)?),
                 "oci.layer" => {

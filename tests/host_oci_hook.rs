@@ -1,0 +1,196 @@
+//! OCI runtime hook with a real runtime (Debian's runc): a bundle with a busybox-static rootfs whose
+//! config.json carries `erofs-fanotify hook` as createRuntime and poststop hooks and the
+//! `org.erofs-fanotify.*` annotations. The container's command checksums every file of the lazily mounted
+//! image; the sums must match the source tree; after the container exits nothing of ours is left. A bad
+//! annotation fails the container's creation with our message and leaves nothing. Cold (empty cache) and
+//! warm (cache kept) runs are timed.
+//!
+//! Propagation: the hook mounts on the host path `<rootfs>/<target>`; the mount reaches the container
+//! because runc makes its mounts slaves of the host's. That needs the host mount holding the bundle to be
+//! shared (systemd makes `/` shared; this test machine's `/` is private), so the test bind-mounts the
+//! bundle onto itself and makes it shared.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::oci::{push_single, reference, tiny_image, OciEnv};
+use common::registry::{self, sha256_file};
+use common::{cmd, ready, EROFS_FANOTIFY, GONE_TIMEOUT, STATE_DIR_ENV};
+
+const RUNTIME: &str = "runc";
+const BUSYBOX: &str = "/bin/busybox";
+
+fn tools_present() -> bool {
+    let ok = Command::new(RUNTIME).arg("--version").output().is_ok_and(|o| o.status.success())
+        && Path::new(BUSYBOX).exists();
+    if !ok {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "runc or busybox-static missing (CI=true)");
+        eprintln!("SKIP: runc or busybox-static not installed");
+    }
+    ok
+}
+
+/// The bundle dir bind-mounted on itself and made shared; detached on drop.
+struct SharedBundle(PathBuf);
+
+impl SharedBundle {
+    fn new(path: &Path) -> SharedBundle {
+        std::fs::create_dir_all(path).expect("bundle dir");
+        for args in [vec!["--bind"], vec!["--make-shared"]] {
+            let st = Command::new("mount").args(&args).arg(path).args(if args[0] == "--bind" { vec![path] } else { vec![] }).status().expect("mount");
+            assert!(st.success(), "mount {args:?} {}", path.display());
+        }
+        SharedBundle(path.to_path_buf())
+    }
+}
+
+impl Drop for SharedBundle {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn make_rootfs(rootfs: &Path) {
+    for d in ["bin", "proc", "dev", "tmp", "data"] {
+        std::fs::create_dir_all(rootfs.join(d)).expect("rootfs dir");
+    }
+    std::fs::copy(BUSYBOX, rootfs.join("bin/busybox")).expect("copy busybox");
+    std::os::unix::fs::symlink("busybox", rootfs.join("bin/sh")).expect("sh link");
+}
+
+fn config(env: &OciEnv, annotations: serde_json::Value) -> serde_json::Value {
+    let hook = |stage: &str| {
+        serde_json::json!([{
+            "path": EROFS_FANOTIFY,
+            "args": ["erofs-fanotify", "hook", "--stage", stage],
+            "env": [format!("{STATE_DIR_ENV}={}", env.state_dir.display()), "PATH=/usr/sbin:/usr/bin:/sbin:/bin"],
+            "timeout": 120
+        }])
+    };
+    let script = "cd /data/img && /bin/busybox find . -type f | /bin/busybox sort | while read f; do /bin/busybox sha256sum \"$f\"; done";
+    serde_json::json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": {"uid": 0, "gid": 0},
+            "args": ["/bin/busybox", "sh", "-c", script],
+            "env": ["PATH=/bin"],
+            "cwd": "/",
+            "capabilities": {"bounding": [], "effective": [], "permitted": []},
+            "noNewPrivileges": true
+        },
+        "root": {"path": "rootfs", "readonly": false},
+        "hostname": "hooked",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
+            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]}
+        ],
+        "hooks": {"createRuntime": hook("createRuntime"), "poststop": hook("poststop")},
+        "annotations": annotations,
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
+            "maskedPaths": ["/proc/kcore"],
+            "readonlyPaths": ["/proc/sys"]
+        }
+    })
+}
+
+struct RunResult {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+    elapsed: Duration,
+}
+
+fn runc_run(env: &OciEnv, bundle: &Path, id: &str) -> RunResult {
+    let root = env.root.join("runc-root");
+    let mut c = Command::new(RUNTIME);
+    c.arg("--root").arg(&root).args(["run", "--bundle"]).arg(bundle).arg(id);
+    let out = cmd::run(&mut c, Duration::from_secs(180));
+    // Whatever happened, no container state of ours stays with runc.
+    let _ = Command::new(RUNTIME).arg("--root").arg(&root).args(["delete", "--force", id]).output();
+    RunResult { ok: out.success(), stdout: out.stdout_str(), stderr: out.stderr.clone(), elapsed: out.elapsed }
+}
+
+fn expected_sums(tree: &Path) -> BTreeMap<String, String> {
+    fn walk(base: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
+        for e in std::fs::read_dir(dir).expect("read_dir").flatten() {
+            let ft = e.file_type().expect("ft");
+            if ft.is_dir() {
+                walk(base, &e.path(), out);
+            } else if ft.is_file() {
+                let rel = e.path().strip_prefix(base).expect("rel").display().to_string();
+                out.insert(format!("./{rel}"), sha256_file(&e.path()));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(tree, tree, &mut out);
+    out
+}
+
+fn parse_sums(stdout: &str) -> BTreeMap<String, String> {
+    stdout
+        .lines()
+        .filter_map(|l| l.split_once("  ").map(|(h, p)| (p.to_string(), h.trim_start_matches("sha256:").to_string())))
+        .collect()
+}
+
+#[test]
+fn runc_container_reads_hook_mounted_image() {
+    if !ready() || !tools_present() {
+        return;
+    }
+    let img = tiny_image("oci-hook");
+    let pushed = push_single(registry::shared(), "test/oci-hook", "v1", &img.image.path);
+    let image_ref = reference(&registry::shared().host(), &pushed.repo, &pushed.tag);
+    let env = OciEnv::new("host-hook");
+    let bundle_path = env.root.join("bundle");
+    let bundle = SharedBundle::new(&bundle_path);
+    make_rootfs(&bundle_path.join("rootfs"));
+    let annotations = serde_json::json!({
+        "org.erofs-fanotify.image": image_ref,
+        "org.erofs-fanotify.target": "/data/img",
+        "org.erofs-fanotify.options": format!("oci.insecure,cache_dir={}", env.cache_dir.display()),
+    });
+    std::fs::write(bundle_path.join("config.json"), config(&env, annotations).to_string()).expect("config");
+    let expected = expected_sums(&img.tree);
+    let allowed = [bundle.0.as_path()];
+
+    let mut times = Vec::new();
+    for (run, label) in ["cold", "warm"].iter().enumerate() {
+        let result = runc_run(&env, &bundle_path, &format!("eft-hook-{}-{run}", std::process::id()));
+        assert!(result.ok, "{label} run failed: {}\n{}", result.stderr, result.stdout);
+        let sums = parse_sums(&result.stdout);
+        assert_eq!(sums, expected, "checksums inside the container differ ({label})\nstderr: {}", result.stderr);
+        env.assert_nothing_left_within(GONE_TIMEOUT, &allowed);
+        eprintln!("{label} container run (hook mount + read {} files + poststop): {:.0?}", sums.len(), result.elapsed);
+        times.push(result.elapsed);
+    }
+    eprintln!("HOOK TIMES runtime={RUNTIME}: cold {:.0?}, warm {:.0?}", times[0], times[1]);
+
+    // A bad annotation (target missing): creation fails with our message, nothing is left.
+    let annotations = serde_json::json!({ "org.erofs-fanotify.image": image_ref });
+    std::fs::write(bundle_path.join("config.json"), config(&env, annotations).to_string()).expect("config");
+    let result = runc_run(&env, &bundle_path, &format!("eft-hook-bad-{}", std::process::id()));
+    assert!(!result.ok, "a container with a bad annotation ran: {}", result.stdout);
+    assert!(result.stderr.contains("org.erofs-fanotify.target"), "unclear failure: {}", result.stderr);
+    env.assert_nothing_left_within(GONE_TIMEOUT, &allowed);
+
+    // An image that does not exist: erofs-mount's line reaches the runtime's error, nothing is left.
+    let annotations = serde_json::json!({
+        "org.erofs-fanotify.image": reference(&registry::shared().host(), "test/no-such-image", "v1"),
+        "org.erofs-fanotify.target": "/data/img",
+        "org.erofs-fanotify.options": format!("oci.insecure,cache_dir={}", env.cache_dir.display()),
+    });
+    std::fs::write(bundle_path.join("config.json"), config(&env, annotations).to_string()).expect("config");
+    let result = runc_run(&env, &bundle_path, &format!("eft-hook-missing-{}", std::process::id()));
+    assert!(!result.ok, "a container with a missing image ran: {}", result.stdout);
+    assert!(result.stderr.contains("erofs-mount"), "unclear failure: {}", result.stderr);
+    env.assert_nothing_left_within(GONE_TIMEOUT, &allowed);
+}
