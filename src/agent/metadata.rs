@@ -18,7 +18,7 @@ use crate::remote::{fetch_with_retry, RangeSource, RetryPolicy};
 use super::stats::Stats;
 
 /// Gaps up to this size are fetched rather than split into two requests.
-const COALESCE_GAP: u64 = 128 << 10;
+const COALESCE_GAP: u64 = 64 << 10;
 /// Upper bound of one coalesced request.
 const MAX_REQUEST: u64 = 8 << 20;
 
