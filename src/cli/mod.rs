@@ -43,6 +43,21 @@ pub fn require_root(prog: &str) -> Result<(), CliError> {
     }
 }
 
+/// The record of the erofs-fanotify mount at `mountpoint`, found by its mount
+/// id (never by scanning).
+pub fn find_record(
+    state_dir: &StateDir,
+    mountpoint: &std::path::Path,
+) -> Result<erofs_fanotify_state::MountRecord, CliError> {
+    let id = crate::sys::statx::mount_id(mountpoint)
+        .map_err(|e| CliError::new(format!("cannot access {}: {e}", mountpoint.display())))?;
+    match erofs_fanotify_state::read_mount_record(state_dir, id.id) {
+        Ok(Some(record)) => Ok(record),
+        Ok(None) => Err(CliError::new(format!("{} is not an erofs-fanotify mount", mountpoint.display()))),
+        Err(e) => Err(CliError::new(format!("cannot read the record of {}: {e}", mountpoint.display()))),
+    }
+}
+
 pub fn state_dir() -> StateDir {
     StateDir::from_env()
 }

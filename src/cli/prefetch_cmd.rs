@@ -6,11 +6,9 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use erofs_fanotify_state as state;
 
 use crate::agent::protocol::{Reply, Request, StatsReply};
 use crate::mount::options::parse_size;
-use crate::sys;
 
 use super::client::AgentConn;
 use super::CliError;
@@ -26,13 +24,7 @@ pub struct PrefetchArgs {
 
 pub fn run(args: PrefetchArgs) -> Result<(), CliError> {
     let state_dir = super::state_dir();
-    let id = sys::statx::mount_id(&args.mountpoint)
-        .map_err(|e| CliError::new(format!("cannot access {}: {e}", args.mountpoint.display())))?;
-    let record = match state::read_mount_record(&state_dir, id.id) {
-        Ok(Some(r)) => r,
-        Ok(None) => return Err(CliError::new(format!("{} is not an erofs-fanotify mount", args.mountpoint.display()))),
-        Err(e) => return Err(CliError::new(format!("cannot read the record: {e}"))),
-    };
+    let record = super::find_record(&state_dir, &args.mountpoint)?;
     let rate = match &args.rate {
         Some(r) => Some(parse_size(r).filter(|&n| n > 0).ok_or_else(|| CliError::new(format!("bad rate {r:?}")))?),
         None => None,

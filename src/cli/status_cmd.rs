@@ -7,7 +7,6 @@ use erofs_fanotify_state::{self as state, MountRecord};
 use serde::Serialize;
 
 use crate::agent::protocol::{Reply, Request, StatsReply};
-use crate::sys;
 
 use super::client::AgentConn;
 use super::CliError;
@@ -43,12 +42,7 @@ pub fn run(mountpoint: Option<PathBuf>, json: bool) -> Result<(), CliError> {
     let state_dir = super::state_dir();
     let records = match &mountpoint {
         Some(mp) => {
-            let id = sys::statx::mount_id(mp).map_err(|e| CliError::new(format!("cannot access {}: {e}", mp.display())))?;
-            match state::read_mount_record(&state_dir, id.id) {
-                Ok(Some(r)) => vec![r],
-                Ok(None) => return Err(CliError::new(format!("{} is not an erofs-fanotify mount", mp.display()))),
-                Err(e) => return Err(CliError::new(format!("cannot read the record: {e}"))),
-            }
+            vec![super::find_record(&state_dir, mp)?]
         }
         None => state::list_mount_records(&state_dir)
             .map_err(|e| CliError::new(format!("cannot list mounts: {e}")))?

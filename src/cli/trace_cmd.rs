@@ -5,24 +5,16 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use erofs_fanotify_state as state;
 
 use crate::agent::protocol::{Reply, Request};
 use crate::agent::trace::format_trace;
-use crate::sys;
 
 use super::client::AgentConn;
 use super::CliError;
 
 pub fn run(mountpoint: &Path, output: Option<PathBuf>, reset: bool) -> Result<(), CliError> {
     let state_dir = super::state_dir();
-    let id = sys::statx::mount_id(mountpoint)
-        .map_err(|e| CliError::new(format!("cannot access {}: {e}", mountpoint.display())))?;
-    let record = match state::read_mount_record(&state_dir, id.id) {
-        Ok(Some(r)) => r,
-        Ok(None) => return Err(CliError::new(format!("{} is not an erofs-fanotify mount", mountpoint.display()))),
-        Err(e) => return Err(CliError::new(format!("cannot read the record: {e}"))),
-    };
+    let record = super::find_record(&state_dir, mountpoint)?;
     let mut conn = AgentConn::connect(&record.control_socket, Duration::from_secs(10))
         .map_err(|e| CliError::new(format!("the agent of {} is unreachable: {e}", mountpoint.display())))?;
     let (digest, blob_size, ranges) = match conn.call(&Request::Trace { reset }) {

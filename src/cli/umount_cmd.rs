@@ -39,19 +39,10 @@ pub fn run(args: UmountArgs) -> Result<(), CliError> {
         return umount_all(&state_dir, args.lazy);
     }
     let mountpoint = args.mountpoint.ok_or_else(|| CliError::new("no mountpoint given"))?;
-    let record = find_record(&state_dir, &mountpoint)?;
+    let record = super::find_record(&state_dir, &mountpoint)?;
     umount_one(&state_dir, &record, &mountpoint, args.lazy)
 }
 
-fn find_record(state_dir: &StateDir, mountpoint: &Path) -> Result<MountRecord, CliError> {
-    let id = sys::statx::mount_id(mountpoint)
-        .map_err(|e| CliError::new(format!("cannot access {}: {e}", mountpoint.display())))?;
-    match state::read_mount_record(state_dir, id.id) {
-        Ok(Some(record)) => Ok(record),
-        Ok(None) => Err(CliError::new(format!("{} is not an erofs-fanotify mount", mountpoint.display()))),
-        Err(e) => Err(CliError::new(format!("cannot read the record of {}: {e}", mountpoint.display()))),
-    }
-}
 
 fn umount_one(state_dir: &StateDir, record: &MountRecord, mountpoint: &Path, lazy: bool) -> Result<(), CliError> {
     if let Err(e) = sys::mount::umount(mountpoint, lazy) {

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use erofs_fanotify_state::{self as state, MountRecord};
 
 use crate::agent::protocol::{Reply, Request};
-use crate::sys;
 
 use super::client::AgentConn;
 use super::CliError;
@@ -23,12 +22,7 @@ pub fn run(mountpoint: Option<PathBuf>, all: bool) -> Result<(), CliError> {
     let state_dir = super::state_dir();
     let records: Vec<MountRecord> = match (mountpoint, all) {
         (Some(mp), false) => {
-            let id = sys::statx::mount_id(&mp).map_err(|e| CliError::new(format!("cannot access {}: {e}", mp.display())))?;
-            match state::read_mount_record(&state_dir, id.id) {
-                Ok(Some(r)) => vec![r],
-                Ok(None) => return Err(CliError::new(format!("{} is not an erofs-fanotify mount", mp.display()))),
-                Err(e) => return Err(CliError::new(format!("cannot read the record: {e}"))),
-            }
+            vec![super::find_record(&state_dir, &mp)?]
         }
         (None, true) => state::list_mount_records(&state_dir)
             .map_err(|e| CliError::new(format!("cannot list mounts: {e}")))?

@@ -20,7 +20,7 @@ use reqwest::{Method, StatusCode, Url};
 
 use super::transport::{authorized, follow, origin, Endpoint};
 use super::OciError;
-use crate::remote::http::read_body;
+use crate::remote::http::{read_body, status_error};
 use crate::remote::{check_content_range, FetchError, RangeSource};
 
 /// A failed mirror is not asked again for this long.
@@ -202,14 +202,4 @@ pub async fn read_range(resp: reqwest::Response, range: &Range<u64>, size: u64, 
     read_body(resp, range.end - range.start).await
 }
 
-fn status_error(status: StatusCode, shown: &str) -> FetchError {
-    let code = status.as_u16();
-    match code {
-        404 => FetchError::Permanent(format!("{shown}: blob not found (HTTP 404)")),
-        401 | 403 => FetchError::Permanent(format!("{shown}: access denied (HTTP {code})")),
-        416 => FetchError::Permanent(format!("{shown}: range not satisfiable (HTTP 416)")),
-        408 | 429 | 500..=599 => FetchError::Transient(format!("{shown}: server error (HTTP {code})")),
-        _ => FetchError::Permanent(format!("{shown}: unexpected HTTP status {code}")),
-    }
-}
 

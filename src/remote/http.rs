@@ -159,7 +159,7 @@ pub(crate) async fn read_body(mut resp: reqwest::Response, want: u64) -> Result<
     Ok(buf.freeze())
 }
 
-fn status_error(status: StatusCode, shown: &str) -> FetchError {
+pub(crate) fn status_error(status: StatusCode, shown: &str) -> FetchError {
     let code = status.as_u16();
     match code {
         404 => FetchError::Permanent(format!("{shown}: not found (HTTP 404)")),
