@@ -101,7 +101,7 @@ fn a_trace_replayed_as_prefetch_serves_the_workload_without_fetching() {
     let env = TestEnv::new("trace");
     let trace_file = env.root.join("workload.trace");
     {
-        let m = env.mount(&blob.url, "mnt", &[]);
+        let m = env.mount(&blob.url, "mnt", &["record_trace"]);
         for f in files.iter().chain(std::iter::once(&big)) {
             assert_eq!(std::fs::read(m.path(&f.rel)).expect("read"), fx.read_source(&f.rel));
         }

@@ -10,7 +10,9 @@
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use sha2::{Digest, Sha256};
 
@@ -49,7 +51,7 @@ pub struct Completion {
     pub blob_path: PathBuf,
     pub digest: Option<String>,
     pub fetcher: Arc<Fetcher>,
-    pub scheduler: Arc<super::scheduler::Scheduler>,
+    pub scheduler: Arc<super::event_loop::AgentScheduler>,
     pub required: Vec<Range<u64>>,
     state: Mutex<CompletionState>,
     running: AtomicBool,
@@ -66,7 +68,7 @@ impl Completion {
         blob_path: PathBuf,
         digest: Option<String>,
         fetcher: Arc<Fetcher>,
-        scheduler: Arc<super::scheduler::Scheduler>,
+        scheduler: Arc<super::event_loop::AgentScheduler>,
         required: Vec<Range<u64>>,
     ) -> Arc<Completion> {
         Arc::new(Completion {
@@ -84,7 +86,7 @@ impl Completion {
     }
 
     pub fn state(&self) -> CompletionState {
-        self.state.lock().map(|s| *s).unwrap_or(CompletionState::Lazy)
+        *self.state.lock()
     }
 
     pub fn mismatches(&self) -> u32 {
@@ -92,9 +94,7 @@ impl Completion {
     }
 
     fn set(&self, s: CompletionState) {
-        if let Ok(mut g) = self.state.lock() {
-            *g = s;
-        }
+        *self.state.lock() = s;
     }
 
     /// Called periodically: starts verification once the file is complete.

@@ -18,7 +18,7 @@ use super::stats::Stats;
 const MAX_LINE: usize = 64 * 1024;
 
 pub struct ControlContext {
-    pub scheduler: Arc<super::scheduler::Scheduler>,
+    pub scheduler: Arc<super::event_loop::AgentScheduler>,
     pub trace: Arc<super::trace::Trace>,
     pub completion: Arc<super::complete::Completion>,
     pub lifecycle: Arc<Lifecycle>,
@@ -94,11 +94,13 @@ fn answer(req: Request, ctx: &Arc<ControlContext>, lease: &mut Option<Lease>) ->
             tokio::spawn(scheduler.prefetch(wanted, rate));
             Reply::Prefetching { bytes: missing }
         }
-        Request::Trace { reset } => Reply::Trace {
-            digest: ctx.digest.clone(),
-            blob_size: ctx.cache.blob_size(),
-            ranges: ctx.trace.ranges(reset).into_iter().map(|r| [r.start, r.end]).collect(),
-        },
+        Request::Trace { reset, record } => {
+            let ranges = ctx.trace.ranges(reset).into_iter().map(|r| [r.start, r.end]).collect();
+            if let Some(on) = record {
+                ctx.trace.set_recording(on);
+            }
+            Reply::Trace { digest: ctx.digest.clone(), blob_size: ctx.cache.blob_size(), ranges, recording: ctx.trace.is_recording() }
+        }
         Request::Upgrade => {
             ctx.upgrade.notify_one();
             Reply::Upgrading { pid: ctx.identity.pid }

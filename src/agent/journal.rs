@@ -4,45 +4,53 @@
 //! When a worker dies, the kernel keeps its pending permission events (the
 //! supervisor still holds the group), and a successor may answer them by
 //! their original fd number. The journal lives in a shared mapping of a file
-//! in the state dir:
+//! in the state dir, in two halves:
 //!
-//! * the **batch area**: the worker read(2)s the group straight into it, so
-//!   events dequeued by a worker that dies before recording them are still
-//!   there; it is zeroed once the batch has been recorded;
-//! * the **entry table**: one slot per pending permission event (fd number,
-//!   range). A slot is freed only after the response was written and before
-//!   the event fd is closed, so while a slot names fd N, no newer event of the
-//!   same worker can have number N.
+//! * the **batch area** ([`Batch`], owned by the event loop thread): the
+//!   worker read(2)s the group straight into it, so events dequeued by a
+//!   worker that dies before recording them are still there; it is zeroed
+//!   once the batch has been recorded;
+//! * the **slot table** ([`Slots`], shared, lock-free): one slot of four
+//!   64-bit words per pending permission event (state + fd number, range). A
+//!   slot is freed only after the response was written and before the event
+//!   fd is closed, so while a slot names fd N, no newer event of the same
+//!   worker can have number N. Only the event loop thread allocates; any
+//!   thread frees (one atomic store), so answering never takes a lock.
 //!
 //! A successor collects both as orphans, occupies their fd numbers in its own
 //! table (so none of its new events can share a number with an orphan),
 //! fetches their ranges, and answers them.
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
 use crate::fanotify::event::{parse_batch, FileRange};
 use crate::sys::fanotify::PERMISSION_EVENTS;
 
-const MAGIC: &[u8; 8] = b"EFJRNL01";
+const MAGIC: &[u8; 8] = b"EFJRNL02";
 const HEADER_LEN: usize = 64;
 /// Size of one read(2) of the group.
 pub const BATCH_LEN: usize = 64 * 1024;
-const ENTRY_LEN: usize = 32;
+/// Bytes before the slot table (header + batch area): where the mapping splits.
+pub const SLOTS_OFF: usize = HEADER_LEN + BATCH_LEN;
+const SLOT_WORDS: usize = 4;
 /// Pending permission events tracked at once (one per blocked reader task).
 pub const MAX_ENTRIES: usize = 8192;
-const ENTRIES_OFF: usize = HEADER_LEN + BATCH_LEN;
 /// Bytes of the whole journal.
-pub const JOURNAL_LEN: usize = ENTRIES_OFF + MAX_ENTRIES * ENTRY_LEN;
+pub const JOURNAL_LEN: usize = SLOTS_OFF + MAX_ENTRIES * SLOT_WORDS * 8;
 
-const FREE: u32 = 0;
-const PENDING: u32 = 1;
+/// Word 0 of a slot: `state << 32 | fd as u32`.
+const FREE: u64 = 0;
+const FILLING: u64 = 1;
+const PENDING: u64 = 2;
 const NO_RANGE: u64 = u64::MAX;
 
-/// Storage of a journal: a shared mapping in the agent, a Vec in tests.
-pub trait JournalBytes {
+/// Storage of the batch area: a shared mapping in the agent, a Vec in tests.
+pub trait BatchBytes {
     fn bytes(&self) -> &[u8];
     fn bytes_mut(&mut self) -> &mut [u8];
 }
 
-impl JournalBytes for Vec<u8> {
+impl BatchBytes for Vec<u8> {
     fn bytes(&self) -> &[u8] {
         self
     }
@@ -51,12 +59,12 @@ impl JournalBytes for Vec<u8> {
     }
 }
 
-impl JournalBytes for crate::sys::shm::SharedMap {
+impl BatchBytes for crate::sys::shm::SharedBytes {
     fn bytes(&self) -> &[u8] {
-        crate::sys::shm::SharedMap::bytes(self)
+        crate::sys::shm::SharedBytes::bytes(self)
     }
     fn bytes_mut(&mut self) -> &mut [u8] {
-        crate::sys::shm::SharedMap::bytes_mut(self)
+        crate::sys::shm::SharedBytes::bytes_mut(self)
     }
 }
 
@@ -68,120 +76,155 @@ pub struct Orphan {
     pub slot: u32,
 }
 
-pub struct Journal<B: JournalBytes> {
+/// The batch area (header + the bytes of the last read).
+pub struct Batch<B: BatchBytes> {
     buf: B,
-    free: Vec<u32>,
-    /// Bytes of the batch area written by the last read (to zero them).
-    batch_used: usize,
+    /// Bytes written by the last read (to zero them).
+    used: usize,
 }
 
-impl<B: JournalBytes> Journal<B> {
-    /// Opens a journal, returning the orphans a previous worker left.
-    /// Storage of the wrong size or without the magic starts empty.
-    pub fn open(mut buf: B) -> Result<(Journal<B>, Vec<Orphan>), String> {
-        if buf.bytes().len() != JOURNAL_LEN {
-            return Err(format!("journal is {} bytes, expected {JOURNAL_LEN}", buf.bytes().len()));
-        }
-        if &buf.bytes()[..8] != MAGIC {
-            buf.bytes_mut().fill(0);
-            buf.bytes_mut()[..8].copy_from_slice(MAGIC);
-        }
-        let mut journal = Journal { buf, free: Vec::new(), batch_used: BATCH_LEN };
-        let mut orphans = Vec::new();
-        for slot in (0..MAX_ENTRIES as u32).rev() {
-            match journal.read_entry(slot) {
-                Some((fd, range)) => orphans.push(Orphan { fd, range, slot }),
-                None => journal.free.push(slot),
-            }
-        }
-        // Events dequeued into the batch area but never recorded.
-        let parsed = parse_batch(&journal.buf.bytes()[HEADER_LEN..ENTRIES_OFF]);
-        for ev in parsed.events {
-            if ev.mask & PERMISSION_EVENTS == 0 || ev.fd < 0 || orphans.iter().any(|o| o.fd == ev.fd) {
-                continue;
-            }
-            if let Some(slot) = journal.record(ev.fd, ev.range) {
-                orphans.push(Orphan { fd: ev.fd, range: ev.range, slot });
-            }
-        }
-        journal.clear_batch();
-        orphans.sort_by_key(|o| o.slot);
-        Ok((journal, orphans))
-    }
+/// The slot table.
+pub struct Slots<W: AsRef<[AtomicU64]>> {
+    words: W,
+    /// Where the next free-slot search starts (allocation is single threaded).
+    cursor: AtomicUsize,
+    pending: AtomicUsize,
+}
 
-    fn entry(&self, slot: u32) -> &[u8] {
-        let off = ENTRIES_OFF + slot as usize * ENTRY_LEN;
-        &self.buf.bytes()[off..off + ENTRY_LEN]
-    }
+/// The agent's journal halves.
+pub type SharedBatch = Batch<crate::sys::shm::SharedBytes>;
+pub type SharedSlots = Slots<crate::sys::shm::SharedWords>;
 
-    fn read_entry(&self, slot: u32) -> Option<(i32, Option<FileRange>)> {
-        let e = self.entry(slot);
-        let word = |i: usize| u64::from_le_bytes(e[i..i + 8].try_into().unwrap_or([0; 8]));
-        let state = u32::from_le_bytes(e[0..4].try_into().unwrap_or([0; 4]));
-        if state != PENDING {
-            return None;
-        }
-        let fd = i32::from_le_bytes(e[4..8].try_into().unwrap_or([0; 4]));
-        if fd < 0 {
-            return None;
-        }
-        let (offset, count) = (word(8), word(16));
-        let range = (offset != NO_RANGE).then_some(FileRange { offset, count });
-        Some((fd, range))
+/// Opens a journal in its two halves, returning the orphans a previous
+/// worker left. Storage of the wrong size is an error; without the magic it
+/// starts empty.
+pub fn open<B: BatchBytes, W: AsRef<[AtomicU64]>>(
+    batch: B,
+    words: W,
+) -> Result<(Batch<B>, Slots<W>, Vec<Orphan>), String> {
+    if batch.bytes().len() != SLOTS_OFF || words.as_ref().len() != MAX_ENTRIES * SLOT_WORDS {
+        return Err(format!(
+            "journal halves are {} bytes and {} words, expected {SLOTS_OFF} and {}",
+            batch.bytes().len(),
+            words.as_ref().len(),
+            MAX_ENTRIES * SLOT_WORDS
+        ));
     }
+    let mut batch = Batch { buf: batch, used: BATCH_LEN };
+    let slots = Slots { words, cursor: AtomicUsize::new(0), pending: AtomicUsize::new(0) };
+    if &batch.buf.bytes()[..8] != MAGIC {
+        batch.buf.bytes_mut().fill(0);
+        batch.buf.bytes_mut()[..8].copy_from_slice(MAGIC);
+        for w in slots.words.as_ref() {
+            w.store(0, Ordering::Relaxed);
+        }
+    }
+    let mut orphans = Vec::new();
+    for slot in 0..MAX_ENTRIES as u32 {
+        match slots.read(slot) {
+            Some((fd, range)) => orphans.push(Orphan { fd, range, slot }),
+            None => slots.word(slot, 0).store(FREE, Ordering::Relaxed),
+        }
+    }
+    slots.pending.store(orphans.len(), Ordering::Relaxed);
+    // Events dequeued into the batch area but never recorded.
+    let parsed = parse_batch(&batch.buf.bytes()[HEADER_LEN..]);
+    for ev in parsed.events {
+        if ev.mask & PERMISSION_EVENTS == 0 || ev.fd < 0 || orphans.iter().any(|o| o.fd == ev.fd) {
+            continue;
+        }
+        if let Some(slot) = slots.record(ev.fd, ev.range) {
+            orphans.push(Orphan { fd: ev.fd, range: ev.range, slot });
+        }
+    }
+    batch.clear();
+    Ok((batch, slots, orphans))
+}
 
+impl<B: BatchBytes> Batch<B> {
     /// The batch area, zeroed, for the next read(2) of the group.
-    pub fn batch_for_read(&mut self) -> &mut [u8] {
-        self.clear_batch();
-        &mut self.buf.bytes_mut()[HEADER_LEN..ENTRIES_OFF]
+    pub fn area_for_read(&mut self) -> &mut [u8] {
+        self.clear();
+        &mut self.buf.bytes_mut()[HEADER_LEN..]
     }
 
     /// The first `n` bytes read into the batch area.
-    pub fn batch(&mut self, n: usize) -> &[u8] {
-        self.batch_used = n.min(BATCH_LEN);
-        &self.buf.bytes()[HEADER_LEN..HEADER_LEN + self.batch_used]
+    pub fn read(&mut self, n: usize) -> &[u8] {
+        self.used = n.min(BATCH_LEN);
+        &self.buf.bytes()[HEADER_LEN..HEADER_LEN + self.used]
     }
 
     /// Forgets the batch once its events are recorded.
-    pub fn clear_batch(&mut self) {
-        let used = self.batch_used;
+    pub fn clear(&mut self) {
+        let used = self.used;
         self.buf.bytes_mut()[HEADER_LEN..HEADER_LEN + used].fill(0);
-        self.batch_used = 0;
+        self.used = 0;
+    }
+}
+
+impl<W: AsRef<[AtomicU64]>> Slots<W> {
+    fn word(&self, slot: u32, i: usize) -> &AtomicU64 {
+        &self.words.as_ref()[slot as usize * SLOT_WORDS + i]
+    }
+
+    fn read(&self, slot: u32) -> Option<(i32, Option<FileRange>)> {
+        let head = self.word(slot, 0).load(Ordering::Acquire);
+        if head >> 32 != PENDING {
+            return None;
+        }
+        let fd = head as u32 as i32;
+        if fd < 0 {
+            return None;
+        }
+        let (offset, count) = (self.word(slot, 1).load(Ordering::Relaxed), self.word(slot, 2).load(Ordering::Relaxed));
+        Some((fd, (offset != NO_RANGE).then_some(FileRange { offset, count })))
     }
 
     /// Records a pending permission event; `None` when the table is full
     /// (the event is still served, just not recoverable after a crash).
-    pub fn record(&mut self, fd: i32, range: Option<FileRange>) -> Option<u32> {
-        let slot = self.free.pop()?;
-        let (offset, count) = range.map_or((NO_RANGE, 0), |r| (r.offset, r.count));
-        let off = ENTRIES_OFF + slot as usize * ENTRY_LEN;
-        let e = &mut self.buf.bytes_mut()[off..off + ENTRY_LEN];
-        e[4..8].copy_from_slice(&fd.to_le_bytes());
-        e[8..16].copy_from_slice(&offset.to_le_bytes());
-        e[16..24].copy_from_slice(&count.to_le_bytes());
-        // State last: a torn entry is never PENDING with stale fields.
-        e[0..4].copy_from_slice(&PENDING.to_le_bytes());
-        Some(slot)
+    /// Called by one thread at a time (the event loop).
+    pub fn record(&self, fd: i32, range: Option<FileRange>) -> Option<u32> {
+        let start = self.cursor.load(Ordering::Relaxed);
+        for i in 0..MAX_ENTRIES {
+            let slot = ((start + i) % MAX_ENTRIES) as u32;
+            let head = self.word(slot, 0);
+            if head.compare_exchange(FREE, FILLING << 32, Ordering::Acquire, Ordering::Relaxed).is_err() {
+                continue;
+            }
+            let (offset, count) = range.map_or((NO_RANGE, 0), |r| (r.offset, r.count));
+            self.word(slot, 1).store(offset, Ordering::Relaxed);
+            self.word(slot, 2).store(count, Ordering::Relaxed);
+            // State last: a successor never sees PENDING with stale fields.
+            head.store(PENDING << 32 | u64::from(fd as u32), Ordering::Release);
+            self.cursor.store(slot as usize + 1, Ordering::Relaxed);
+            self.pending.fetch_add(1, Ordering::Relaxed);
+            return Some(slot);
+        }
+        None
     }
 
     /// The event of `slot` has been answered (its fd is not closed yet).
-    pub fn answered(&mut self, slot: u32) {
+    pub fn answered(&self, slot: u32) {
         if slot as usize >= MAX_ENTRIES {
             return;
         }
-        let off = ENTRIES_OFF + slot as usize * ENTRY_LEN;
-        self.buf.bytes_mut()[off..off + 4].copy_from_slice(&FREE.to_le_bytes());
-        self.free.push(slot);
+        if self.word(slot, 0).swap(FREE, Ordering::Release) != FREE {
+            self.pending.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     pub fn pending(&self) -> usize {
-        MAX_ENTRIES - self.free.len()
+        self.pending.load(Ordering::Relaxed)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn storage() -> (Vec<u8>, Vec<AtomicU64>) {
+        (vec![0u8; SLOTS_OFF], (0..MAX_ENTRIES * SLOT_WORDS).map(|_| AtomicU64::new(0)).collect())
+    }
 
     fn event_bytes(fd: i32, mask: u64, range: Option<(u64, u64)>) -> Vec<u8> {
         let info_len = if range.is_some() { 24 } else { 0 };
@@ -207,21 +250,26 @@ mod tests {
 
     #[test]
     fn fresh_journal_has_no_orphans() {
-        let (j, orphans) = Journal::open(vec![0u8; JOURNAL_LEN]).unwrap();
+        let (b, w) = storage();
+        let (_, slots, orphans) = open(b, w).unwrap();
         assert!(orphans.is_empty());
-        assert_eq!(j.pending(), 0);
-        assert!(Journal::open(vec![0u8; 10]).is_err());
+        assert_eq!(slots.pending(), 0);
+        assert!(open(vec![0u8; 10], Vec::<AtomicU64>::new()).is_err());
     }
 
     #[test]
     fn recorded_and_unanswered_events_become_orphans() {
-        let (mut j, _) = Journal::open(vec![0u8; JOURNAL_LEN]).unwrap();
-        let a = j.record(7, Some(FileRange { offset: 4096, count: 8192 })).unwrap();
-        let b = j.record(9, None).unwrap();
-        let c = j.record(11, Some(FileRange { offset: 0, count: 4096 })).unwrap();
-        j.answered(b);
-        let (j2, orphans) = Journal::open(j.buf).unwrap();
-        assert_eq!(j2.pending(), 2);
+        let (b, w) = storage();
+        let (batch, slots, _) = open(b, w).unwrap();
+        let a = slots.record(7, Some(FileRange { offset: 4096, count: 8192 })).unwrap();
+        let b = slots.record(9, None).unwrap();
+        let c = slots.record(11, Some(FileRange { offset: 0, count: 4096 })).unwrap();
+        assert_eq!(slots.pending(), 3);
+        slots.answered(b);
+        slots.answered(b);
+        assert_eq!(slots.pending(), 2, "answering twice counts once");
+        let (_, slots2, orphans) = open(batch.buf, slots.words).unwrap();
+        assert_eq!(slots2.pending(), 2);
         let fds: Vec<i32> = orphans.iter().map(|o| o.fd).collect();
         assert!(fds.contains(&7) && fds.contains(&11) && !fds.contains(&9));
         let seven = orphans.iter().find(|o| o.fd == 7).unwrap();
@@ -231,47 +279,74 @@ mod tests {
 
     #[test]
     fn events_left_in_the_batch_area_become_orphans_once() {
-        let (mut j, _) = Journal::open(vec![0u8; JOURNAL_LEN]).unwrap();
-        let mut batch = event_bytes(5, crate::sys::fanotify::FAN_PRE_ACCESS, Some((0, 16384)));
-        batch.extend(event_bytes(6, libc::FAN_OPEN, None));
-        batch.extend(event_bytes(8, crate::sys::fanotify::FAN_PRE_ACCESS, Some((65536, 4096))));
-        let area = j.batch_for_read();
-        area[..batch.len()].copy_from_slice(&batch);
+        let (b, w) = storage();
+        let (mut batch, slots, _) = open(b, w).unwrap();
+        let mut bytes = event_bytes(5, crate::sys::fanotify::FAN_PRE_ACCESS, Some((0, 16384)));
+        bytes.extend(event_bytes(6, libc::FAN_OPEN, None));
+        bytes.extend(event_bytes(8, crate::sys::fanotify::FAN_PRE_ACCESS, Some((65536, 4096))));
+        let area = batch.area_for_read();
+        area[..bytes.len()].copy_from_slice(&bytes);
         // fd 8 was recorded before the crash, fd 5 not yet.
-        j.record(8, Some(FileRange { offset: 65536, count: 4096 }));
-        let (mut j2, orphans) = Journal::open(j.buf).unwrap();
+        slots.record(8, Some(FileRange { offset: 65536, count: 4096 }));
+        let (batch2, slots2, orphans) = open(batch.buf, slots.words).unwrap();
         let mut fds: Vec<i32> = orphans.iter().map(|o| o.fd).collect();
         fds.sort();
         assert_eq!(fds, vec![5, 8], "notification events are not orphans; no duplicates");
         // The batch area was cleared: a second successor finds the same two, recorded.
-        let (_, again) = Journal::open(std::mem::take(&mut j2.buf)).unwrap();
+        let (_, _, again) = open(batch2.buf, slots2.words).unwrap();
         assert_eq!(again.len(), 2);
     }
 
     #[test]
     fn a_full_table_refuses_more() {
-        let (mut j, _) = Journal::open(vec![0u8; JOURNAL_LEN]).unwrap();
+        let (b, w) = storage();
+        let (_, slots, _) = open(b, w).unwrap();
         for i in 0..MAX_ENTRIES {
-            assert!(j.record(i as i32 + 3, None).is_some());
+            assert!(slots.record(i as i32 + 3, None).is_some());
         }
-        assert!(j.record(1, None).is_none());
-        j.answered(0);
-        assert!(j.record(1, None).is_some());
+        assert!(slots.record(1, None).is_none());
+        slots.answered(17);
+        assert_eq!(slots.record(1, None), Some(17));
+    }
+
+    #[test]
+    fn slots_are_freed_from_other_threads() {
+        let (b, w) = storage();
+        let (_, slots, _) = open(b, w).unwrap();
+        let slots = std::sync::Arc::new(slots);
+        let taken: Vec<u32> = (0..1000).map(|i| slots.record(i + 3, None).unwrap()).collect();
+        let freers: Vec<_> = taken
+            .chunks(250)
+            .map(|part| {
+                let (slots, part) = (std::sync::Arc::clone(&slots), part.to_vec());
+                std::thread::spawn(move || part.into_iter().for_each(|s| slots.answered(s)))
+            })
+            .collect();
+        for f in freers {
+            f.join().unwrap();
+        }
+        assert_eq!(slots.pending(), 0);
     }
 
     #[test]
     fn garbage_never_panics() {
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         for _ in 0..50 {
-            let mut buf = vec![0u8; JOURNAL_LEN];
-            buf[..8].copy_from_slice(MAGIC);
-            for b in buf[8..].iter_mut().step_by(7) {
+            let (mut b, w) = storage();
+            b[..8].copy_from_slice(MAGIC);
+            let mut next = || {
                 seed ^= seed << 13;
                 seed ^= seed >> 7;
                 seed ^= seed << 17;
-                *b = seed as u8;
+                seed
+            };
+            for x in b[8..].iter_mut().step_by(7) {
+                *x = next() as u8;
             }
-            let _ = Journal::open(buf);
+            for x in w.iter().step_by(3) {
+                x.store(next(), Ordering::Relaxed);
+            }
+            let _ = open(b, w);
         }
     }
 }

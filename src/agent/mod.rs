@@ -1,34 +1,46 @@
 //! The agent: one process per cached blob, serving every mount of it.
 //!
-//! Model:
-//! 1. `startup` opens the remote, creates (or reuses) the cache entry, makes
-//!    the EROFS metadata local (the kernel reads metadata without events), then
-//!    puts one fanotify inode mark on the cache file — before any mount.
-//! 2. `event_loop` reads the group fd. A pre-access event whose range is
-//!    already present is allowed at once (the fast path: one bitmap lookup).
-//!    Anything else goes to the `scheduler`, which fetches missing fetch units
-//!    (one request per unit however many events wait on it), writes them
-//!    through the fd opened before the mark, marks them present, and only
-//!    then allows the waiting events; after bounded retries they get EIO.
-//! 3. `lifecycle` knows which superblocks use the cache file (FAN_OPEN and
-//!    FAN_CLOSE_* on the mark, plus /sys/fs/erofs/erofs-N) and decides when
-//!    the agent may leave: never while a superblock might still read the file,
-//!    because closing the group would let pending reads see zeros.
-//! 4. `control` is the unix socket the front ends talk to (prepare, attach,
-//!    unmounted, stats); `protocol` holds its message types.
+//! Processes: a `supervisor` holds the fanotify group and never touches the
+//! network; a worker does everything below (see contrib/docs/agent-processes.md).
+//!
+//! A worker's life, one file per stage (`worker` runs them in order):
+//! 1. `prepare`: open the source (`sources` picks the kind), create or reuse
+//!    the cache entry, make the EROFS metadata local (the kernel reads
+//!    metadata without events; `metadata` fetches it coalesced).
+//! 2. `live`: put the fanotify inode mark on the cache file — before any
+//!    mount — open the control socket, write the agent record.
+//! 3. `serve`: run the event loop thread and the control socket until no
+//!    mount needs the agent.
+//! 4. `handover`: leave, or hand over to a successor on upgrade; a
+//!    successor answers the events its predecessor left (`journal`).
+//!
+//! The event path is `event_loop` alone: a pre-access event whose range is
+//! present is allowed at once; anything else goes to the `scheduler`, which
+//! fetches missing fetch units (one request per unit however many events
+//! wait on it), writes them through the fd opened before the mark, marks them
+//! present, and only then allows the waiting events; after bounded retries
+//! they get EIO. `lifecycle` knows which superblocks use the cache file
+//! (FAN_OPEN and FAN_CLOSE_* on the mark, plus /sys/fs/erofs/erofs-N) and
+//! decides when the agent may leave. `control` is the unix socket the front
+//! ends talk to; `protocol` holds its message types.
 
 pub mod complete;
 pub mod control;
 pub mod event_loop;
+mod handover;
 pub mod journal;
 pub mod lifecycle;
+mod live;
 pub mod metadata;
+mod prepare;
 pub mod protocol;
 pub mod scheduler;
-pub mod startup;
+mod serve;
+pub mod sources;
 pub mod stats;
 pub mod supervisor;
 pub mod trace;
+pub mod worker;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -39,7 +51,7 @@ use serde::{Deserialize, Serialize};
 /// a source URL may carry credentials).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AgentConfig {
-    pub source: crate::remote::SourceSpec,
+    pub source: sources::SourceSpec,
     pub cache_dir: PathBuf,
     pub cache_key: String,
     pub state_dir: PathBuf,
@@ -48,6 +60,9 @@ pub struct AgentConfig {
     pub retry_timeout_ms: u64,
     pub fetch_parallel: usize,
     pub read_ahead_kb: u32,
+    /// Record a trace of what readers ask for from the start (`-o record_trace`).
+    #[serde(default)]
+    pub record_trace: bool,
 }
 
 impl AgentConfig {

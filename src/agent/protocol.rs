@@ -20,8 +20,13 @@ pub enum Request {
     Upgrade,
     /// Fetch in the background: the whole blob, or the given byte ranges.
     Prefetch { all: bool, ranges: Vec<[u64; 2]>, rate: Option<u64> },
-    /// The byte ranges readers asked for since the agent started (or the last reset).
-    Trace { reset: bool },
+    /// The byte ranges readers asked for while recording (since the start or
+    /// the last reset); `record` starts (true) or stops (false) recording.
+    Trace {
+        reset: bool,
+        #[serde(default)]
+        record: Option<bool>,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -39,7 +44,13 @@ pub enum Reply {
     Pong { pid: i32 },
     Upgrading { pid: i32 },
     Prefetching { bytes: u64 },
-    Trace { digest: Option<String>, blob_size: u64, ranges: Vec<[u64; 2]> },
+    Trace {
+        digest: Option<String>,
+        blob_size: u64,
+        ranges: Vec<[u64; 2]>,
+        #[serde(default)]
+        recording: bool,
+    },
     Prepared { cache_path: String, blob_size: u64, read_ahead_kb: u32 },
     Attached,
     /// `remaining_mounts`: records the agent still holds; with none left it

@@ -19,19 +19,33 @@
 //! fetch succeeds again, new fetches get a single attempt. One read(2) can
 //! raise several events in a row (readahead, then the page itself), and a
 //! dead remote must not cost each of them the whole budget.
+//!
+//! Whatever happens to a fetch task — success, failure, a panic, the task
+//! being dropped — its units are completed exactly once ([`UnitsGuard`]), and
+//! a waiter is allowed only if every byte it asked for is present when its
+//! last unit completes; anything else is denied with EIO. The scheduler only
+//! knows waiters through [`Waiter`], so it is unit-tested without a kernel.
 
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 
 use crate::cache::CacheFile;
-use crate::fanotify::PermissionEvent;
 use crate::remote::{fetch_with_retry, RangeSource, RetryPolicy};
 
+
 use super::stats::Stats;
+
+/// Something blocked on a range: answered exactly once, by value.
+pub trait Waiter: Send + 'static {
+    fn allow(self);
+    fn deny(self, errno: i32);
+}
 
 pub struct SchedulerConfig {
     pub fetch_unit: u64,
@@ -42,13 +56,13 @@ pub struct SchedulerConfig {
     pub retry: RetryPolicy,
 }
 
-pub struct Scheduler {
+pub struct Scheduler<W: Waiter> {
     cache: Arc<CacheFile>,
     source: Arc<dyn RangeSource>,
     stats: Arc<Stats>,
     cfg: SchedulerConfig,
     permits: Semaphore,
-    inner: Mutex<Inner>,
+    inner: Mutex<Inner<W>>,
     runtime: tokio::runtime::Handle,
     /// When a fetch last failed after all its retries, until one succeeds.
     degraded_since: Mutex<Option<Instant>>,
@@ -60,13 +74,18 @@ pub struct Scheduler {
 /// How long a failed source stays degraded without a success.
 const DEGRADED_FOR: Duration = Duration::from_secs(60);
 
-#[derive(Default)]
-struct Inner {
+struct Inner<W> {
     /// Fetch unit index -> waiters (ids) for it.
     inflight: HashMap<u64, Vec<u64>>,
-    waiters: HashMap<u64, Waiter>,
+    waiters: HashMap<u64, Waiting<W>>,
     next_id: u64,
     streams: Streams,
+}
+
+impl<W> Default for Inner<W> {
+    fn default() -> Self {
+        Inner { inflight: HashMap::new(), waiters: HashMap::new(), next_id: 0, streams: Streams::default() }
+    }
 }
 
 /// Recent miss streams: where each ended and its current window.
@@ -98,13 +117,39 @@ impl Streams {
     }
 }
 
-struct Waiter {
-    event: PermissionEvent,
+struct Waiting<W> {
+    waiter: W,
+    /// What it asked for (clamped to the blob): all present before it is allowed.
+    range: Range<u64>,
     remaining: usize,
     since: Instant,
 }
 
-impl Scheduler {
+/// Completes a fetch task's units exactly once: by [`UnitsGuard::finish`],
+/// or as failed when the task panics or is dropped before finishing.
+struct UnitsGuard<W: Waiter> {
+    scheduler: Arc<Scheduler<W>>,
+    units: Option<Range<u64>>,
+}
+
+impl<W: Waiter> UnitsGuard<W> {
+    fn finish(mut self, ok: bool) {
+        if let Some(units) = self.units.take() {
+            self.scheduler.complete(units, ok);
+        }
+    }
+}
+
+impl<W: Waiter> Drop for UnitsGuard<W> {
+    fn drop(&mut self) {
+        if let Some(units) = self.units.take() {
+            tracing::error!(?units, "a fetch task ended without completing; its readers get EIO");
+            self.scheduler.complete(units, false);
+        }
+    }
+}
+
+impl<W: Waiter> Scheduler<W> {
     /// Fetches run on `runtime`; `submit` may be called from any thread.
     pub fn new(
         cache: Arc<CacheFile>,
@@ -112,7 +157,7 @@ impl Scheduler {
         stats: Arc<Stats>,
         cfg: SchedulerConfig,
         runtime: tokio::runtime::Handle,
-    ) -> Arc<Scheduler> {
+    ) -> Arc<Scheduler<W>> {
         let permits = Semaphore::new(cfg.parallel.max(1));
         Arc::new(Scheduler {
             cache,
@@ -128,8 +173,8 @@ impl Scheduler {
         })
     }
 
-    /// Takes an event whose range (clamped to the blob) is not fully present.
-    pub fn submit(self: &Arc<Self>, event: PermissionEvent, range: Range<u64>) {
+    /// Takes a waiter whose range (clamped to the blob) is not fully present.
+    pub fn submit(self: &Arc<Self>, waiter: W, range: Range<u64>) {
         let unit = self.cfg.fetch_unit;
         let mut units = BTreeSet::new();
         for m in self.cache.missing(range.clone()) {
@@ -139,10 +184,7 @@ impl Scheduler {
         }
         let mut to_start = Vec::new();
         let waiting = {
-            let mut inner = match self.inner.lock() {
-                Ok(g) => g,
-                Err(poisoned) => poisoned.into_inner(),
-            };
+            let mut inner = self.inner.lock();
             let id = inner.next_id;
             inner.next_id += 1;
             let window = inner.streams.on_miss(&range, unit, self.cfg.max_window);
@@ -181,19 +223,20 @@ impl Scheduler {
                 to_start.dedup();
             }
             if remaining > 0 {
-                inner.waiters.insert(id, Waiter { event, remaining, since: Instant::now() });
+                inner.waiters.insert(id, Waiting { waiter, range, remaining, since: Instant::now() });
                 None
             } else {
-                Some(event)
+                Some(waiter)
             }
         };
-        if let Some(event) = waiting {
+        if let Some(waiter) = waiting {
             Stats::add(&self.stats.fast_path_events, 1);
-            event.allow();
+            waiter.allow();
         }
         for run in runs(&to_start, (self.cfg.max_request / unit).max(1)) {
+            let guard = UnitsGuard { scheduler: Arc::clone(self), units: Some(run.clone()) };
             let this = Arc::clone(self);
-            self.runtime.spawn(async move { this.fetch_units(run).await });
+            self.runtime.spawn(async move { this.fetch_units(run, guard).await });
         }
     }
 
@@ -225,10 +268,7 @@ impl Scheduler {
                 }
                 let batch_end = (u + per_request).min(last + 1);
                 let claimed: Vec<u64> = {
-                    let mut inner = match self.inner.lock() {
-                        Ok(g) => g,
-                        Err(p) => p.into_inner(),
-                    };
+                    let mut inner = self.inner.lock();
                     let mut claimed = Vec::new();
                     for x in u..batch_end {
                         if !inner.inflight.contains_key(&x) && !self.cache.contains(self.unit_range(x)) {
@@ -240,7 +280,8 @@ impl Scheduler {
                 };
                 for run in runs(&claimed, per_request) {
                     let bytes = self.unit_range(run.end - 1).end - self.unit_range(run.start).start;
-                    Arc::clone(self).fetch_units(run).await;
+                    let guard = UnitsGuard { scheduler: Arc::clone(self), units: Some(run.clone()) };
+                    Arc::clone(self).fetch_units(run, guard).await;
                     sent += bytes;
                     Stats::add(&self.prefetched_bytes, bytes);
                     if let Some(rate) = rate.filter(|&r| r > 0) {
@@ -262,7 +303,7 @@ impl Scheduler {
         start..start.saturating_add(self.cfg.fetch_unit).min(size)
     }
 
-    async fn fetch_units(self: Arc<Self>, units: Range<u64>) {
+    async fn fetch_units(self: Arc<Self>, units: Range<u64>, guard: UnitsGuard<W>) {
         let span = self.unit_range(units.start).start..self.unit_range(units.end - 1).end;
         // Fetch only from the first to the last missing byte of the run.
         let missing = self.cache.missing(span);
@@ -270,7 +311,7 @@ impl Scheduler {
             (Some(first), Some(last)) => self.fetch_and_write(first.start..last.end).await,
             _ => true,
         };
-        self.complete(units, ok);
+        guard.finish(ok);
     }
 
     async fn fetch_and_write(&self, range: Range<u64>) -> bool {
@@ -315,10 +356,7 @@ impl Scheduler {
         let mut ready = Vec::new();
         let mut failed = Vec::new();
         {
-            let mut inner = match self.inner.lock() {
-                Ok(g) => g,
-                Err(poisoned) => poisoned.into_inner(),
-            };
+            let mut inner = self.inner.lock();
             for u in units {
                 for id in inner.inflight.remove(&u).unwrap_or_default() {
                     if ok {
@@ -336,20 +374,24 @@ impl Scheduler {
         }
         for w in ready {
             self.stats.event_wait.observe(w.since.elapsed());
-            w.event.allow();
+            // A fetch that said it succeeded proves nothing: the bytes must be there.
+            if self.cache.contains(w.range.clone()) {
+                w.waiter.allow();
+            } else {
+                tracing::error!(range = ?w.range, "a fetch reported success but the range is not present; EIO");
+                Stats::add(&self.stats.denied_events, 1);
+                w.waiter.deny(libc::EIO);
+            }
         }
         for w in failed {
             self.stats.event_wait.observe(w.since.elapsed());
             Stats::add(&self.stats.denied_events, 1);
-            w.event.deny(libc::EIO);
+            w.waiter.deny(libc::EIO);
         }
     }
 
     fn policy(&self) -> RetryPolicy {
-        let degraded = match self.degraded_since.lock() {
-            Ok(g) => g.is_some_and(|t| t.elapsed() < DEGRADED_FOR),
-            Err(_) => false,
-        };
+        let degraded = self.degraded_since.lock().is_some_and(|t| t.elapsed() < DEGRADED_FOR);
         if degraded {
             RetryPolicy { max_attempts: 1, ..self.cfg.retry.clone() }
         } else {
@@ -358,14 +400,12 @@ impl Scheduler {
     }
 
     fn set_degraded(&self, failed: bool) {
-        if let Ok(mut g) = self.degraded_since.lock() {
-            *g = if failed { Some(Instant::now()) } else { None };
-        }
+        *self.degraded_since.lock() = if failed { Some(Instant::now()) } else { None };
     }
 
     /// Events still waiting (for status and tests).
     pub fn waiting(&self) -> usize {
-        self.inner.lock().map(|i| i.waiters.len()).unwrap_or(0)
+        self.inner.lock().waiters.len()
     }
 }
 

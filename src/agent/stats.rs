@@ -14,6 +14,8 @@ pub struct Stats {
     pub fetch_errors: AtomicU64,
     pub fetched_bytes: AtomicU64,
     pub denied_events: AtomicU64,
+    /// Queue overflows seen (lost events: cannot happen with the unlimited queue).
+    pub overflows: AtomicU64,
     /// Seconds per range request (all attempts of one fetch).
     pub fetch_latency: Histogram,
     /// Seconds a reader waited for its event's answer (slow path only).

@@ -14,7 +14,7 @@
 //! whatever was pending: the one case no design of ours can cover.
 
 use std::fs::File;
-use std::io::{IoSlice, IoSliceMut, Write};
+use std::io::{IoSlice, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use erofs_fanotify_state::{CacheDir, StateDir};
+use parking_lot::Mutex;
 
 use crate::fanotify::Group;
 use crate::sys;
@@ -50,13 +51,13 @@ pub struct Supervisor {
     group: OwnedFd,
     binary: PathBuf,
     /// The first worker's pre-mark fd of the cache file, for its successors.
-    cache_fd: std::sync::Mutex<Option<OwnedFd>>,
+    cache_fd: Mutex<Option<OwnedFd>>,
 }
 
 impl Supervisor {
     pub fn new(cfg_bytes: Vec<u8>, cfg: AgentConfig, group: OwnedFd, cache_fd: Option<OwnedFd>) -> Supervisor {
         let binary = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("erofs-fanotify"));
-        Supervisor { cfg_bytes, cfg, group, binary, cache_fd: std::sync::Mutex::new(cache_fd) }
+        Supervisor { cfg_bytes, cfg, group, binary, cache_fd: Mutex::new(cache_fd) }
     }
 
     /// Creates the group (reporting failure on `ready`) and runs the first
@@ -162,10 +163,7 @@ impl Supervisor {
             Some(f) => Stdio::from(f),
             None => Stdio::null(),
         });
-        let cache_fd = match self.cache_fd.lock() {
-            Ok(g) => g.as_ref().map(|f| f.try_clone()).transpose()?,
-            Err(_) => None,
-        };
+        let cache_fd = self.cache_fd.lock().as_ref().map(|f| f.try_clone()).transpose()?;
         let mut fds = vec![(self.group.as_fd(), GROUP_FD), (theirs.as_fd(), STATUS_FD)];
         if let Some(f) = cache_fd.as_ref() {
             fds.push((f.as_fd(), CACHE_FD));
@@ -196,29 +194,12 @@ impl Supervisor {
         let mut text = Vec::new();
         let mut buf = [0u8; 512];
         loop {
-            let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-            let mut iov = [IoSliceMut::new(&mut buf)];
-            let msg = match nix::sys::socket::recvmsg::<()>(
-                worker.status.as_raw_fd(),
-                &mut iov,
-                Some(&mut cmsg),
-                nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC,
-            ) {
-                Ok(m) => m,
-                Err(nix::errno::Errno::EINTR) => continue,
+            let (n, fds) = match sys::process::recv_with_fds(worker.status.as_fd(), &mut buf) {
+                Ok(received) => received,
                 Err(_) => break,
             };
-            let n = msg.bytes;
-            if let Ok(cmsgs) = msg.cmsgs() {
-                for c in cmsgs {
-                    if let nix::sys::socket::ControlMessageOwned::ScmRights(fds) = c {
-                        for fd in fds {
-                            if let (Some(owned), Ok(mut slot)) = (sys::process::own_received_fd(fd), self.cache_fd.lock()) {
-                                *slot = Some(owned);
-                            }
-                        }
-                    }
-                }
+            if let Some(fd) = fds.into_iter().last() {
+                *self.cache_fd.lock() = Some(fd);
             }
             if n == 0 {
                 break;
@@ -301,19 +282,16 @@ fn status_channel() -> std::io::Result<(UnixStream, OwnedFd)> {
 
 /// The worker's line to its supervisor. Replaced when a new supervisor adopts it.
 pub struct StatusPipe {
-    stream: std::sync::Mutex<Option<UnixStream>>,
+    stream: Mutex<Option<UnixStream>>,
 }
 
 impl StatusPipe {
     pub fn new(stream: Option<UnixStream>) -> StatusPipe {
-        StatusPipe { stream: std::sync::Mutex::new(stream) }
+        StatusPipe { stream: Mutex::new(stream) }
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut UnixStream) -> std::io::Result<T>) -> Option<T> {
-        let mut guard = match self.stream.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut guard = self.stream.lock();
         let stream = guard.as_mut()?;
         match f(stream) {
             Ok(v) => Some(v),
@@ -345,11 +323,7 @@ impl StatusPipe {
     }
 
     pub fn replace(&self, stream: UnixStream) {
-        let mut guard = match self.stream.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        *guard = Some(stream);
+        *self.stream.lock() = Some(stream);
     }
 }
 
@@ -357,7 +331,7 @@ impl StatusPipe {
 /// mode (group fd inherited) and watch that one instead.
 pub fn watch_supervisor(
     group: Arc<Group>,
-    cache: Arc<std::sync::Mutex<Option<File>>>,
+    cache: Arc<Mutex<Option<File>>>,
     status: Arc<StatusPipe>,
     cfg_bytes: Vec<u8>,
     first_supervisor: i32,
@@ -383,7 +357,7 @@ pub fn watch_supervisor(
             let _ = c.wait();
         }
         tracing::error!(pid = supervisor_pid, "supervisor died; starting a new one");
-        let cache_fd = cache.lock().ok().and_then(|g| g.as_ref().and_then(|f| f.try_clone().ok()));
+        let cache_fd = cache.lock().as_ref().and_then(|f| f.try_clone().ok());
         match spawn_adopting_supervisor(&binary, &group, cache_fd.as_ref(), &cfg_bytes) {
             Ok((c, status_write)) => {
                 supervisor_pid = c.id() as i32;

@@ -1,20 +1,32 @@
-//! Which blocks a workload asked for: every pre-access event (fast path or
-//! not) marks its 4 KiB blocks. `erofs-fanotify trace` dumps them as ranges;
-//! a later mount replays them as prefetch (`-o prefetch_trace=FILE`).
+//! Which blocks a workload asked for. While a trace is being recorded
+//! (`-o record_trace`, or `erofs-fanotify trace MNT --start`), every
+//! pre-access event (fast path or not) marks its 4 KiB blocks; otherwise the
+//! event path pays one atomic load. `erofs-fanotify trace` dumps the blocks
+//! as ranges; a later mount replays them as prefetch (`-o prefetch_trace=FILE`).
 
 use std::ops::Range;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
+use parking_lot::Mutex;
 use roaring::RoaringBitmap;
 
 const BLOCK: u64 = 4096;
 
 #[derive(Default)]
 pub struct Trace {
+    recording: AtomicBool,
     blocks: Mutex<RoaringBitmap>,
 }
 
 impl Trace {
+    pub fn is_recording(&self) -> bool {
+        self.recording.load(Ordering::Relaxed)
+    }
+
+    pub fn set_recording(&self, on: bool) {
+        self.recording.store(on, Ordering::Relaxed);
+    }
+
     pub fn record(&self, range: &Range<u64>) {
         if range.start >= range.end {
             return;
@@ -22,14 +34,12 @@ impl Trace {
         let first = range.start / BLOCK;
         let last = (range.end - 1) / BLOCK;
         let (Ok(first), Ok(last)) = (u32::try_from(first), u32::try_from(last)) else { return };
-        if let Ok(mut b) = self.blocks.lock() {
-            b.insert_range(first..=last);
-        }
+        self.blocks.lock().insert_range(first..=last);
     }
 
     /// Recorded byte ranges, merged, optionally clearing the record.
     pub fn ranges(&self, reset: bool) -> Vec<Range<u64>> {
-        let Ok(mut b) = self.blocks.lock() else { return Vec::new() };
+        let mut b = self.blocks.lock();
         let mut out: Vec<Range<u64>> = Vec::new();
         for block in b.iter() {
             let start = u64::from(block) * BLOCK;

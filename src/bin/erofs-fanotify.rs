@@ -37,7 +37,7 @@ enum Cmd {
         #[arg(long)]
         wait: bool,
     },
-    /// Print (or save) the byte ranges readers of a mount asked for, for -o prefetch_trace=FILE
+    /// Record (--start) and print or save the byte ranges readers of a mount asked for, for -o prefetch_trace=FILE
     Trace {
         mountpoint: PathBuf,
         #[arg(short, long)]
@@ -45,6 +45,12 @@ enum Cmd {
         /// Start a new trace after this one
         #[arg(long)]
         reset: bool,
+        /// Start recording (a mount records from the start with -o record_trace)
+        #[arg(long, conflicts_with_all = ["stop", "output", "reset"])]
+        start: bool,
+        /// Stop recording after printing what was recorded
+        #[arg(long)]
+        stop: bool,
     },
     /// Replace the agent's worker with the binary now on disk, without failing reads
     Upgrade {
@@ -140,9 +146,10 @@ fn main() {
             cli::init_cli_logging();
             cli::prefetch_cmd::run(cli::prefetch_cmd::PrefetchArgs { mountpoint, all, trace, files, rate, wait }).map(|_| 0)
         }
-        Cmd::Trace { mountpoint, output, reset } => {
+        Cmd::Trace { mountpoint, output, reset, start, stop } => {
             cli::init_cli_logging();
-            cli::trace_cmd::run(&mountpoint, output, reset).map(|_| 0)
+            let record = if start { Some(true) } else if stop { Some(false) } else { None };
+            cli::trace_cmd::run(&mountpoint, output, reset, record).map(|_| 0)
         }
         Cmd::Upgrade { mountpoint, all } => {
             cli::init_cli_logging();

@@ -5,12 +5,14 @@
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use erofs_fanotify_state::StateDir;
 
-use crate::agent::journal::{Journal, JOURNAL_LEN};
-use crate::agent::startup::{self, WorkerContext};
+use crate::agent::journal::{self, JOURNAL_LEN, SLOTS_OFF};
+use crate::agent::worker::{self, WorkerContext};
 use crate::agent::supervisor::{self, StatusPipe, Supervisor, CACHE_FD, GROUP_FD, STATUS_FD};
 use crate::agent::AgentConfig;
 use crate::fanotify::Group;
@@ -66,14 +68,15 @@ pub fn run_worker(resume: bool) -> Result<i32, CliError> {
     // Journal and fd-number reservations come before anything else opens a
     // descriptor (see agent::journal).
     let placeholder = File::open("/dev/null").map_err(|e| CliError::new(format!("cannot open /dev/null: {e}")))?;
-    let journal_path = startup::journal_path(&StateDir::new(cfg.state_dir.clone()), &cfg.cache_key).map_err(CliError::new)?;
-    let map = SharedMap::open(&journal_path, JOURNAL_LEN)
+    let journal_path = worker::journal_path(&StateDir::new(cfg.state_dir.clone()), &cfg.cache_key).map_err(CliError::new)?;
+    let (bytes_half, words_half) = SharedMap::open(&journal_path, JOURNAL_LEN)
+        .and_then(|map| map.split(SLOTS_OFF))
         .map_err(|e| CliError::new(format!("cannot open the journal {}: {e}", journal_path.display())))?;
-    let (journal, orphans) = Journal::open(map).map_err(CliError::new)?;
+    let (batch, slots, orphans) = journal::open(bytes_half, words_half).map_err(CliError::new)?;
     let mut reserved = Vec::new();
     for orphan in &orphans {
-        if let Ok(true) = sys::process::reserve_fd_number(orphan.fd, std::os::fd::AsFd::as_fd(&placeholder)) {
-            reserved.push(orphan.fd);
+        if let Ok(Some(fd)) = sys::process::reserve_fd_number(orphan.fd, std::os::fd::AsFd::as_fd(&placeholder)) {
+            reserved.push((orphan.fd, fd));
         }
     }
     init_agent_logging();
@@ -96,12 +99,13 @@ pub fn run_worker(resume: bool) -> Result<i32, CliError> {
         status,
         ready,
         resume,
-        journal: Arc::new(Mutex::new(journal)),
+        batch: Some(batch),
+        slots: Arc::new(slots),
         orphans,
         reserved,
         cache_fd,
     };
-    let code = startup::run_worker(cfg, ctx);
+    let code = worker::run_worker(cfg, ctx);
     // The placeholder stays open until here: orphan numbers must stay taken.
     drop(placeholder);
     Ok(code)

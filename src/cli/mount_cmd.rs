@@ -18,7 +18,7 @@ use erofs_fanotify_state::{self as state, AgentLock, StateDir};
 use crate::agent::protocol::{AttachInfo, Reply, Request};
 use crate::agent::AgentConfig;
 use crate::mount::MountOptions;
-use crate::remote::SourceSpec;
+use crate::agent::sources::SourceSpec;
 use crate::sys;
 
 use super::client::AgentConn;
@@ -77,6 +77,7 @@ pub fn run(args: MountArgs) -> Result<(), CliError> {
                 retry_timeout_ms: opts.retry_timeout.as_millis() as u64,
                 fetch_parallel: opts.fetch_parallel,
                 read_ahead_kb: opts.read_ahead_kb,
+                record_trace: opts.record_trace,
             };
             let child = spawn_agent(&cfg, &state_dir, args.foreground)?;
             let conn = connect_live_agent(&state_dir, &key)
@@ -243,7 +244,7 @@ fn resolve_source(source: &str, opts: &MountOptions) -> Result<SourceSpec, CliEr
     if source.starts_with("http://") || source.starts_with("https://") {
         return Ok(SourceSpec::Url { url: source.to_string() });
     }
-    crate::oci::resolve_reference(source, opts).map(|spec| SourceSpec::Oci(Box::new(spec))).map_err(|e| CliError::new(e.to_string()))
+    crate::oci::resolve_reference(source, &opts.oci).map(|spec| SourceSpec::Oci(Box::new(spec))).map_err(|e| CliError::new(e.to_string()))
 }
 
 /// Reads `prefetch_trace=FILE` before anything is set up, so a bad file

@@ -141,12 +141,14 @@ impl Group {
             .map_err(|e| mark_error(e, path, mask, "remove"))
     }
 
-    /// Reads one batch of events into `buf` (see [`READ_BUFFER_SIZE`]).
+    /// Reads one batch of events into `buf` (see [`READ_BUFFER_SIZE`]):
+    /// the bytes read and the fds the kernel installed for them, owned.
     /// `WouldBlock` when no event is queued; EINTR is retried. Parse the
-    /// bytes with `fanotify::event::parse_batch`: every fd in them is ours.
-    pub fn read_batch(&self, buf: &mut [u8]) -> io::Result<usize> {
+    /// bytes with `fanotify::event::parse_batch` and settle each event with
+    /// `fanotify::classify` / `dispose_malformed`.
+    pub fn read_batch(&self, buf: &mut [u8]) -> io::Result<(usize, sys::EventFds<'_>)> {
         loop {
-            match sys::read(self.as_fd(), buf) {
+            match sys::read_events(self.as_fd(), buf) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 other => return other,
             }

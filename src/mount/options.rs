@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+pub use crate::oci::OciOptions;
 
 pub const DEFAULT_CACHE_DIR: &str = "/var/cache/erofs-fanotify";
 /// Small, so a random miss fetches little; sequential streams grow their
@@ -22,40 +22,6 @@ pub enum OptionError {
     BadValue { key: String, value: String, why: String },
 }
 
-/// Options for the OCI source (issue: OCI registry source). Carried verbatim.
-#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct OciOptions {
-    pub blob: Option<String>,
-    pub layer: Option<u32>,
-    pub platform: Option<String>,
-    pub username: Option<String>,
-    #[serde(skip_serializing)]
-    pub password: Option<String>,
-    pub insecure: bool,
-    /// `oci.mirror=URL`, repeatable: tried in order before the registry.
-    #[serde(default)]
-    pub mirrors: Vec<String>,
-    /// `oci.cafile=PATH`: extra CA certificates (PEM) beside the system roots.
-    #[serde(default)]
-    pub cafile: Option<PathBuf>,
-}
-
-// The password never reaches a log line.
-impl std::fmt::Debug for OciOptions {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OciOptions")
-            .field("blob", &self.blob)
-            .field("layer", &self.layer)
-            .field("platform", &self.platform)
-            .field("username", &self.username)
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
-            .field("insecure", &self.insecure)
-            .field("mirrors", &self.mirrors.len())
-            .field("cafile", &self.cafile)
-            .finish()
-    }
-}
-
 #[derive(Clone, Debug, PartialEq)]
 pub struct MountOptions {
     pub cache_dir: PathBuf,
@@ -71,6 +37,8 @@ pub struct MountOptions {
     pub fetch_parallel: usize,
     /// `prefetch=all`: fetch the whole blob in the background after mounting.
     pub prefetch_all: bool,
+    /// `record_trace`: record what readers ask for from the start (for `erofs-fanotify trace`).
+    pub record_trace: bool,
     /// Cap of background prefetch, bytes per second.
     pub prefetch_rate: Option<u64>,
     /// A trace from `erofs-fanotify trace` to prefetch after mounting.
@@ -92,6 +60,7 @@ impl Default for MountOptions {
             read_ahead_kb: DEFAULT_READ_AHEAD_KB,
             fetch_parallel: 8,
             prefetch_all: false,
+            record_trace: false,
             prefetch_rate: None,
             prefetch_trace: None,
             prefetch_files: None,
@@ -183,6 +152,12 @@ impl MountOptions {
                     "none" => o.prefetch_all = false,
                     v => return Err(bad(v, "expected all or none")),
                 },
+                "record_trace" => {
+                    if let Some(v) = value {
+                        return Err(bad(v, "takes no value"));
+                    }
+                    o.record_trace = true;
+                }
                 "prefetch_rate" => {
                     let v = need(value)?;
                     o.prefetch_rate = Some(parse_size(&v).filter(|&n| n > 0).ok_or_else(|| bad(&v, "expected bytes per second like 10M"))?);

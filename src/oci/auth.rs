@@ -8,7 +8,7 @@
 //! generation it used, so many reads failing together cause one token
 //! request, and the read is retried once with the new token.
 
-use std::sync::Mutex;
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use super::credentials::Credentials;
@@ -104,20 +104,8 @@ fn urlencode(pairs: &[(&str, String)]) -> String {
 }
 
 pub fn base64_encode(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[(n >> (18 - 6 * i)) as usize & 63] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(data)
 }
 
 #[derive(serde::Deserialize)]
@@ -179,7 +167,7 @@ impl Authenticator {
 
     /// The current authorization, if any, for another process.
     pub fn export(&self) -> Option<AuthHandoff> {
-        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let s = self.state.lock();
         let header = s.header.clone()?;
         let expires_unix_ms = s.expires.map(|e| {
             let left = e.saturating_duration_since(Instant::now());
@@ -191,7 +179,7 @@ impl Authenticator {
 
     /// Starts from a handed-over authorization (it is renewed as usual).
     pub fn import(&self, h: &AuthHandoff) {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.state.lock();
         s.header = Some(h.header.clone());
         s.challenge = h.challenge.clone();
         s.expires = h.expires_unix_ms.map(|ms| {
@@ -206,7 +194,7 @@ impl Authenticator {
     }
 
     fn snapshot(&self) -> (Option<String>, Option<Instant>, u64, bool) {
-        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let s = self.state.lock();
         (s.header.clone(), s.expires, s.generation, s.challenge.is_some())
     }
 
@@ -228,7 +216,7 @@ impl Authenticator {
     pub async fn refresh(&self, client: &reqwest::Client, challenge: Option<&str>, seen: u64) -> Result<(), OciError> {
         let _one_at_a_time = self.refreshing.lock().await;
         let stored = {
-            let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let s = self.state.lock();
             if s.generation != seen {
                 return Ok(());
             }
@@ -251,7 +239,7 @@ impl Authenticator {
                 (Some(format!("Bearer {token}")), Some(Instant::now() + lifetime), Some(parsed.clone()))
             }
         };
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.state.lock();
         s.header = header;
         s.expires = expires;
         s.challenge = keep;
@@ -310,10 +298,10 @@ impl Authenticator {
                 r
             }
         };
-        let resp = request.send().await.map_err(|e| OciError::Unreachable {
-            endpoint: format!("token server {realm_host}"),
-            why: super::transport::send_error_reason(&e),
-        })?;
+        let resp = request
+            .send()
+            .await
+            .map_err(|e| OciError::from(crate::http::send_error(&e, &format!("token server {realm_host}"))))?;
         let status = resp.status().as_u16();
         match status {
             200 => {}
@@ -324,7 +312,7 @@ impl Authenticator {
             }
             _ => return Err(OciError::Protocol(format!("token server {realm_host} answered HTTP {status}"))),
         }
-        let body = super::transport::read_capped(resp, MAX_TOKEN_RESPONSE).await?;
+        let body = crate::http::read_capped(resp, MAX_TOKEN_RESPONSE).await?;
         let parsed: TokenResponse = serde_json::from_slice(&body)
             .map_err(|_| OciError::Protocol(format!("token server {realm_host} sent a malformed token")))?;
         let token = parsed

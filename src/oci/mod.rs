@@ -25,6 +25,7 @@ pub mod auth;
 pub mod credentials;
 pub mod manifest;
 pub mod mirrors;
+pub mod options;
 pub mod reference;
 pub mod source;
 pub mod transport;
@@ -39,11 +40,12 @@ use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::remote::http::{HttpConfig, PROBE_LEN};
-use crate::remote::RangeSource;
+use crate::http::{ClientConfig, HttpError};
+use crate::remote::{RangeSource, PROBE_LEN};
 
 pub use credentials::Credentials;
 pub use mirrors::MirrorSpec;
+pub use options::OciOptions;
 pub use reference::Reference;
 
 use auth::Authenticator;
@@ -142,14 +144,23 @@ impl OciError {
     }
 }
 
+impl From<HttpError> for OciError {
+    fn from(e: HttpError) -> OciError {
+        match e {
+            HttpError::Unreachable { endpoint, why } => OciError::Unreachable { endpoint, why },
+            HttpError::Transient(m) => OciError::Transient(m),
+            HttpError::Permanent(m) => OciError::Protocol(m),
+        }
+    }
+}
+
 /// Connect bound for the front end's requests.
 const RESOLVE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const RESOLVE_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Resolves an image reference to one blob (front end side; blocking).
-pub fn resolve_reference(reference: &str, opts: &crate::mount::MountOptions) -> Result<OciBlobSpec, OciError> {
+pub fn resolve_reference(reference: &str, o: &OciOptions) -> Result<OciBlobSpec, OciError> {
     let parsed = Reference::parse(reference).map_err(|e| OciError::BadReference(e.to_string()))?;
-    let o = &opts.oci;
     let choice = match (&o.blob, o.layer) {
         (Some(_), Some(_)) => return Err(OciError::Config("oci.blob and oci.layer cannot be used together".into())),
         (Some(b), None) => LayerChoice::Digest(reference::parse_digest(b).map_err(|e| OciError::Config(format!("oci.blob: {e}")))?),
@@ -198,7 +209,12 @@ pub fn resolve_reference(reference: &str, opts: &crate::mount::MountOptions) -> 
         .enable_all()
         .build()
         .map_err(|e| OciError::Config(format!("cannot start the async runtime: {e}")))?;
-    let client = transport::build_client(RESOLVE_CONNECT_TIMEOUT, RESOLVE_REQUEST_TIMEOUT, o.cafile.as_deref())?;
+    let client = crate::http::build_client(&ClientConfig {
+        connect_timeout: RESOLVE_CONNECT_TIMEOUT,
+        request_timeout: RESOLVE_REQUEST_TIMEOUT,
+        ca_file: o.cafile.clone(),
+    })
+    .map_err(|e| OciError::Config(e.to_string()))?;
     let ep = Endpoint::new(
         &endpoint,
         &parsed.repository,
@@ -292,7 +308,7 @@ async fn fetch_manifest(
     match status {
         200 => {}
         404 => {
-            let body = transport::read_capped(resp, 64 << 10).await.unwrap_or_default();
+            let body = crate::http::read_capped(resp, 64 << 10).await.unwrap_or_default();
             let code = transport::registry_error_code(&body);
             return Err(match (code.as_deref(), &r.tag, by_digest) {
                 (Some("NAME_UNKNOWN"), _, _) => OciError::ImageNotFound(r.name()),
@@ -304,7 +320,7 @@ async fn fetch_manifest(
         408 | 429 | 500..=599 => return Err(OciError::Server { endpoint: ep.host(), status }),
         _ => return Err(OciError::Protocol(format!("{image}: the registry answered HTTP {status} for the manifest"))),
     }
-    let body = transport::read_capped(resp, manifest::MAX_MANIFEST_BYTES).await?;
+    let body = crate::http::read_capped(resp, manifest::MAX_MANIFEST_BYTES).await?;
     if by_digest {
         let got = format!("sha256:{}", hex::encode(Sha256::digest(&body)));
         if got != wanted {
@@ -316,11 +332,12 @@ async fn fetch_manifest(
 
 /// Opens the blob for the agent: the range source and its first bytes
 /// (4096, or the whole blob when smaller).
-pub async fn open_blob(spec: &OciBlobSpec, http: &HttpConfig) -> Result<(Arc<dyn RangeSource>, Bytes), OciError> {
+pub async fn open_blob(spec: &OciBlobSpec, http: &ClientConfig) -> Result<(Arc<dyn RangeSource>, Bytes), OciError> {
     if spec.size == 0 {
         return Err(OciError::Layer(format!("blob {} of {} is empty", spec.digest, spec.reference)));
     }
-    let client = transport::build_client(http.connect_timeout, http.request_timeout, spec.ca_file.as_deref())?;
+    let client = crate::http::build_client(&ClientConfig { ca_file: spec.ca_file.clone(), ..http.clone() })
+        .map_err(|e| OciError::Config(e.to_string()))?;
     let mut endpoints = Vec::new();
     for m in &spec.mirrors {
         let host = m.base.split_once("://").map_or(m.base.as_str(), |(_, h)| h);

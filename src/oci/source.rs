@@ -10,7 +10,7 @@
 //! the descriptor, and exactly the bytes asked.
 
 use std::ops::Range;
-use std::sync::Mutex;
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -18,9 +18,9 @@ use futures_util::future::BoxFuture;
 use reqwest::header::{HeaderMap, HeaderValue, CONTENT_RANGE, RANGE};
 use reqwest::{Method, StatusCode, Url};
 
-use super::transport::{authorized, follow, origin, Endpoint};
+use super::transport::{authorized, Endpoint};
 use super::OciError;
-use crate::remote::http::{read_body, status_error};
+use crate::http::{self, follow, origin};
 use crate::remote::{check_content_range, FetchError, RangeSource};
 
 /// A failed mirror is not asked again for this long.
@@ -47,15 +47,15 @@ impl EndpointState {
     }
 
     fn is_down(&self) -> bool {
-        lock(&self.down_until).is_some_and(|t| Instant::now() < t)
+        self.down_until.lock().is_some_and(|t| Instant::now() < t)
     }
 
     fn set_down(&self, down: bool) {
-        *lock(&self.down_until) = down.then(|| Instant::now() + MIRROR_BACKOFF);
+        *self.down_until.lock() = down.then(|| Instant::now() + MIRROR_BACKOFF);
     }
 
     fn cached_redirect(&self) -> Option<(Url, bool)> {
-        let mut g = lock(&self.redirect);
+        let mut g = self.redirect.lock();
         match &*g {
             Some(c) if Instant::now() < c.until => Some((c.url.clone(), c.left_origin)),
             Some(_) => {
@@ -65,10 +65,6 @@ impl EndpointState {
             None => None,
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 pub struct OciSource {
@@ -102,7 +98,7 @@ impl OciSource {
                     if i != last {
                         st.set_down(false);
                     }
-                    *lock(&self.served_by) = Some(served);
+                    *self.served_by.lock() = Some(served);
                     return Ok(bytes);
                 }
                 Err(e) if i != last => {
@@ -131,7 +127,7 @@ impl OciSource {
                 Ok(bytes) => return Ok((bytes, format!("{} (redirected from {})", origin(&url), st.endpoint.shown()))),
                 Err(e) => {
                     tracing::debug!(target = %origin(&url), error = %e, "cached blob redirect failed; asking the registry again");
-                    *lock(&st.redirect) = None;
+                    *st.redirect.lock() = None;
                 }
             }
         }
@@ -141,7 +137,7 @@ impl OciSource {
         let left_origin = answer.left_origin;
         let bytes = read_range(answer.response, range, self.size, &origin(&final_url)).await?;
         if final_url != url {
-            *lock(&st.redirect) = Some(CachedRedirect { url: final_url.clone(), left_origin, until: Instant::now() + REDIRECT_TTL });
+            *st.redirect.lock() = Some(CachedRedirect { url: final_url.clone(), left_origin, until: Instant::now() + REDIRECT_TTL });
             return Ok((bytes, format!("{} (redirected from {})", origin(&final_url), st.endpoint.shown())));
         }
         Ok((bytes, st.endpoint.shown()))
@@ -175,7 +171,7 @@ impl RangeSource for OciSource {
     }
 
     fn served_by(&self) -> Option<String> {
-        lock(&self.served_by).clone()
+        self.served_by.lock().clone()
     }
 }
 
@@ -197,9 +193,9 @@ pub async fn read_range(resp: reqwest::Response, range: &Range<u64>, size: u64, 
         // A server that ignores Range is fine only when the whole blob was asked.
         StatusCode::OK if range.start == 0 && range.end == size => {}
         StatusCode::OK => return Err(FetchError::Permanent(format!("{shown}: server ignores HTTP Range requests"))),
-        other => return Err(status_error(other, shown)),
+        other => return Err(http::status_error(other, shown).into()),
     }
-    read_body(resp, range.end - range.start).await
+    Ok(http::read_exact(resp, range.end - range.start).await?)
 }
 
 

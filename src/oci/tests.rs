@@ -150,8 +150,8 @@ fn spec(endpoint: &str, data: &[u8], creds: Option<Credentials>, mirrors: Vec<Mi
     }
 }
 
-fn http() -> HttpConfig {
-    HttpConfig::default()
+fn http() -> crate::http::ClientConfig {
+    crate::http::ClientConfig::default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -322,7 +322,7 @@ fn registry_with_index(layers: Vec<(String, u64, &'static str)>) -> (Mock, Strin
 fn resolve(server_base: &str, reference: &str, platform: &str, choice: LayerChoice, creds: Option<Credentials>) -> Result<manifest::Descriptor, OciError> {
     let r = Reference::parse(reference).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let client = transport::build_client(Duration::from_secs(5), Duration::from_secs(5), None).unwrap();
+    let client = crate::http::build_client(&crate::http::ClientConfig { connect_timeout: Duration::from_secs(5), request_timeout: Duration::from_secs(5), ca_file: None }).unwrap();
     let ep = Endpoint::new(server_base, &r.repository, false, Authenticator::new(&r.registry, &r.repository, creds)).unwrap();
     rt.block_on(resolve_layer(&client, &ep, &r, &manifest::parse_platform(platform).unwrap(), &choice))
 }
@@ -412,7 +412,7 @@ fn spec_never_shows_credentials() {
     let data = blob_data();
     let mut s = spec("http://h:1", &data, Some(Credentials::Basic { username: "u".into(), password: "hunter2".into() }), vec![]);
     s.mirrors.push(MirrorSpec { base: "http://m".into(), repository: "r".into(), credentials: Some(Credentials::IdentityToken { token: "idtok".into() }) });
-    for text in [s.describe(), format!("{s:?}"), format!("{:?}", crate::remote::SourceSpec::Oci(Box::new(s.clone())))] {
+    for text in [s.describe(), format!("{s:?}"), format!("{:?}", crate::agent::sources::SourceSpec::Oci(Box::new(s.clone())))] {
         assert!(!text.contains("hunter2") && !text.contains("idtok"), "{text}");
     }
     // It does travel to the agent (on its stdin).
@@ -449,7 +449,7 @@ fn the_front_ends_token_is_handed_to_the_agent() {
     });
     let r = Reference::parse(&format!("127.0.0.1:{}/r:v1", server.port)).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let client = transport::build_client(Duration::from_secs(5), Duration::from_secs(5), None).unwrap();
+    let client = crate::http::build_client(&crate::http::ClientConfig { connect_timeout: Duration::from_secs(5), request_timeout: Duration::from_secs(5), ca_file: None }).unwrap();
     let ep = Endpoint::new(&server.base(), "r", false, Authenticator::new(&r.registry, "r", None)).unwrap();
     let d = rt.block_on(resolve_layer(&client, &ep, &r, &manifest::host_platform(), &LayerChoice::Only)).unwrap();
     assert_eq!(d.digest, layer);

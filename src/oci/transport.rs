@@ -1,44 +1,14 @@
-//! HTTP plumbing shared by resolution (front end) and blob reads (agent):
-//! one reqwest client (TLS against the system roots plus an optional CA
-//! file, proxies from the environment, pooled connections), endpoints with
-//! their own authorization, and redirects followed by hand so that `Range`
-//! is kept and `Authorization` dropped when the redirect leaves the origin.
+//! The registry side of HTTP: endpoints (the registry or a mirror) with
+//! their own authorization, and requests that answer one challenge. The
+//! plumbing (client, redirects, bodies) is the `http` leaf's.
 
-use crate::remote::http::error_chain;
-use std::path::Path;
-use std::time::Duration;
-
-use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, LOCATION, WWW_AUTHENTICATE};
+use reqwest::header::{HeaderMap, WWW_AUTHENTICATE};
 use reqwest::{Method, StatusCode, Url};
+
+use crate::http::{self, origin, Answer};
 
 use super::auth::{parse_challenge, Authenticator, Challenge};
 use super::OciError;
-
-const MAX_REDIRECTS: usize = 5;
-
-/// Builds the client. Redirects are not followed by reqwest (see module doc).
-pub fn build_client(
-    connect_timeout: Duration,
-    request_timeout: Duration,
-    ca_file: Option<&Path>,
-) -> Result<reqwest::Client, OciError> {
-    let mut b = reqwest::Client::builder()
-        .connect_timeout(connect_timeout)
-        .timeout(request_timeout)
-        .pool_max_idle_per_host(16)
-        .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("erofs-fanotify/", env!("CARGO_PKG_VERSION")));
-    if let Some(path) = ca_file {
-        let pem = std::fs::read(path).map_err(|e| OciError::Config(format!("cannot read the CA file {}: {e}", path.display())))?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem)
-            .map_err(|e| OciError::Config(format!("{} holds no usable PEM certificate: {e}", path.display())))?;
-        if certs.is_empty() {
-            return Err(OciError::Config(format!("{} holds no PEM certificate", path.display())));
-        }
-        b = b.tls_certs_merge(certs);
-    }
-    b.build().map_err(|e| OciError::Config(format!("cannot build the HTTP client: {}", error_chain(&e))))
-}
 
 /// One place that serves the repository: the registry or a mirror.
 pub struct Endpoint {
@@ -84,15 +54,6 @@ impl Endpoint {
     }
 }
 
-/// The answer to an authorized request.
-pub struct Answer {
-    pub response: reqwest::Response,
-    /// Where the answer came from (differs from the asked URL after redirects).
-    pub final_url: Url,
-    /// The answer came from another origin (the Authorization was dropped).
-    pub left_origin: bool,
-}
-
 /// GETs (or HEADs) `url` on `ep` with its authorization, answering one
 /// challenge (a 401 renews the token and retries once), following redirects.
 pub async fn authorized(
@@ -105,7 +66,7 @@ pub async fn authorized(
     let mut attempt = 0;
     loop {
         let (auth, generation) = ep.auth.header(client).await?;
-        let answer = follow(client, method.clone(), url.clone(), headers.clone(), auth.as_deref()).await?;
+        let answer = http::follow(client, method.clone(), url.clone(), headers.clone(), auth.as_deref()).await?;
         if answer.response.status() != StatusCode::UNAUTHORIZED || answer.left_origin {
             return Ok(answer);
         }
@@ -134,100 +95,8 @@ pub async fn authorized(
     }
 }
 
-/// Sends and follows up to [`MAX_REDIRECTS`] redirects by hand: every header
-/// (`Range`, `Accept`) is kept; `Authorization` only while on the origin.
-pub async fn follow(
-    client: &reqwest::Client,
-    method: Method,
-    url: Url,
-    headers: HeaderMap,
-    auth: Option<&str>,
-) -> Result<Answer, OciError> {
-    let start_origin = origin(&url);
-    let mut url = url;
-    let mut left_origin = false;
-    for _ in 0..=MAX_REDIRECTS {
-        let mut req = client.request(method.clone(), url.clone()).headers(headers.clone());
-        if let (Some(a), false) = (auth, left_origin) {
-            let mut v = HeaderValue::from_str(a).map_err(|_| OciError::Protocol("bad authorization value".into()))?;
-            v.set_sensitive(true);
-            req = req.header(AUTHORIZATION, v);
-        }
-        let response = req.send().await.map_err(|e| classify_send(&e, &url))?;
-        let status = response.status();
-        if !status.is_redirection() || status == StatusCode::NOT_MODIFIED {
-            return Ok(Answer { response, final_url: url, left_origin });
-        }
-        let location = response
-            .headers()
-            .get(LOCATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| OciError::Protocol(format!("{}: redirect without a Location", origin(&url))))?;
-        let next = url
-            .join(location)
-            .map_err(|_| OciError::Protocol(format!("{}: redirect to a bad Location", origin(&url))))?;
-        if !matches!(next.scheme(), "http" | "https") {
-            return Err(OciError::Protocol(format!("{}: redirect to a non-HTTP URL", origin(&url))));
-        }
-        if url.scheme() == "https" && next.scheme() == "http" {
-            return Err(OciError::Protocol(format!("{}: redirect from https to plain http refused", origin(&url))));
-        }
-        if origin(&next) != start_origin {
-            left_origin = true;
-        }
-        tracing::debug!(from = %origin(&url), to = %origin(&next), "following a redirect");
-        url = next;
-    }
-    Err(OciError::Protocol(format!("{start_origin}: more than {MAX_REDIRECTS} redirects")))
-}
-
-/// `scheme://host[:port]`: no user info, no path, no query (signed URLs carry tokens there).
-pub fn origin(url: &Url) -> String {
-    url.origin().ascii_serialization()
-}
-
 fn shown_url(s: &str) -> String {
     Url::parse(s).map(|u| origin(&u)).unwrap_or_else(|_| "<unparsable>".into())
-}
-
-fn classify_send(e: &reqwest::Error, url: &Url) -> OciError {
-    let endpoint = origin(url);
-    if e.is_timeout() {
-        OciError::Unreachable { endpoint, why: "request timed out".into() }
-    } else if e.is_builder() {
-        OciError::Protocol(format!("{endpoint}: {}", error_chain(e)))
-    } else {
-        OciError::Unreachable { endpoint, why: send_error_reason(e) }
-    }
-}
-
-/// The innermost cause, e.g. "Connection refused (os error 111)".
-pub fn send_error_reason(e: &reqwest::Error) -> String {
-    if e.is_timeout() {
-        return "request timed out".into();
-    }
-    error_chain(e)
-}
-
-
-/// Reads a whole body of at most `cap` bytes.
-pub async fn read_capped(mut resp: reqwest::Response, cap: usize) -> Result<Vec<u8>, OciError> {
-    if resp.content_length().is_some_and(|l| l > cap as u64) {
-        return Err(OciError::Protocol(format!("response larger than {cap} bytes")));
-    }
-    let mut out = Vec::new();
-    loop {
-        match resp.chunk().await {
-            Ok(Some(c)) => {
-                if out.len() + c.len() > cap {
-                    return Err(OciError::Protocol(format!("response larger than {cap} bytes")));
-                }
-                out.extend_from_slice(&c);
-            }
-            Ok(None) => return Ok(out),
-            Err(e) => return Err(OciError::Transient(format!("response cut short: {}", error_chain(&e)))),
-        }
-    }
 }
 
 /// The registry error code of a JSON error body (`{"errors":[{"code":…}]}`).
@@ -241,9 +110,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn origins_hide_credentials_and_queries() {
-        let u = Url::parse("https://user:pw@cdn.example:8443/blob?sig=secret").unwrap();
-        assert_eq!(origin(&u), "https://cdn.example:8443");
+    fn shown_urls_hide_credentials_and_queries() {
         assert_eq!(shown_url("http://u:p@h/x?t=1"), "http://h");
     }
 

@@ -3,7 +3,10 @@
 //! A [`RangeSource`] knows the blob's size and serves byte ranges of it. The
 //! agent never cares whether the bytes come from an HTTP server, an OCI
 //! registry or a local file; that is what keeps the backend (cache file +
-//! fanotify) apart from the remote, as erofs-utils does.
+//! fanotify) apart from the remote, as erofs-utils does. This module is the
+//! trait and the implementations that need nothing but the `http` leaf; the
+//! registry source lives in `oci`, and which source serves a mount is
+//! decided by the agent's start-up (`agent::sources`).
 //!
 //! Every response is checked against what was asked (status, Content-Range,
 //! length): a remote is untrusted.
@@ -11,7 +14,6 @@
 pub mod file;
 pub mod http;
 pub mod retry;
-pub mod source;
 
 use std::ops::Range;
 
@@ -21,7 +23,9 @@ use futures_util::future::BoxFuture;
 pub use file::FileSource;
 pub use http::HttpSource;
 pub use retry::{fetch_with_retry, RetryPolicy};
-pub use source::{open_source, OpenedSource, SourceSpec};
+
+/// Bytes read when a source is opened: enough for the EROFS superblock (at 1024).
+pub const PROBE_LEN: u64 = 4096;
 
 /// Why a fetch failed. Transient failures are retried, permanent ones not.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +39,16 @@ pub enum FetchError {
 impl FetchError {
     pub fn is_transient(&self) -> bool {
         matches!(self, FetchError::Transient(_))
+    }
+}
+
+impl From<crate::http::HttpError> for FetchError {
+    fn from(e: crate::http::HttpError) -> FetchError {
+        if e.is_transient() {
+            FetchError::Transient(e.to_string())
+        } else {
+            FetchError::Permanent(e.to_string())
+        }
     }
 }
 

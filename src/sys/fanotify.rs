@@ -113,14 +113,81 @@ pub fn fanotify_mark_fd(
     Ok(())
 }
 
-/// `read(2)` of a batch of events. `WouldBlock` when the group is
-/// non-blocking and empty; `Interrupted` is returned as is.
-pub fn read(fd: BorrowedFd, buf: &mut [u8]) -> io::Result<usize> {
+/// The event fds the kernel installed in our table for one `read(2)` of a
+/// group, owned from the moment the read returns. Events are matched to their
+/// fd by number with [`EventFds::take`]; an fd nobody took is answered
+/// `FAN_DENY | EIO` before it is closed (harmless for a notification, and a
+/// permission event is never left pending behind a closed fd).
+#[derive(Debug)]
+pub struct EventFds<'g> {
+    group: BorrowedFd<'g>,
+    /// Sorted by number; `None` once taken.
+    fds: Vec<(i32, Option<OwnedFd>)>,
+}
+
+impl EventFds<'_> {
+    /// The owned fd with number `n`, once.
+    pub fn take(&mut self, n: i32) -> Option<OwnedFd> {
+        let i = self.fds.binary_search_by_key(&n, |(number, _)| *number).ok()?;
+        self.fds[i].1.take()
+    }
+
+    /// Fds not taken yet.
+    pub fn remaining(&self) -> usize {
+        self.fds.iter().filter(|(_, fd)| fd.is_some()).count()
+    }
+}
+
+impl Drop for EventFds<'_> {
+    fn drop(&mut self) {
+        for (number, fd) in self.fds.drain(..) {
+            if fd.is_some() {
+                let _ = write_response(self.group, number, fan_deny_errno(libc::EIO));
+            }
+        }
+    }
+}
+
+/// `read(2)` of a batch of events into `buf`; returns the bytes read and the
+/// fds of the events in them. `WouldBlock` when the group is non-blocking and
+/// empty; `Interrupted` is returned as is.
+pub fn read_events<'g>(group: BorrowedFd<'g>, buf: &mut [u8]) -> io::Result<(usize, EventFds<'g>)> {
     // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
     let n = cvt_long(unsafe {
-        libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) as libc::c_long
-    })?;
-    Ok(n as usize)
+        libc::read(group.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) as libc::c_long
+    })? as usize;
+    let mut fds = Vec::new();
+    for number in event_fd_numbers(&buf[..n.min(buf.len())]) {
+        // SAFETY: the kernel installed `number` in our table for an event of
+        // this very read and nothing else knows it yet; `event_fd_numbers`
+        // yields each event's fd field once (sorted, deduplicated), walking
+        // headers of the known version only.
+        fds.push((number, Some(unsafe { OwnedFd::from_raw_fd(number) })));
+    }
+    Ok((n, EventFds { group, fds }))
+}
+
+/// The fd fields of the events in one batch (just the fixed headers; the
+/// full parse is `crate::fanotify::event`). Stops at the first header that is
+/// not of the known version or whose length does not fit: the rest of the
+/// batch cannot be walked (the kernel never writes such batches).
+fn event_fd_numbers(batch: &[u8]) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    while let Some(header) = batch.get(at..at + FAN_EVENT_METADATA_LEN) {
+        let event_len = u32::from_ne_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let fd = i32::from_ne_bytes([header[16], header[17], header[18], header[19]]);
+        if header[4] != FANOTIFY_METADATA_VERSION || event_len < FAN_EVENT_METADATA_LEN || event_len > batch.len() - at {
+            break;
+        }
+        if fd >= 0 {
+            out.push(fd);
+        }
+        at += event_len;
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// Writes one `struct fanotify_response` for the event whose fd number is
@@ -146,18 +213,39 @@ pub fn write_response(group: BorrowedFd, fd: i32, response: u32) -> io::Result<(
     Ok(())
 }
 
-/// Takes ownership of an event fd number just read from a fanotify group.
-///
-/// The kernel installs one descriptor per event in our table when `read()`
-/// returns; nobody else owns it. Contract (not checkable here): call this
-/// at most once per fd number read, and only for numbers read from a group
-/// (never for numbers from elsewhere), or an unrelated descriptor could be
-/// closed twice. Negative numbers (`FAN_NOFD`, errors) give `None`.
-pub fn adopt_event_fd(fd: i32) -> Option<OwnedFd> {
-    if fd < 0 {
-        return None;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(event_len: u32, vers: u8, fd: i32) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&event_len.to_ne_bytes());
+        b.push(vers);
+        b.push(0);
+        b.extend_from_slice(&(FAN_EVENT_METADATA_LEN as u16).to_ne_bytes());
+        b.extend_from_slice(&FAN_PRE_ACCESS.to_ne_bytes());
+        b.extend_from_slice(&fd.to_ne_bytes());
+        b.extend_from_slice(&1i32.to_ne_bytes());
+        b.resize(event_len.max(24) as usize, 0);
+        b
     }
-    // SAFETY: per the contract above, `fd` is an open descriptor the kernel
-    // installed for this event and no other owner exists.
-    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+
+    #[test]
+    fn fd_numbers_of_well_formed_and_broken_batches() {
+        let v = FANOTIFY_METADATA_VERSION;
+        let mut batch = header(24, v, 7);
+        batch.extend(header(48, v, -1));
+        batch.extend(header(24, v, 9));
+        assert_eq!(event_fd_numbers(&batch), vec![7, 9]);
+        // A wrong version or an impossible length ends the walk.
+        let mut broken = header(24, v, 7);
+        broken.extend(header(24, v + 1, 8));
+        broken.extend(header(24, v, 9));
+        assert_eq!(event_fd_numbers(&broken), vec![7]);
+        let mut long = header(24, v, 7);
+        long.extend(header(24, v, 8));
+        long[24..28].copy_from_slice(&1000u32.to_ne_bytes());
+        assert_eq!(event_fd_numbers(&long), vec![7]);
+        assert!(event_fd_numbers(&[1, 2, 3]).is_empty());
+    }
 }

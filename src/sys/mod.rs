@@ -14,7 +14,8 @@
 //!   (fsopen/fsconfig/fsmount/move_mount), `umount2`.
 //! - [`statx`]: mount ids (`STATX_MNT_ID_UNIQUE`).
 //! - [`process`]: pidfds, process start times, mount namespaces.
-//! - [`fs`]: `statfs` magic numbers (tmpfs detection).
+//! - [`fs`]: FIEMAP (where a mounted file's data lies in the image).
+//! - [`shm`]: a shared file mapping (the event journal).
 
 pub mod fanotify;
 pub mod fs;
@@ -55,21 +56,6 @@ fn path_to_cstring(path: &Path) -> io::Result<CString> {
             format!("path contains a NUL byte: {}", path.display()),
         )
     })
-}
-
-/// Test helper for tests that need root (fanotify groups, mounts): returns
-/// `false` (skip) when not root, but panics when `CI=true`, so CI never
-/// passes by silently skipping them.
-#[cfg(test)]
-pub(crate) fn root_or_skip(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: needs root, and CI=true forbids skipping");
-    }
-    eprintln!("{test}: skipped (needs root)");
-    false
 }
 
 /// Test helper: `umount` that retries while EBUSY. Tests in the same binary

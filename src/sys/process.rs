@@ -168,29 +168,23 @@ pub fn mount_namespace_inode() -> io::Result<u64> {
 
 /// Makes sure fd number `n` is occupied in this process, by a duplicate of
 /// `placeholder` if it is free, so the kernel cannot hand `n` to anything
-/// else (such as a new fanotify event). Returns whether a placeholder was
-/// installed (`false`: `n` is already one of our open fds).
-pub fn reserve_fd_number(n: i32, placeholder: BorrowedFd<'_>) -> io::Result<bool> {
+/// else (such as a new fanotify event). Returns the placeholder, owned:
+/// dropping it frees the number again. `Ok(None)`: `n` is already open in
+/// this process (one of our own descriptors holds it).
+pub fn reserve_fd_number(n: i32, placeholder: BorrowedFd<'_>) -> io::Result<Option<OwnedFd>> {
     if n < 0 {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "negative fd"));
     }
     // SAFETY: F_GETFD only queries the descriptor table.
     let in_use = unsafe { libc::fcntl(n, libc::F_GETFD) } != -1;
     if in_use {
-        return Ok(false);
+        return Ok(None);
     }
     // SAFETY: `n` is free (checked above, and this runs before other threads
     // open files), so dup3 closes nothing of ours; O_CLOEXEC keeps it private.
-    cvt(unsafe { libc::dup3(placeholder.as_raw_fd(), n, libc::O_CLOEXEC) })?;
-    Ok(true)
-}
-
-/// Closes a placeholder installed by [`reserve_fd_number`].
-pub fn release_fd_number(n: i32) {
-    // SAFETY: `n` was installed by reserve_fd_number and is owned by nobody else.
-    unsafe {
-        libc::close(n);
-    }
+    let fd = cvt(unsafe { libc::dup3(placeholder.as_raw_fd(), n, libc::O_CLOEXEC) })?;
+    // SAFETY: dup3 just installed `fd` (= n); nothing else owns it.
+    Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
 const MAX_INHERITED_FDS: usize = 8;
@@ -233,32 +227,58 @@ pub fn spawn_with_fds(
     cmd.spawn()
 }
 
-/// Takes ownership of fd `n` inherited from our parent (see [`spawn_with_fds`]).
-/// `None` if `n` is not open.
+/// Takes ownership of fd `n` inherited from our parent (see
+/// [`spawn_with_fds`]): `None` if `n` is not open, is stdio, or was taken
+/// before. Each number can be taken once per process, so two owners can
+/// never close the same descriptor; call it at startup, before this process
+/// opens files of its own (the numbers our parent set up are open from exec
+/// on, so nothing of ours can hold them).
 pub fn take_inherited_fd(n: i32) -> Option<OwnedFd> {
-    // SAFETY: F_GETFD only queries the descriptor table.
-    let open = n > 2 && unsafe { libc::fcntl(n, libc::F_GETFD) } != -1;
-    if !open {
+    static TAKEN: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
+    let mut taken = TAKEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if n <= 2 || taken.contains(&n) {
         return None;
     }
+    // SAFETY: F_GETFD only queries the descriptor table.
+    if unsafe { libc::fcntl(n, libc::F_GETFD) } == -1 {
+        return None;
+    }
+    taken.push(n);
     // Close-on-exec from now on: it is ours, not our children's.
     // SAFETY: setting a flag on an fd we just checked is open.
     unsafe {
         libc::fcntl(n, libc::F_SETFD, libc::FD_CLOEXEC);
     }
-    // SAFETY: our parent set `n` up for us before exec, and nothing else in
-    // this process has taken ownership of it (called once, at startup).
+    // SAFETY: our parent set `n` up for us before exec and it is taken at
+    // most once (TAKEN), so this is its only owner.
     Some(unsafe { OwnedFd::from_raw_fd(n) })
 }
 
-/// Takes ownership of a descriptor received with SCM_RIGHTS.
-pub fn own_received_fd(fd: i32) -> Option<OwnedFd> {
-    if fd < 0 {
-        return None;
+/// `recvmsg(2)` on a unix stream socket with room for `SCM_RIGHTS`: the
+/// bytes read into `buf` and the descriptors that came with them, owned and
+/// close-on-exec. `Ok((0, _))` at end of stream.
+pub fn recv_with_fds(socket: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 4]);
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let msg = loop {
+        match recvmsg::<()>(socket.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
+            Ok(m) => break m,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let mut fds = Vec::new();
+    for c in msg.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(received) = c {
+            for fd in received.into_iter().filter(|&fd| fd >= 0) {
+                // SAFETY: the kernel installed `fd` in our table for this
+                // message; nothing else in the process knows its number.
+                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
     }
-    // SAFETY: the kernel installed `fd` in our table for this message, and
-    // nothing else in the process knows its number yet.
-    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+    Ok((msg.bytes, fds))
 }
 
 #[cfg(test)]
@@ -342,6 +362,25 @@ mod tests {
         // The test runner and its ancestors share our namespace, so nothing
         // changes (and no setns runs in this threaded binary).
         assert!(!enter_outer_mount_namespace().unwrap());
+    }
+
+    #[test]
+    fn fd_numbers_are_reserved_and_inherited_fds_taken_once() {
+        let placeholder = std::fs::File::open("/dev/null").unwrap();
+        // A number far above anything in use is free: reserved, then freed on drop.
+        let reserved = reserve_fd_number(900, placeholder.as_fd()).unwrap().unwrap();
+        assert_eq!(reserved.as_raw_fd(), 900);
+        assert!(reserve_fd_number(900, placeholder.as_fd()).unwrap().is_none(), "already open");
+        drop(reserved);
+        assert!(reserve_fd_number(900, placeholder.as_fd()).unwrap().is_some());
+        // An open number is taken once; stdio and closed numbers never.
+        let probe = reserve_fd_number(901, placeholder.as_fd()).unwrap().unwrap();
+        std::mem::forget(probe);
+        let first = take_inherited_fd(901);
+        assert!(first.is_some());
+        assert!(take_inherited_fd(901).is_none(), "a second owner is refused");
+        assert!(take_inherited_fd(1).is_none());
+        assert!(take_inherited_fd(902).is_none());
     }
 
     #[test]

@@ -10,22 +10,55 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::ptr::NonNull;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 
-pub struct SharedMap {
+/// The mapping itself, shared by the two halves of [`SharedMap::split`].
+struct Mapping {
     // Kept open for the life of the mapping (and of the process, see the journal).
-    file: File,
+    _file: File,
     ptr: NonNull<u8>,
     len: usize,
 }
 
-// SAFETY: the mapping is plain memory owned by this value; access goes
-// through &self/&mut self, so Rust's aliasing rules hold within the process.
-unsafe impl Send for SharedMap {}
-// SAFETY: as above; shared references only read.
-unsafe impl Sync for SharedMap {}
+// SAFETY: the mapping is plain memory owned by this value; the halves handed
+// out by `split` are disjoint, one accessed through `&mut` only, the other
+// through atomics only, so Rust's aliasing rules hold within the process.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the region mapped in `open`; the halves
+        // that borrowed from it hold this `Arc`, so none outlives it.
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), self.len);
+        }
+    }
+}
+
+/// A shared mapping of a whole file, not yet split.
+pub struct SharedMap {
+    map: Mapping,
+}
+
+/// The byte half of a split mapping: one owner, plain reads and writes.
+pub struct SharedBytes {
+    map: Arc<Mapping>,
+    len: usize,
+}
+
+/// The word half of a split mapping: shared, accessed with atomics only.
+pub struct SharedWords {
+    map: Arc<Mapping>,
+    off: usize,
+    words: usize,
+}
 
 impl SharedMap {
-    /// Opens (creating, mode 0600) `path`, sizes it to `len` and maps it shared.
+    /// Opens (creating, mode 0600, never through a symlink) `path`, sizes it
+    /// to `len` and maps it shared.
     pub fn open(path: &Path, len: usize) -> io::Result<SharedMap> {
         if len == 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty mapping"));
@@ -57,50 +90,66 @@ impl SharedMap {
             return Err(io::Error::last_os_error());
         }
         let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
-        Ok(SharedMap { file, ptr, len })
+        Ok(SharedMap { map: Mapping { _file: file, ptr, len } })
     }
 
-    pub fn bytes(&self) -> &[u8] {
-        // SAFETY: `ptr` maps `len` readable bytes for as long as `self` lives.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-
-    pub fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in `bytes`, and `&mut self` makes this the only reference
-        // within the process; other processes touch the file only after we die.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-
-    pub fn file(&self) -> &File {
-        &self.file
+    /// Splits into bytes `[0, at)` and 64-bit words `[at, len)`; `at` and the
+    /// length of the word half must be multiples of 8 (the mapping itself is
+    /// page aligned).
+    pub fn split(self, at: usize) -> io::Result<(SharedBytes, SharedWords)> {
+        let len = self.map.len;
+        if at > len || at % 8 != 0 || (len - at) % 8 != 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "split point not word aligned"));
+        }
+        let map = Arc::new(self.map);
+        let words = SharedWords { map: Arc::clone(&map), off: at, words: (len - at) / 8 };
+        Ok((SharedBytes { map, len: at }, words))
     }
 }
 
-impl Drop for SharedMap {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly the region mapped in `open`; no slices
-        // borrowed from it outlive `self`.
-        unsafe {
-            libc::munmap(self.ptr.as_ptr().cast(), self.len);
-        }
+impl SharedBytes {
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: `[0, len)` is mapped readable while `map` lives, and no
+        // other half covers it.
+        unsafe { std::slice::from_raw_parts(self.map.ptr.as_ptr(), self.len) }
+    }
+
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `bytes`; `&mut self` on the only owner of this half
+        // makes this the only reference to it within the process (other
+        // processes touch the file only after we die).
+        unsafe { std::slice::from_raw_parts_mut(self.map.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl AsRef<[AtomicU64]> for SharedWords {
+    fn as_ref(&self) -> &[AtomicU64] {
+        // SAFETY: `[off, off + 8 * words)` is mapped, 8-byte aligned (page
+        // aligned base, `off` a multiple of 8), lives as long as `map`, and is
+        // only ever accessed through these atomics within the process.
+        unsafe { std::slice::from_raw_parts(self.map.ptr.as_ptr().add(self.off).cast::<AtomicU64>(), self.words) }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering;
 
     #[test]
-    fn writes_reach_the_file() {
+    fn writes_to_both_halves_reach_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j");
-        let mut map = SharedMap::open(&path, 8192).unwrap();
-        map.bytes_mut()[100..104].copy_from_slice(b"abcd");
+        let (mut bytes, words) = SharedMap::open(&path, 8192).unwrap().split(4096).unwrap();
+        bytes.bytes_mut()[100..104].copy_from_slice(b"abcd");
+        words.as_ref()[1].store(0x0102_0304_0506_0708, Ordering::SeqCst);
         let on_disk = std::fs::read(&path).unwrap();
         assert_eq!(on_disk.len(), 8192);
         assert_eq!(&on_disk[100..104], b"abcd");
-        drop(map);
-        let again = SharedMap::open(&path, 8192).unwrap();
+        assert_eq!(&on_disk[4104..4112], &0x0102_0304_0506_0708u64.to_ne_bytes());
+        drop((bytes, words));
+        let (again, _) = SharedMap::open(&path, 8192).unwrap().split(4096).unwrap();
         assert_eq!(&again.bytes()[100..104], b"abcd");
+        assert!(SharedMap::open(&path, 8192).unwrap().split(4095).is_err());
     }
 }

@@ -57,20 +57,6 @@ pub fn strip_url_userinfo(url: &str) -> String {
     }
 }
 
-/// A form of `url` fit for logs, records and `status`: no userinfo, and the query (which may
-/// hold a token or a signature) replaced by `?REDACTED`. The fragment is dropped.
-pub fn redact_url(url: &str) -> String {
-    let mut s = strip_url_userinfo(url);
-    if let Some(hash) = s.find('#') {
-        s.truncate(hash);
-    }
-    if let Some(q) = s.find('?') {
-        s.truncate(q);
-        s.push_str("?REDACTED");
-    }
-    s
-}
-
 /// Checks that `key` is a single, harmless path component: `[A-Za-z0-9._-]`, not empty, not
 /// starting with '.', no "..", at most 128 bytes.
 pub fn validate_cache_key(key: &str) -> Result<(), StateError> {
@@ -135,15 +121,6 @@ mod tests {
         assert_eq!(strip_url_userinfo("https://a@b@h"), "https://h");
         assert_eq!(strip_url_userinfo("no-scheme@h"), "no-scheme@h");
         assert_eq!(strip_url_userinfo("http://h"), "http://h");
-    }
-
-    #[test]
-    fn redact() {
-        assert_eq!(
-            redact_url("https://u:p@h/a?sig=1#f"),
-            "https://h/a?REDACTED"
-        );
-        assert_eq!(redact_url("https://h/a"), "https://h/a");
     }
 
     #[test]

@@ -39,7 +39,7 @@ pub use cache_entry::{check_cache_filesystem, CacheEntry, CacheFsKind, EntryMeta
 pub use error::StateError;
 pub use identity::{parse_proc_stat, AgentIdentity, ProcStat};
 pub use keys::{
-    cache_key_for_digest, cache_key_for_url, redact_url, strip_url_userinfo, validate_cache_key,
+    cache_key_for_digest, cache_key_for_url, strip_url_userinfo, validate_cache_key,
     validate_digest,
 };
 pub use mount_record::{

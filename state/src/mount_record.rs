@@ -22,7 +22,7 @@ pub struct MountRecord {
     /// True if `mnt_id` is a `STATX_MNT_ID_UNIQUE` id, false for the reusable `STATX_MNT_ID`.
     pub mnt_id_unique: bool,
     pub mountpoint: PathBuf,
-    /// The image reference or URL, without credentials (see [`crate::redact_url`]).
+    /// The image reference or URL, without credentials (redacted by the caller).
     pub source: String,
     pub digest: Option<String>,
     pub blob_size: u64,

@@ -1,13 +1,16 @@
-//! Which remote serves a mount, as decided by the front end and handed to the
-//! agent (on its stdin: the spec may carry credentials, never logged).
+//! Which source serves a mount: the front end names it in a [`SourceSpec`]
+//! (handed to the agent on its stdin: a spec may carry credentials, never
+//! logged), and the agent's start-up opens it here — the one place that
+//! knows every kind of source, as erofs-utils' `mount/main.c` picks among
+//! `lib/remotes/*`. The event path only ever sees a `RangeSource`.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::http::{HttpConfig, HttpSource};
-use super::RangeSource;
+use crate::http::{redact_url, ClientConfig};
+use crate::remote::{HttpSource, RangeSource};
 
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -29,7 +32,7 @@ impl SourceSpec {
     /// Credential-free text for records, logs and status.
     pub fn describe(&self) -> String {
         match self {
-            SourceSpec::Url { url } => super::http::redact_url(url),
+            SourceSpec::Url { url } => redact_url(url),
             SourceSpec::Oci(spec) => spec.describe(),
         }
     }
@@ -63,7 +66,7 @@ pub struct OpenedSource {
 #[error("{0}")]
 pub struct OpenError(pub String);
 
-pub async fn open_source(spec: &SourceSpec, http: &HttpConfig) -> Result<OpenedSource, OpenError> {
+pub async fn open_source(spec: &SourceSpec, http: &ClientConfig) -> Result<OpenedSource, OpenError> {
     match spec {
         SourceSpec::Url { url } => {
             let (source, probe) = HttpSource::open(url, http).await.map_err(|e| OpenError(e.to_string()))?;

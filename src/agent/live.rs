@@ -1,0 +1,130 @@
+//! Stage 2: go live. Mark the cache file (before any mount: a later mark is
+//! not seen by an existing superblock), open the control socket, write the
+//! agent record, and assemble what serving needs (scheduler, completion,
+//! control context). After this, front ends can find and use the agent.
+
+use std::sync::Arc;
+
+use erofs_fanotify_state::{self as state, AgentIdentity, AgentRecord, StateDir};
+use tokio::net::UnixListener;
+
+use crate::fanotify::FAN_PRE_ACCESS;
+
+use super::complete::Completion;
+use super::control::ControlContext;
+use super::event_loop::AgentScheduler;
+use super::lifecycle::Lifecycle;
+use super::prepare::Prepared;
+use super::scheduler::SchedulerConfig;
+use super::trace::Trace;
+use super::worker::{Agent, WorkerContext};
+use super::{AgentConfig, AgentError};
+
+/// On error a cache entry created by stage 1 is removed, and so are the
+/// socket and record when they were made: nothing is left behind.
+pub(super) async fn go_live(cfg: &AgentConfig, ctx: &WorkerContext, p: Prepared) -> Result<Agent, AgentError> {
+    let state = StateDir::new(cfg.state_dir.clone());
+    let remove_entry = |e: AgentError, p: &Prepared| {
+        if p.created_entry {
+            if let Err(rm) = p.entry.clone().remove() {
+                tracing::warn!(error = %rm, "cannot remove the half-made cache entry");
+            }
+        }
+        e
+    };
+    let blob_path = p.entry.blob_path();
+    // The supervisor created the group; marking again after a restart is a no-op.
+    let mask = FAN_PRE_ACCESS | (libc::FAN_OPEN | libc::FAN_CLOSE_NOWRITE | libc::FAN_CLOSE_WRITE);
+    if let Err(e) = ctx.group.mark_inode(&blob_path, mask) {
+        return Err(remove_entry(AgentError::Fanotify(e.to_string()), &p));
+    }
+    let (listener, socket_path, identity) = match publish(cfg, &state) {
+        Ok(published) => published,
+        Err(e) => return Err(remove_entry(e, &p)),
+    };
+
+    let lifecycle = Lifecycle::new(state.clone());
+    if ctx.resume {
+        lifecycle.adopt_records(&cfg.cache_key, identity);
+    }
+    let scheduler = AgentScheduler::new(
+        Arc::clone(&p.cache),
+        Arc::clone(&p.source),
+        Arc::clone(&p.stats),
+        SchedulerConfig {
+            fetch_unit: cfg.fetch_unit,
+            max_window: (8 * cfg.fetch_unit).max(8 << 20),
+            // Bodies are buffered whole: this bounds memory per request.
+            max_request: (4 * cfg.fetch_unit).max(4 << 20),
+            parallel: cfg.fetch_parallel,
+            retry: p.retry.clone(),
+        },
+        tokio::runtime::Handle::current(),
+    );
+    let completion = Completion::new(
+        Arc::clone(&p.cache),
+        Arc::clone(&ctx.group),
+        blob_path.clone(),
+        p.digest.clone(),
+        Arc::clone(&p.fetcher),
+        Arc::clone(&scheduler),
+        p.required.clone(),
+    );
+    let trace = Arc::new(Trace::default());
+    trace.set_recording(cfg.record_trace);
+    let control = Arc::new(ControlContext {
+        scheduler: Arc::clone(&scheduler),
+        trace,
+        completion: Arc::clone(&completion),
+        lifecycle: Arc::clone(&lifecycle),
+        stats: Arc::clone(&p.stats),
+        cache: Arc::clone(&p.cache),
+        cache_path: blob_path,
+        cache_dir: cfg.cache_dir.clone(),
+        cache_key: cfg.cache_key.clone(),
+        source: p.shown.clone(),
+        remote: Arc::clone(&p.source),
+        digest: p.digest.clone(),
+        read_ahead_kb: cfg.read_ahead_kb,
+        socket_path,
+        identity,
+        upgrade: tokio::sync::Notify::new(),
+    });
+    Ok(Agent {
+        cfg: cfg.clone(),
+        state,
+        entry: p.entry,
+        created_entry: p.created_entry,
+        cache: p.cache,
+        group: Arc::clone(&ctx.group),
+        lifecycle,
+        stats: p.stats,
+        scheduler,
+        fetcher: p.fetcher,
+        completion,
+        control,
+        listener: Some(listener),
+    })
+}
+
+/// The control socket and the agent record: how front ends find us.
+fn publish(cfg: &AgentConfig, state: &StateDir) -> Result<(UnixListener, std::path::PathBuf, AgentIdentity), AgentError> {
+    let socket_path = state.agent_socket_path(&cfg.cache_key).map_err(|e| AgentError::Io(format!("bad cache key: {e}")))?;
+    let _ = std::fs::remove_file(&socket_path);
+    let listener = UnixListener::bind(&socket_path)
+        .map_err(|e| AgentError::Io(format!("cannot listen on {}: {e}", socket_path.display())))?;
+    let identity = AgentIdentity::current().map_err(|e| AgentError::Io(format!("cannot read own identity: {e}")));
+    let record = identity.and_then(|identity| {
+        let record = AgentRecord { identity, socket: socket_path.clone(), cache_key: cfg.cache_key.clone() };
+        state::write_agent_record(state, &record)
+            .map(|()| identity)
+            .map_err(|e| AgentError::Io(format!("cannot write the agent record: {e}")))
+    });
+    match record {
+        Ok(identity) => Ok((listener, socket_path, identity)),
+        Err(e) => {
+            let _ = std::fs::remove_file(&socket_path);
+            Err(e)
+        }
+    }
+}
