@@ -326,6 +326,11 @@ impl<W: Waiter> Scheduler<W> {
         self.stats.fetch_latency.observe(started.elapsed());
         self.set_degraded(result.is_err());
         match result {
+            Ok(fetched) if fetched.bytes.len() as u64 != range.end - range.start => {
+                Stats::add(&self.stats.fetch_errors, 1);
+                tracing::error!(?range, got = fetched.bytes.len(), "the source returned the wrong number of bytes; readers get EIO");
+                false
+            }
             Ok(fetched) => {
                 Stats::add(&self.stats.fetch_errors, u64::from(fetched.failed_attempts));
                 Stats::add(&self.stats.fetched_bytes, fetched.bytes.len() as u64);
@@ -423,7 +428,183 @@ fn runs(units: &[u64], max: u64) -> Vec<Range<u64>> {
 
 #[cfg(test)]
 mod tests {
-    use super::{runs, Streams};
+    use super::*;
+    use bytes::Bytes;
+    use futures_util::future::BoxFuture;
+    use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+    use std::sync::mpsc;
+
+    /// A waiter that reports its answer on a channel.
+    struct Probe {
+        id: u32,
+        tx: mpsc::Sender<(u32, Result<(), i32>)>,
+    }
+
+    impl Waiter for Probe {
+        fn allow(self) {
+            let _ = self.tx.send((self.id, Ok(())));
+        }
+        fn deny(self, errno: i32) {
+            let _ = self.tx.send((self.id, Err(errno)));
+        }
+    }
+
+    #[derive(Clone, Copy, PartialEq)]
+    enum Behaviour {
+        Serve,
+        Fail,
+        Panic,
+        /// Reports success without the bytes the range needs (a short body the source did not catch).
+        Short,
+    }
+
+    /// An in-memory blob that counts requests; `gate` holds fetches until released.
+    struct Blob {
+        data: Vec<u8>,
+        requests: AtomicU64,
+        ranges: Mutex<Vec<Range<u64>>>,
+        behaviour: Behaviour,
+        gate: tokio::sync::Semaphore,
+    }
+
+    impl RangeSource for Blob {
+        fn size(&self) -> u64 {
+            self.data.len() as u64
+        }
+        fn fetch(&self, range: Range<u64>) -> BoxFuture<'_, Result<Bytes, crate::remote::FetchError>> {
+            Box::pin(async move {
+                let _open = self.gate.acquire().await;
+                self.requests.fetch_add(1, SeqCst);
+                self.ranges.lock().push(range.clone());
+                match self.behaviour {
+                    Behaviour::Serve => Ok(Bytes::copy_from_slice(&self.data[range.start as usize..range.end as usize])),
+                    Behaviour::Fail => Err(crate::remote::FetchError::Permanent("gone".into())),
+                    Behaviour::Panic => panic!("a source bug"),
+                    Behaviour::Short => Ok(Bytes::copy_from_slice(&self.data[range.start as usize..range.start as usize + 100])),
+                }
+            })
+        }
+        fn describe(&self) -> String {
+            "test blob".into()
+        }
+    }
+
+    struct Rig {
+        _dir: tempfile::TempDir,
+        rt: tokio::runtime::Runtime,
+        blob: Arc<Blob>,
+        cache: Arc<CacheFile>,
+        scheduler: Arc<Scheduler<Probe>>,
+        tx: mpsc::Sender<(u32, Result<(), i32>)>,
+        rx: mpsc::Receiver<(u32, Result<(), i32>)>,
+    }
+
+    const UNIT: u64 = 64 << 10;
+
+    fn rig(behaviour: Behaviour, held: bool) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 40 * UNIT + 1000;
+        let data: Vec<u8> = (0..size).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
+        let path = dir.path().join("blob");
+        std::fs::File::create(&path).unwrap().set_len(size).unwrap();
+        let cache = Arc::new(CacheFile::open(&path, size).unwrap());
+        let gate = tokio::sync::Semaphore::new(if held { 0 } else { tokio::sync::Semaphore::MAX_PERMITS });
+        let blob = Arc::new(Blob { data, requests: AtomicU64::new(0), ranges: Mutex::new(Vec::new()), behaviour, gate });
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let cfg = SchedulerConfig {
+            fetch_unit: UNIT,
+            max_window: 8 * UNIT,
+            max_request: 4 * UNIT,
+            parallel: 4,
+            retry: RetryPolicy { max_attempts: 1, deadline: Duration::from_secs(5), ..RetryPolicy::default() },
+        };
+        let scheduler = Scheduler::new(Arc::clone(&cache), blob.clone(), Arc::new(Stats::default()), cfg, rt.handle().clone());
+        let (tx, rx) = mpsc::channel();
+        Rig { _dir: dir, rt, blob, cache, scheduler, tx, rx }
+    }
+
+    impl Rig {
+        fn submit(&self, id: u32, range: Range<u64>) {
+            self.scheduler.submit(Probe { id, tx: self.tx.clone() }, range);
+        }
+        fn answers(&self, n: usize) -> Vec<(u32, Result<(), i32>)> {
+            let mut got: Vec<_> = (0..n).map(|_| self.rx.recv_timeout(Duration::from_secs(10)).expect("an answer")).collect();
+            got.sort_by_key(|a| a.0);
+            got
+        }
+        fn release(&self) {
+            self.blob.gate.add_permits(tokio::sync::Semaphore::MAX_PERMITS >> 4);
+        }
+    }
+
+    #[test]
+    fn a_miss_is_fetched_once_for_all_its_waiters_and_then_allowed() {
+        let r = rig(Behaviour::Serve, true);
+        r.submit(1, 0..4096);
+        r.submit(2, 4096..8192);
+        r.submit(3, 100..200);
+        assert_eq!(r.scheduler.waiting(), 3, "all three wait for the same unit");
+        r.release();
+        assert_eq!(r.answers(3), vec![(1, Ok(())), (2, Ok(())), (3, Ok(()))]);
+        assert_eq!(r.blob.requests.load(SeqCst), 1, "one request for one unit");
+        assert!(r.cache.contains(0..UNIT));
+        // Present now: answered at once, no request.
+        r.submit(4, 0..UNIT);
+        assert_eq!(r.answers(1), vec![(4, Ok(()))]);
+        assert_eq!(r.blob.requests.load(SeqCst), 1);
+        drop(r.rt);
+    }
+
+    #[test]
+    fn adjacent_missing_units_travel_in_one_request() {
+        let r = rig(Behaviour::Serve, true);
+        r.submit(1, 0..3 * UNIT);
+        r.release();
+        assert_eq!(r.answers(1), vec![(1, Ok(()))]);
+        assert_eq!(r.blob.requests.load(SeqCst), 1);
+        assert_eq!(r.blob.ranges.lock().clone(), vec![0..3 * UNIT]);
+        // Longer than max_request: split.
+        r.submit(2, 8 * UNIT..14 * UNIT);
+        assert_eq!(r.answers(1), vec![(2, Ok(()))]);
+        assert_eq!(r.blob.requests.load(SeqCst), 3);
+    }
+
+    #[test]
+    fn the_end_of_the_blob_is_clamped() {
+        let r = rig(Behaviour::Serve, false);
+        let size = r.cache.blob_size();
+        r.submit(1, size - 500..size);
+        assert_eq!(r.answers(1), vec![(1, Ok(()))]);
+        assert_eq!(r.blob.ranges.lock().clone(), vec![40 * UNIT..size]);
+    }
+
+    #[test]
+    fn failures_panics_and_short_successes_deny_with_eio() {
+        for behaviour in [Behaviour::Fail, Behaviour::Panic, Behaviour::Short] {
+            let r = rig(behaviour, false);
+            r.submit(1, 0..4096);
+            r.submit(2, 10 * UNIT..10 * UNIT + 4096);
+            assert_eq!(r.answers(2), vec![(1, Err(libc::EIO)), (2, Err(libc::EIO))]);
+            assert_eq!(r.scheduler.waiting(), 0, "nothing left waiting");
+            assert!(!r.cache.contains(0..4096));
+            // The dead entry does not swallow later events: they are fetched again.
+            r.submit(3, 0..4096);
+            assert_eq!(r.answers(1), vec![(3, Err(libc::EIO))]);
+        }
+    }
+
+    #[test]
+    fn sequential_misses_read_ahead_in_the_same_request() {
+        let r = rig(Behaviour::Serve, false);
+        r.submit(1, 0..4096);
+        assert_eq!(r.answers(1), vec![(1, Ok(()))]);
+        r.submit(2, UNIT..UNIT + 4096);
+        assert_eq!(r.answers(1), vec![(2, Ok(()))]);
+        // The second miss continued the stream: its request carried read-ahead units.
+        let ranges = r.blob.ranges.lock().clone();
+        assert_eq!(ranges[0], 0..UNIT);
+        assert!(ranges[1].end > 2 * UNIT, "{ranges:?}");
+    }
 
     #[test]
     fn sequential_misses_grow_the_window_and_random_ones_do_not() {
