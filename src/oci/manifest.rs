@@ -6,6 +6,7 @@
 
 use serde::Deserialize;
 
+
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
@@ -23,48 +24,26 @@ pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
 /// An index nested in an index is followed at most this deep.
 pub const MAX_INDEX_DEPTH: usize = 2;
 
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-pub struct Descriptor {
-    #[serde(rename = "mediaType", default)]
-    pub media_type: String,
-    pub digest: String,
-    pub size: u64,
-    #[serde(default)]
-    pub platform: Option<Platform>,
-}
+pub use oci_spec::image::{Descriptor, ImageIndex, ImageManifest, Platform};
 
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-pub struct Platform {
-    pub os: String,
-    pub architecture: String,
-    #[serde(default)]
-    pub variant: Option<String>,
-}
-
-impl std::fmt::Display for Platform {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.os, self.architecture)?;
-        match self.variant.as_deref() {
-            Some(v) if !v.is_empty() => write!(f, "/{v}"),
-            _ => Ok(()),
-        }
-    }
-}
-
-#[derive(Debug, PartialEq, Eq)]
+/// Manifests and indexes are the `oci-spec` types: Docker schema 2 parses
+/// too (its media types become `MediaType::Other`), digests are validated
+/// on the way in.
+#[derive(Debug, PartialEq)]
 pub enum Manifest {
-    Image { layers: Vec<Descriptor> },
-    Index { manifests: Vec<Descriptor> },
+    Image(Box<ImageManifest>),
+    Index(Box<ImageIndex>),
 }
 
+/// The fields that decide what a body is, read before the full parse.
 #[derive(Deserialize)]
-struct RawManifest {
+struct Kind {
     #[serde(rename = "mediaType", default)]
     media_type: Option<String>,
     #[serde(default)]
-    layers: Option<Vec<Descriptor>>,
+    layers: Option<serde::de::IgnoredAny>,
     #[serde(default)]
-    manifests: Option<Vec<Descriptor>>,
+    manifests: Option<serde::de::IgnoredAny>,
 }
 
 /// Parses a manifest or an index. The kind comes from the body's
@@ -73,7 +52,7 @@ pub fn parse_manifest(content_type: Option<&str>, body: &[u8]) -> Result<Manifes
     if body.len() > MAX_MANIFEST_BYTES {
         return Err(format!("manifest of {} bytes is too large", body.len()));
     }
-    let raw: RawManifest = serde_json::from_slice(body).map_err(|e| format!("malformed manifest: {e}"))?;
+    let raw: Kind = serde_json::from_slice(body).map_err(|e| format!("malformed manifest: {e}"))?;
     let ct = content_type.map(|c| c.split(';').next().unwrap_or("").trim().to_string());
     let kind = raw.media_type.clone().filter(|m| !m.is_empty()).or(ct).unwrap_or_default();
     let is_index = match kind.as_str() {
@@ -81,29 +60,43 @@ pub fn parse_manifest(content_type: Option<&str>, body: &[u8]) -> Result<Manifes
         OCI_MANIFEST | DOCKER_MANIFEST => false,
         _ => raw.manifests.is_some() && raw.layers.is_none(),
     };
-    let check = |ds: &[Descriptor]| -> Result<(), String> {
-        for d in ds {
-            super::reference::parse_digest(&d.digest)
-                .map_err(|_| format!("manifest lists a bad digest {:?}", truncate(&d.digest)))?;
-        }
-        Ok(())
-    };
     if is_index {
-        let manifests = raw.manifests.ok_or("index without \"manifests\"")?;
-        check(&manifests)?;
-        Ok(Manifest::Index { manifests })
+        if raw.manifests.is_none() {
+            return Err("index without \"manifests\"".into());
+        }
+        let index: ImageIndex = serde_json::from_slice(body).map_err(|e| format!("malformed index: {}", truncate(&e.to_string())))?;
+        Ok(Manifest::Index(Box::new(index)))
     } else {
-        let layers = raw.layers.ok_or_else(|| match kind.as_str() {
-            "" => "not an image manifest (no \"layers\"; schema 1 manifests are not supported)".to_string(),
-            k => format!("unsupported manifest type {:?}", truncate(k)),
-        })?;
-        check(&layers)?;
-        Ok(Manifest::Image { layers })
+        if raw.layers.is_none() {
+            return Err(match kind.as_str() {
+                "" => "not an image manifest (no \"layers\"; schema 1 manifests are not supported)".to_string(),
+                k => format!("unsupported manifest type {:?}", truncate(k)),
+            });
+        }
+        let image: ImageManifest =
+            serde_json::from_slice(body).map_err(|e| format!("malformed manifest: {}", truncate(&e.to_string())))?;
+        Ok(Manifest::Image(Box::new(image)))
     }
 }
 
 fn truncate(s: &str) -> String {
-    s.chars().take(80).collect()
+    s.chars().take(120).collect()
+}
+
+/// `os/arch[/variant]` of a platform.
+pub fn platform_name(p: &Platform) -> String {
+    match p.variant().as_deref() {
+        Some(v) if !v.is_empty() => format!("{}/{}/{v}", p.os(), p.architecture()),
+        _ => format!("{}/{}", p.os(), p.architecture()),
+    }
+}
+
+fn platform(os: &str, arch: &str, variant: Option<&str>) -> Platform {
+    let mut p = Platform::default();
+    p.set_os(os.into());
+    p.set_architecture(arch.into());
+    p.set_variant(variant.map(str::to_string));
+    p
 }
 
 /// `OS/ARCH[/VARIANT]`.
@@ -111,10 +104,8 @@ pub fn parse_platform(text: &str) -> Result<Platform, String> {
     let parts: Vec<&str> = text.split('/').collect();
     let ok = |s: &str| !s.is_empty() && s.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'));
     match parts.as_slice() {
-        [os, arch] if ok(os) && ok(arch) => Ok(Platform { os: os.to_string(), architecture: arch.to_string(), variant: None }),
-        [os, arch, v] if ok(os) && ok(arch) && ok(v) => {
-            Ok(Platform { os: os.to_string(), architecture: arch.to_string(), variant: Some(v.to_string()) })
-        }
+        [os, arch] if ok(os) && ok(arch) => Ok(platform(os, arch, None)),
+        [os, arch, v] if ok(os) && ok(arch) && ok(v) => Ok(platform(os, arch, Some(v))),
         _ => Err(format!("bad platform {text:?} (expected OS/ARCH[/VARIANT], e.g. linux/arm64)")),
     }
 }
@@ -130,7 +121,7 @@ pub fn host_platform() -> Platform {
         "loongarch64" => ("loong64", None),
         other => (other, None),
     };
-    Platform { os: std::env::consts::OS.to_string(), architecture: arch.to_string(), variant: variant.map(str::to_string) }
+    platform(std::env::consts::OS, arch, variant)
 }
 
 /// The default variant of an architecture, as containerd normalises it.
@@ -146,26 +137,26 @@ fn normal_variant(arch: &str, variant: Option<&str>) -> String {
 /// the architecture's default variant is preferred, then the first entry.
 pub fn select_platform<'a>(manifests: &'a [Descriptor], wanted: &Platform) -> Result<&'a Descriptor, String> {
     let same_arch = |d: &&Descriptor| {
-        d.platform.as_ref().is_some_and(|p| p.os == wanted.os && p.architecture == wanted.architecture)
+        d.platform().as_ref().is_some_and(|p| p.os() == wanted.os() && p.architecture() == wanted.architecture())
     };
-    let want_variant = normal_variant(&wanted.architecture, wanted.variant.as_deref());
+    let want_variant = normal_variant(&wanted.architecture().to_string(), wanted.variant().as_deref());
     let exact = manifests.iter().filter(same_arch).find(|d| {
-        let p = d.platform.as_ref().map(|p| normal_variant(&p.architecture, p.variant.as_deref()));
+        let p = d.platform().as_ref().map(|p| normal_variant(&p.architecture().to_string(), p.variant().as_deref()));
         p.as_deref() == Some(want_variant.as_str())
     });
     if let Some(d) = exact {
         return Ok(d);
     }
-    if wanted.variant.is_none() {
+    if wanted.variant().is_none() {
         if let Some(d) = manifests.iter().find(same_arch) {
             return Ok(d);
         }
     }
     let mut available: Vec<String> = manifests
         .iter()
-        .filter_map(|d| d.platform.as_ref())
-        .filter(|p| p.os != "unknown")
-        .map(|p| p.to_string())
+        .filter_map(|d| d.platform().as_ref())
+        .filter(|p| p.os().to_string() != "unknown")
+        .map(platform_name)
         .collect();
     available.dedup();
     Err(if available.is_empty() { "none".to_string() } else { available.join(", ") })
@@ -199,7 +190,7 @@ pub fn select_layer<'a>(layers: &'a [Descriptor], choice: &LayerChoice) -> Resul
     }
     let layer = match choice {
         LayerChoice::Digest(d) => {
-            layers.iter().find(|l| &l.digest == d).ok_or_else(|| LayerError::NotALayer { digest: d.clone() })?
+            layers.iter().find(|l| &l.digest().to_string() == d).ok_or_else(|| LayerError::NotALayer { digest: d.clone() })?
         }
         LayerChoice::Index(i) => layers
             .get(*i as usize)
@@ -207,11 +198,12 @@ pub fn select_layer<'a>(layers: &'a [Descriptor], choice: &LayerChoice) -> Resul
         LayerChoice::Only if layers.len() == 1 => &layers[0],
         LayerChoice::Only => return Err(LayerError::Ambiguous { listing: list_layers(layers) }),
     };
-    if layer.size == 0 {
-        return Err(LayerError::BadSize { digest: layer.digest.clone() });
+    if layer.size() == 0 {
+        return Err(LayerError::BadSize { digest: layer.digest().to_string() });
     }
-    if !matches!(choice, LayerChoice::Digest(_)) && !EROFS_MEDIA_TYPES.contains(&layer.media_type.as_str()) {
-        return Err(LayerError::NotErofs { digest: layer.digest.clone(), media_type: layer.media_type.clone() });
+    let media_type = layer.media_type().to_string();
+    if !matches!(choice, LayerChoice::Digest(_)) && !EROFS_MEDIA_TYPES.contains(&media_type.as_str()) {
+        return Err(LayerError::NotErofs { digest: layer.digest().to_string(), media_type });
     }
     Ok(layer)
 }
@@ -221,7 +213,7 @@ pub fn list_layers(layers: &[Descriptor]) -> String {
     layers
         .iter()
         .enumerate()
-        .map(|(i, l)| format!("{i}: {} ({}, {} bytes)", l.digest, if l.media_type.is_empty() { "?" } else { &l.media_type }, l.size))
+        .map(|(i, l)| format!("{i}: {} ({}, {} bytes)", l.digest(), l.media_type(), l.size()))
         .collect::<Vec<_>>()
         .join("; ")
 }
@@ -234,8 +226,12 @@ mod tests {
         format!("sha256:{}", format!("{n:02x}").repeat(32))
     }
 
+    fn desc(mt: &str, n: u8, size: u64) -> Descriptor {
+        Descriptor::new(mt.into(), size, d(n).parse::<oci_spec::image::Digest>().unwrap())
+    }
+
     fn layer(n: u8, mt: &str) -> Descriptor {
-        Descriptor { media_type: mt.into(), digest: d(n), size: 100 + n as u64, platform: None }
+        desc(mt, n, 100 + n as u64)
     }
 
     #[test]
@@ -245,16 +241,24 @@ mod tests {
             d(1),
             d(2)
         );
-        let m = parse_manifest(None, body.as_bytes()).unwrap();
-        assert_eq!(m, Manifest::Image { layers: vec![Descriptor { media_type: "application/vnd.erofs".into(), digest: d(2), size: 4096, platform: None }] });
+        let Manifest::Image(m) = parse_manifest(None, body.as_bytes()).unwrap() else { panic!("not an image") };
+        assert_eq!(m.layers(), &vec![desc("application/vnd.erofs", 2, 4096)]);
         let idx = format!(
             r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{}","size":10,"platform":{{"os":"linux","architecture":"arm64","variant":"v8"}}}}]}}"#,
             d(3)
         );
         let m = parse_manifest(Some("application/vnd.oci.image.index.v1+json; charset=utf-8"), idx.as_bytes()).unwrap();
-        assert!(matches!(m, Manifest::Index { ref manifests } if manifests.len() == 1));
+        assert!(matches!(m, Manifest::Index(ref i) if i.manifests().len() == 1));
         // Kind from the fields when nothing names it.
-        assert!(matches!(parse_manifest(None, idx.as_bytes()).unwrap(), Manifest::Index { .. }));
+        assert!(matches!(parse_manifest(None, idx.as_bytes()).unwrap(), Manifest::Index(_)));
+        // Docker schema 2, with its own media types.
+        let docker = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{DOCKER_MANIFEST}","config":{{"mediaType":"application/vnd.docker.container.image.v1+json","digest":"{}","size":2}},"layers":[{{"mediaType":"application/vnd.docker.image.rootfs.diff.tar.gzip","digest":"{}","size":40}}]}}"#,
+            d(4),
+            d(5)
+        );
+        let Manifest::Image(m) = parse_manifest(None, docker.as_bytes()).unwrap() else { panic!("not an image") };
+        assert_eq!(m.layers()[0].media_type().to_string(), "application/vnd.docker.image.rootfs.diff.tar.gzip");
     }
 
     #[test]
@@ -263,17 +267,16 @@ mod tests {
         assert!(parse_manifest(None, br#"{"schemaVersion":1,"fsLayers":[]}"#).is_err());
         assert!(parse_manifest(None, br#"{"layers":[{"digest":"sha256:xyz","size":1}]}"#).is_err());
         assert!(parse_manifest(None, br#"{"layers":[{"digest":"sha256:00","size":-1}]}"#).is_err());
+        let no_config = format!(r#"{{"schemaVersion":2,"layers":[{{"mediaType":"x","digest":"{}","size":1}}]}}"#, d(1));
+        assert!(parse_manifest(None, no_config.as_bytes()).is_err(), "a manifest needs its config");
         assert!(parse_manifest(None, &vec![b' '; MAX_MANIFEST_BYTES + 1]).is_err());
         assert!(parse_manifest(Some(OCI_INDEX), br#"{"layers":[]}"#).is_err());
     }
 
     fn plat(os: &str, arch: &str, v: Option<&str>, n: u8) -> Descriptor {
-        Descriptor {
-            media_type: OCI_MANIFEST.into(),
-            digest: d(n),
-            size: 1,
-            platform: Some(Platform { os: os.into(), architecture: arch.into(), variant: v.map(Into::into) }),
-        }
+        let mut desc = desc(OCI_MANIFEST, n, 1);
+        desc.set_platform(Some(platform(os, arch, v)));
+        desc
     }
 
     #[test]
@@ -285,7 +288,7 @@ mod tests {
             plat("linux", "arm64", Some("v8"), 4),
             plat("unknown", "unknown", None, 5),
         ];
-        let pick = |s: &str| select_platform(&idx, &parse_platform(s).unwrap()).map(|d| d.digest.clone());
+        let pick = |s: &str| select_platform(&idx, &parse_platform(s).unwrap()).map(|d| d.digest().to_string());
         assert_eq!(pick("linux/amd64").unwrap(), d(1));
         assert_eq!(pick("linux/arm64").unwrap(), d(4));
         assert_eq!(pick("linux/arm64/v8").unwrap(), d(4));
@@ -297,13 +300,13 @@ mod tests {
         assert!(parse_platform("linux").is_err());
         assert!(parse_platform("linux/amd64/v2/x").is_err());
         assert!(parse_platform("linux//x").is_err());
-        assert_eq!(host_platform().os, "linux");
+        assert_eq!(host_platform().os().to_string(), "linux");
     }
 
     #[test]
     fn layer_selection() {
         let one = vec![layer(1, "application/vnd.erofs")];
-        assert_eq!(select_layer(&one, &LayerChoice::Only).unwrap().digest, d(1));
+        assert_eq!(select_layer(&one, &LayerChoice::Only).unwrap().digest().to_string(), d(1));
         let three = vec![layer(1, "application/vnd.erofs"), layer(2, "application/vnd.erofs.layer.v1"), layer(3, "application/octet-stream")];
         match select_layer(&three, &LayerChoice::Only) {
             Err(LayerError::Ambiguous { listing }) => {
@@ -311,13 +314,13 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(select_layer(&three, &LayerChoice::Index(1)).unwrap().digest, d(2));
+        assert_eq!(select_layer(&three, &LayerChoice::Index(1)).unwrap().digest().to_string(), d(2));
         assert!(matches!(select_layer(&three, &LayerChoice::Index(2)), Err(LayerError::NotErofs { .. })));
-        assert_eq!(select_layer(&three, &LayerChoice::Digest(d(3))).unwrap().digest, d(3), "by digest any type");
+        assert_eq!(select_layer(&three, &LayerChoice::Digest(d(3))).unwrap().digest().to_string(), d(3), "by digest any type");
         assert!(matches!(select_layer(&three, &LayerChoice::Index(3)), Err(LayerError::IndexOutOfRange { index: 3, count: 3 })));
         assert!(matches!(select_layer(&three, &LayerChoice::Digest(d(9))), Err(LayerError::NotALayer { .. })));
         assert!(matches!(select_layer(&[], &LayerChoice::Only), Err(LayerError::NoLayers)));
-        let empty = vec![Descriptor { size: 0, ..layer(1, "application/vnd.erofs") }];
+        let empty = vec![desc("application/vnd.erofs", 1, 0)];
         assert!(matches!(select_layer(&empty, &LayerChoice::Only), Err(LayerError::BadSize { .. })));
     }
 }

@@ -222,14 +222,17 @@ pub fn resolve_reference(reference: &str, o: &OciOptions) -> Result<OciBlobSpec,
         Authenticator::new(&parsed.registry, &parsed.repository, creds.clone()),
     )?;
     let layer = runtime.block_on(resolve_layer(&client, &ep, &parsed, &platform, &choice))?;
+    // Cache keys and blob URLs need sha256.
+    let digest = reference::parse_digest(&layer.digest().to_string())
+        .map_err(|e| OciError::Layer(format!("layer {} of {parsed}: {e}", layer.digest())))?;
     Ok(OciBlobSpec {
         reference: parsed.to_string(),
         registry: parsed.registry.clone(),
         endpoint,
         repository: parsed.repository.clone(),
-        digest: layer.digest,
-        size: layer.size,
-        media_type: layer.media_type,
+        digest,
+        size: layer.size(),
+        media_type: layer.media_type().to_string(),
         insecure: o.insecure,
         ca_file: o.cafile.clone(),
         mirrors: mirror_specs,
@@ -254,20 +257,20 @@ async fn resolve_layer(
         let parsed = manifest::parse_manifest(ct.as_deref(), &body)
             .map_err(|e| OciError::Protocol(format!("{image}: {e}")))?;
         match parsed {
-            Manifest::Index { manifests } => {
+            Manifest::Index(index) => {
                 if depth == manifest::MAX_INDEX_DEPTH {
                     break;
                 }
-                let d = manifest::select_platform(&manifests, platform).map_err(|available| OciError::Platform {
+                let d = manifest::select_platform(index.manifests(), platform).map_err(|available| OciError::Platform {
                     image: image.clone(),
-                    wanted: platform.to_string(),
+                    wanted: manifest::platform_name(platform),
                     available,
                 })?;
-                wanted_ref = d.digest.clone();
+                wanted_ref = d.digest().to_string();
                 by_digest = true;
             }
-            Manifest::Image { layers } => {
-                return manifest::select_layer(&layers, choice).cloned().map_err(|e| layer_error(&image, e));
+            Manifest::Image(m) => {
+                return manifest::select_layer(m.layers(), choice).cloned().map_err(|e| layer_error(&image, e));
             }
         }
     }

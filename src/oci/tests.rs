@@ -293,8 +293,8 @@ fn registry_with_index(layers: Vec<(String, u64, &'static str)>) -> (Mock, Strin
         .iter()
         .map(|(d, s, mt)| format!(r#"{{"mediaType":"{mt}","digest":"{d}","size":{s}}}"#))
         .collect();
-    let amd = format!(r#"{{"schemaVersion":2,"mediaType":"{}","layers":[{}]}}"#, manifest::OCI_MANIFEST, layer_json.join(","));
-    let arm = format!(r#"{{"schemaVersion":2,"mediaType":"{}","layers":[{}]}}"#, manifest::OCI_MANIFEST, layer_json[..1].join(","));
+    let amd = format!(r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2}},"layers":[{}]}}"#, manifest::OCI_MANIFEST, layer_json.join(","));
+    let arm = format!(r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2}},"layers":[{}]}}"#, manifest::OCI_MANIFEST, layer_json[..1].join(","));
     let (da, dr) = (digest_of(amd.as_bytes()), digest_of(arm.as_bytes()));
     let index = format!(
         r#"{{"schemaVersion":2,"mediaType":"{}","manifests":[{{"mediaType":"{m}","digest":"{da}","size":{},"platform":{{"os":"linux","architecture":"amd64"}}}},{{"mediaType":"{m}","digest":"{dr}","size":{},"platform":{{"os":"linux","architecture":"arm64","variant":"v8"}}}}]}}"#,
@@ -340,16 +340,16 @@ fn resolution_through_an_index_with_clear_errors() {
     let base = server.base();
     let reference = format!("{host}/r:v1");
     let arm = resolve(&base, &reference, "linux/arm64", LayerChoice::Only, None).unwrap();
-    assert_eq!(arm.digest, layers[0].0);
+    assert_eq!(arm.digest().to_string(), layers[0].0);
     let pinned = format!("{host}/r@{arm_digest}");
-    assert_eq!(resolve(&base, &pinned, "linux/amd64", LayerChoice::Only, None).unwrap().digest, layers[0].0, "a pinned manifest");
+    assert_eq!(resolve(&base, &pinned, "linux/amd64", LayerChoice::Only, None).unwrap().digest().to_string(), layers[0].0, "a pinned manifest");
     let amd = resolve(&base, &reference, "linux/amd64", LayerChoice::Index(1), None).unwrap();
-    assert_eq!((amd.digest.as_str(), amd.size), (layers[1].0.as_str(), 8192));
+    assert_eq!((amd.digest().to_string(), amd.size()), (layers[1].0.clone(), 8192));
     let e = resolve(&base, &reference, "linux/amd64", LayerChoice::Only, None).unwrap_err().to_string();
     assert!(e.contains("oci.layer") && e.contains(&layers[2].0[7..19]), "{e}");
     let e = resolve(&base, &reference, "linux/amd64", LayerChoice::Index(2), None).unwrap_err();
     assert!(matches!(e, OciError::NotErofs { .. }), "{e}");
-    assert_eq!(resolve(&base, &reference, "linux/amd64", LayerChoice::Digest(layers[2].0.clone()), None).unwrap().size, 100);
+    assert_eq!(resolve(&base, &reference, "linux/amd64", LayerChoice::Digest(layers[2].0.clone()), None).unwrap().size(), 100);
     let e = resolve(&base, &reference, "linux/s390x", LayerChoice::Only, None).unwrap_err().to_string();
     assert!(e.contains("linux/s390x") && e.contains("linux/amd64, linux/arm64/v8"), "{e}");
     let e = resolve(&base, &format!("{host}/r:nope"), "linux/amd64", LayerChoice::Only, None).unwrap_err().to_string();
@@ -426,7 +426,7 @@ fn the_front_ends_token_is_handed_to_the_agent() {
     let data = blob_data();
     let layer = digest_of(&data);
     let image = format!(
-        r#"{{"schemaVersion":2,"mediaType":"{}","layers":[{{"mediaType":"application/vnd.erofs","digest":"{layer}","size":{}}}]}}"#,
+        r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2}},"layers":[{{"mediaType":"application/vnd.erofs","digest":"{layer}","size":{}}}]}}"#,
         manifest::OCI_MANIFEST,
         data.len()
     );
@@ -452,7 +452,7 @@ fn the_front_ends_token_is_handed_to_the_agent() {
     let client = crate::http::build_client(&crate::http::ClientConfig { connect_timeout: Duration::from_secs(5), request_timeout: Duration::from_secs(5), ca_file: None }).unwrap();
     let ep = Endpoint::new(&server.base(), "r", false, Authenticator::new(&r.registry, "r", None)).unwrap();
     let d = rt.block_on(resolve_layer(&client, &ep, &r, &manifest::host_platform(), &LayerChoice::Only)).unwrap();
-    assert_eq!(d.digest, layer);
+    assert_eq!(d.digest().to_string(), layer);
     let mut s = spec(&server.base(), &data, None, vec![]);
     s.auth_handoff = ep.auth.export();
     assert!(s.auth_handoff.is_some());
