@@ -99,6 +99,7 @@ fn mount_fails_cleanly(env: &TestEnv, source: &str, keywords: &[&str], digest_he
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn blob_that_is_not_erofs() {
     if !ready() {
         return;
@@ -114,6 +115,7 @@ fn blob_that_is_not_erofs() {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn blob_url_that_is_404() {
     if !ready() {
         return;
@@ -125,6 +127,7 @@ fn blob_url_that_is_404() {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn unreachable_host() {
     if !ready() {
         return;
@@ -148,6 +151,7 @@ fn unreachable_host() {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn cache_dir_on_tmpfs() {
     if !ready() {
         return;
@@ -173,6 +177,7 @@ fn cache_dir_on_tmpfs() {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn missing_mountpoint() {
     if !ready() {
         return;
@@ -227,6 +232,7 @@ fn binaries_for_nobody(env: &TestEnv) -> PathBuf {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn non_root_caller() {
     if !ready() {
         return;
@@ -265,6 +271,7 @@ fn non_root_caller() {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn erofs_umount_refuses_mounts_that_are_not_ours() {
     if !ready() {
         return;

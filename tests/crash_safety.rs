@@ -157,6 +157,7 @@ fn kill_during_reads(victim: &str) {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn kill_worker_during_concurrent_reads() {
     if !ready() {
         return;
@@ -165,6 +166,7 @@ fn kill_worker_during_concurrent_reads() {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn kill_supervisor_during_concurrent_reads() {
     if !ready() {
         return;
@@ -175,6 +177,7 @@ fn kill_supervisor_during_concurrent_reads() {
 /// The mount's front end waits for its agent; killing the worker while the
 /// metadata is being fetched makes the mount fail cleanly (or succeed).
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn kill_during_metadata_prefetch() {
     if !ready() {
         return;
@@ -210,6 +213,7 @@ fn kill_during_metadata_prefetch() {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn remount_fetches_nothing_already_present() {
     if !ready() {
         return;
@@ -245,6 +249,7 @@ fn remount_fetches_nothing_already_present() {
 /// SIGTERM and SIGINT, twice, to either agent process while a mount is
 /// alive: nothing closes the group, reads keep working.
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn termination_signals_do_not_close_the_group() {
     if !ready() {
         return;
@@ -271,6 +276,7 @@ fn termination_signals_do_not_close_the_group() {
 /// A damaged bitmap or a replaced cache file is detected: data is fetched
 /// again, never trusted.
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn damaged_bitmap_or_replaced_cache_file_is_not_trusted() {
     if !ready() {
         return;
@@ -324,6 +330,7 @@ fn damaged_bitmap_or_replaced_cache_file_is_not_trusted() {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn upgrade_during_a_read_loop_fails_no_read() {
     if !ready() {
         return;
@@ -364,6 +371,7 @@ fn upgrade_during_a_read_loop_fails_no_read() {
 /// What we guarantee then: status says the agent is gone, and erofs-umount
 /// cleans up the stale record.
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn all_agent_processes_dying_at_once_is_documented() {
     if !ready() {
         return;

@@ -31,6 +31,7 @@ fn num(v: &serde_json::Value, key: &str) -> u64 {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn prefetch_all_completes_verifies_and_detaches() {
     if !ready() {
         return;
@@ -56,6 +57,7 @@ fn prefetch_all_completes_verifies_and_detaches() {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn digest_mismatch_is_detected_and_the_mark_stays() {
     if !ready() {
         return;
@@ -90,6 +92,7 @@ fn digest_mismatch_is_detected_and_the_mark_stays() {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn a_trace_replayed_as_prefetch_serves_the_workload_without_fetching() {
     if !ready() {
         return;
@@ -149,6 +152,7 @@ fn a_trace_replayed_as_prefetch_serves_the_workload_without_fetching() {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn a_bad_trace_file_fails_the_mount_cleanly() {
     if !ready() {
         return;
@@ -167,6 +171,7 @@ fn a_bad_trace_file_fails_the_mount_cleanly() {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn prefetch_files_fetches_those_files_after_mounting() {
     if !ready() {
         return;

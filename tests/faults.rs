@@ -38,6 +38,7 @@ fn read_and_compare(s: &Setup, rel: &str) {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn http_500_then_success() {
     if !ready() {
         return;
@@ -59,6 +60,7 @@ fn http_500_then_success() {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn repeated_500s_within_the_retry_budget() {
     if !ready() {
         return;
@@ -70,6 +72,7 @@ fn repeated_500s_within_the_retry_budget() {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn connection_reset_mid_body_is_retried() {
     if !ready() {
         return;
@@ -86,6 +89,7 @@ fn connection_reset_mid_body_is_retried() {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn short_body_is_retried() {
     if !ready() {
         return;
@@ -102,6 +106,7 @@ fn short_body_is_retried() {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn stalled_server_gives_eio_within_bound_then_recovers() {
     if !ready() {
         return;

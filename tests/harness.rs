@@ -240,6 +240,7 @@ fn fault_server_drop_releases_stalled_clients() {
 }
 
 #[test]
+#[ignore = "needs docker-registry"]
 fn registry_push_blob_and_range_get() {
     if !require(&[Need::Registry]) {
         return;
@@ -327,6 +328,7 @@ fn registry_push_blob_and_range_get() {
 }
 
 #[test]
+#[ignore = "needs docker-registry"]
 fn shared_registry_is_reused() {
     if !require(&[Need::Registry]) {
         return;
@@ -339,6 +341,7 @@ fn shared_registry_is_reused() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn tree_comparison_reports_differences() {
     if !require(&[Need::Root]) {
         return;
@@ -441,6 +444,7 @@ fn check_image(image: &Path, tree: &Path) -> common::tree::TreeReport {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs"]
 fn small_fixture_images_match_tree() {
     if !require(&[Need::Root, Need::MkfsErofs, Need::Kernel]) {
         return;
@@ -461,6 +465,7 @@ fn small_fixture_images_match_tree() {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs"]
 fn large_fixture_images_match_tree() {
     if !require(&[Need::Root, Need::MkfsErofs, Need::Kernel]) {
         return;

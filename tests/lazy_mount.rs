@@ -77,6 +77,7 @@ fn cold_mount_reads_identical_tree(image: &Image, label: &str) {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn cold_mount_plain_image_is_byte_identical() {
     if !ready() {
         return;
@@ -85,6 +86,7 @@ fn cold_mount_plain_image_is_byte_identical() {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn cold_mount_lz4_image_is_byte_identical() {
     if !ready() {
         return;
@@ -93,6 +95,7 @@ fn cold_mount_lz4_image_is_byte_identical() {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn reading_three_small_files_fetches_little() {
     if !ready() {
         return;
@@ -129,6 +132,7 @@ fn reading_three_small_files_fetches_little() {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn mmap_reads_are_correct() {
     if !ready() {
         return;
@@ -216,6 +220,7 @@ fn concurrent_readers_are_correct(image: &Image, label: &str) {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn eight_concurrent_readers_plain() {
     if !ready() {
         return;
@@ -224,6 +229,7 @@ fn eight_concurrent_readers_plain() {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn eight_concurrent_readers_lz4() {
     if !ready() {
         return;

@@ -36,6 +36,7 @@ fn wait_agent_gone(env: &TestEnv, pid: i32, after: &str) {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn erofs_umount_leaves_no_process_mount_or_record() {
     if !ready() {
         return;
@@ -62,6 +63,7 @@ fn erofs_umount_leaves_no_process_mount_or_record() {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn plain_umount_is_noticed() {
     if !ready() {
         return;
@@ -78,6 +80,7 @@ fn plain_umount_is_noticed() {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn mount_namespace_exit_is_noticed() {
     if !ready() {
         return;
@@ -135,6 +138,7 @@ fn mount_namespace_exit_is_noticed() {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn two_mounts_of_one_blob_share_an_agent() {
     if !ready() {
         return;
@@ -181,6 +185,7 @@ fn two_mounts_of_one_blob_share_an_agent() {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn umount_all_takes_down_every_mount_of_its_state_dir_only() {
     if !ready() {
         return;

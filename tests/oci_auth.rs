@@ -156,6 +156,7 @@ fn mount_compare_unmount_with(
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry + htpasswd + openssl"]
 fn htpasswd_basic_auth_right_and_wrong_password() {
     if !oci_ready() {
         return;
@@ -178,6 +179,7 @@ fn htpasswd_basic_auth_right_and_wrong_password() {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry + htpasswd + openssl"]
 fn token_auth_anonymous_pull() {
     if !oci_ready() {
         return;
@@ -201,6 +203,7 @@ fn token_auth_anonymous_pull() {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry + htpasswd + openssl"]
 fn token_auth_credentials_checked_by_the_token_server() {
     if !oci_ready() {
         return;
@@ -237,6 +240,7 @@ fn token_auth_credentials_checked_by_the_token_server() {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry + htpasswd + openssl"]
 fn token_without_pull_access_is_insufficient_scope() {
     if !oci_ready() {
         return;
@@ -308,6 +312,7 @@ fn token_expires_during_mount(with_credentials: bool) {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry + htpasswd + openssl"]
 fn anonymous_token_expires_during_mount_reads_still_succeed() {
     if !oci_ready() {
         return;
@@ -316,6 +321,7 @@ fn anonymous_token_expires_during_mount_reads_still_succeed() {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry + htpasswd + openssl"]
 fn credentialed_token_expires_during_mount_reads_still_succeed() {
     if !oci_ready() {
         return;
@@ -337,6 +343,7 @@ fn write_file(path: &Path, contents: &str) {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry + htpasswd + openssl"]
 fn credentials_from_docker_config_and_registry_auth_file() {
     if !oci_ready() {
         return;
@@ -399,6 +406,7 @@ fn credentials_from_docker_config_and_registry_auth_file() {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry + htpasswd + openssl"]
 fn credentials_from_default_locations() {
     if !oci_ready() {
         return;
@@ -453,6 +461,7 @@ esac
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry + htpasswd + openssl"]
 fn credentials_from_a_credential_helper_on_path() {
     if !oci_ready() {
         return;
@@ -506,6 +515,7 @@ fn credentials_from_a_credential_helper_on_path() {
 /// JWTs, refuses them after their lifetime, answers `insufficient_scope` without pull access, and the
 /// htpasswd registry checks Basic credentials.
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry + htpasswd + openssl"]
 fn harness_token_server_and_htpasswd_work_with_docker_registry() {
     if !oci_ready() {
         return;

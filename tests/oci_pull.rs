@@ -44,6 +44,7 @@ fn mount_and_compare(
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn pull_by_tag_and_by_digest() {
     if !ready() {
         return;
@@ -78,6 +79,7 @@ fn pull_by_tag_and_by_digest() {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn realistic_image_by_tag_is_byte_identical() {
     if !ready() {
         return;
@@ -132,6 +134,7 @@ fn realistic_image_by_tag_is_byte_identical() {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn multi_platform_index_picks_host_platform_or_oci_platform() {
     if !ready() {
         return;
@@ -233,6 +236,7 @@ fn multi_platform_index_picks_host_platform_or_oci_platform() {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn three_layer_image_with_oci_layer_and_oci_blob() {
     if !ready() {
         return;
@@ -288,6 +292,7 @@ fn three_layer_image_with_oci_layer_and_oci_blob() {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn legacy_containerd_media_type() {
     if !ready() {
         return;
@@ -311,6 +316,7 @@ fn legacy_containerd_media_type() {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn other_media_type_needs_the_digest_and_the_magic_is_checked() {
     if !ready() {
         return;
@@ -362,6 +368,7 @@ fn other_media_type_needs_the_digest_and_the_magic_is_checked() {
 }
 
 #[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry"]
 fn unknown_tag_repository_and_registry_are_clear_errors() {
     if !ready() {
         return;

@@ -11,7 +11,7 @@ use tokio::net::{UnixListener, UnixStream};
 use crate::cache::CacheFile;
 
 use super::lifecycle::{Lease, Lifecycle};
-use super::protocol::{Reply, Request, StatsReply};
+use super::protocol::{Reply, Request, MountStatus};
 use super::stats::Stats;
 
 /// Longest request line accepted (a mountpoint path fits many times over).
@@ -140,7 +140,7 @@ fn answer(req: Request, ctx: &Arc<ControlContext>, lease: &mut Option<Lease>) ->
             }
         }
         Request::Unmounted { mnt_id } => Reply::Unmounted { remaining_mounts: ctx.lifecycle.unmounted(mnt_id) },
-        Request::Stats => Reply::Stats(Box::new(StatsReply {
+        Request::Stats => Reply::Stats(Box::new(MountStatus {
             source: ctx.source.clone(),
             digest: ctx.digest.clone(),
             blob_size: ctx.cache.blob_size(),
@@ -151,6 +151,7 @@ fn answer(req: Request, ctx: &Arc<ControlContext>, lease: &mut Option<Lease>) ->
             fetch_requests: Stats::get(&ctx.stats.fetch_requests),
             fetch_errors: Stats::get(&ctx.stats.fetch_errors),
             denied_events: Stats::get(&ctx.stats.denied_events),
+            overflows: Stats::get(&ctx.stats.overflows),
             superblocks: ctx.lifecycle.superblocks(),
             agent_pid: ctx.identity.pid,
             served_by: ctx.remote.served_by(),
@@ -160,6 +161,7 @@ fn answer(req: Request, ctx: &Arc<ControlContext>, lease: &mut Option<Lease>) ->
             prefetched_bytes: Stats::get(&ctx.scheduler.prefetched_bytes),
             fetch_latency: ctx.stats.fetch_latency.snapshot(),
             event_wait: ctx.stats.event_wait.snapshot(),
+            ..MountStatus::default()
         })),
     }
 }

@@ -56,12 +56,28 @@ pub enum Reply {
     /// `remaining_mounts`: records the agent still holds; with none left it
     /// leaves as soon as the superblock has closed the cache file.
     Unmounted { remaining_mounts: usize },
-    Stats(Box<StatsReply>),
+    Stats(Box<MountStatus>),
     Error { message: String },
 }
 
+/// One mount's status: what `erofs-fanotify status --json` prints (one
+/// object per mount), what metrics are made from, and what the tests read.
+/// The agent fills its counters; the front end adds what the mount record
+/// says (mountpoint, mount id, ...), so there is one type for all of it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct StatsReply {
+pub struct MountStatus {
+    /// From the mount record (empty in the agent's reply).
+    #[serde(default)]
+    pub mountpoint: String,
+    #[serde(default)]
+    pub mnt_id: u64,
+    #[serde(default)]
+    pub cache_key: String,
+    #[serde(default)]
+    pub sysfs_name: String,
+    /// running, unresponsive (alive but not answering), gone.
+    #[serde(default)]
+    pub agent_state: String,
     pub source: String,
     pub digest: Option<String>,
     pub blob_size: u64,
@@ -72,6 +88,9 @@ pub struct StatsReply {
     pub fetch_requests: u64,
     pub fetch_errors: u64,
     pub denied_events: u64,
+    /// fanotify queue overflows (events lost; the queue is unlimited, so this should stay 0).
+    #[serde(default)]
+    pub overflows: u64,
     pub superblocks: u64,
     pub agent_pid: i32,
     #[serde(default)]

@@ -491,7 +491,7 @@ mod tests {
 
     struct Rig {
         _dir: tempfile::TempDir,
-        rt: tokio::runtime::Runtime,
+        _rt: tokio::runtime::Runtime,
         blob: Arc<Blob>,
         cache: Arc<CacheFile>,
         scheduler: Arc<Scheduler<Probe>>,
@@ -520,7 +520,7 @@ mod tests {
         };
         let scheduler = Scheduler::new(Arc::clone(&cache), blob.clone(), Arc::new(Stats::default()), cfg, rt.handle().clone());
         let (tx, rx) = mpsc::channel();
-        Rig { _dir: dir, rt, blob, cache, scheduler, tx, rx }
+        Rig { _dir: dir, _rt: rt, blob, cache, scheduler, tx, rx }
     }
 
     impl Rig {

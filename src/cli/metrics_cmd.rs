@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use erofs_fanotify_state::{self as state, MountRecord};
 
-use crate::agent::protocol::{Reply, Request, StatsReply};
+use crate::agent::protocol::{Reply, Request, MountStatus};
 use crate::agent::stats::HistogramSnapshot;
 
 use super::client::AgentConn;
@@ -34,10 +34,10 @@ pub struct MountLabels {
 /// One mount and what its agent said (None: the agent is gone or does not answer).
 pub struct MountSample {
     pub labels: MountLabels,
-    pub stats: Option<StatsReply>,
+    pub stats: Option<MountStatus>,
 }
 
-type Getter = fn(&StatsReply) -> u64;
+type Getter = fn(&MountStatus) -> u64;
 
 const COUNTERS: &[(&str, &str, Getter)] = &[
     ("fetched_bytes_total", "Bytes fetched from the remote", |s| s.fetched_bytes),
@@ -54,7 +54,7 @@ const GAUGES: &[(&str, &str, Getter)] = &[
     ("populated_bytes", "Bytes of the blob present in the local cache", |s| s.populated_bytes),
 ];
 
-type HistogramGetter = fn(&StatsReply) -> &HistogramSnapshot;
+type HistogramGetter = fn(&MountStatus) -> &HistogramSnapshot;
 
 const HISTOGRAMS: &[(&str, &str, HistogramGetter)] = &[
     ("fetch_latency_seconds", "Latency of one range fetch from the remote", |s| &s.fetch_latency),
@@ -99,7 +99,7 @@ pub fn render(samples: &[MountSample]) -> String {
     for s in samples {
         let _ = writeln!(out, "{PREFIX}up{{{}}} {}", label_set(&s.labels, None), u8::from(s.stats.is_some()));
     }
-    let answering: Vec<(&MountLabels, &StatsReply)> =
+    let answering: Vec<(&MountLabels, &MountStatus)> =
         samples.iter().filter_map(|s| s.stats.as_ref().map(|st| (&s.labels, st))).collect();
     for (kind, table) in [("counter", COUNTERS), ("gauge", GAUGES)] {
         for (name, help, get) in table {
@@ -141,7 +141,7 @@ fn sample(record: &MountRecord) -> MountSample {
     }
 }
 
-fn query(socket: &Path) -> Option<StatsReply> {
+fn query(socket: &Path) -> Option<MountStatus> {
     let mut conn = AgentConn::connect(socket, Duration::from_secs(3)).ok()?;
     match conn.call(&Request::Stats) {
         Ok(Reply::Stats(s)) => Some(*s),
@@ -192,7 +192,7 @@ mod tests {
 
     #[test]
     fn renders_counters_and_cumulative_histograms() {
-        let stats = StatsReply {
+        let stats = MountStatus {
             fetched_bytes: 4096,
             fetch_requests: 2,
             fetch_latency: HistogramSnapshot { buckets: vec![0.001, 0.01], counts: vec![1, 2], count: 4, sum_seconds: 1.5 },

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 
-use crate::agent::protocol::{Reply, Request, StatsReply};
+use crate::agent::protocol::{Reply, Request, MountStatus};
 use crate::mount::options::parse_size;
 
 use super::client::AgentConn;
@@ -52,7 +52,7 @@ pub fn run(args: PrefetchArgs) -> Result<(), CliError> {
     wait_with_progress(&mut conn, &args.mountpoint, missing)
 }
 
-fn stats(conn: &mut AgentConn) -> Result<StatsReply, CliError> {
+fn stats(conn: &mut AgentConn) -> Result<MountStatus, CliError> {
     match conn.call(&Request::Stats) {
         Ok(Reply::Stats(s)) => Ok(*s),
         Ok(other) => Err(CliError::new(format!("unexpected agent reply {other:?}"))),

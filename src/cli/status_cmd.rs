@@ -4,39 +4,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use erofs_fanotify_state::{self as state, MountRecord};
-use serde::Serialize;
 
-use crate::agent::protocol::{Reply, Request, StatsReply};
+use crate::agent::protocol::{MountStatus, Reply, Request};
 
 use super::client::AgentConn;
 use super::CliError;
-
-#[derive(Debug, Serialize)]
-pub struct MountStatus {
-    pub mountpoint: String,
-    pub mnt_id: u64,
-    pub source: String,
-    pub digest: Option<String>,
-    pub blob_size: u64,
-    pub populated_bytes: u64,
-    pub fetched_bytes: u64,
-    pub events: u64,
-    pub fast_path_events: u64,
-    pub fetch_requests: u64,
-    pub fetch_errors: u64,
-    pub denied_events: u64,
-    pub agent_pid: i32,
-    pub agent_state: &'static str,
-    /// The endpoint that served data last (registry, mirror, redirect target).
-    pub served_by: Option<String>,
-    /// Cache state: lazy, verifying, complete (detached), complete-unverified, digest-mismatch.
-    pub state: String,
-    pub verify_failures: u32,
-    pub prefetch_active: bool,
-    pub prefetched_bytes: u64,
-    pub cache_key: String,
-    pub sysfs_name: String,
-}
 
 pub fn run(mountpoint: Option<PathBuf>, json: bool) -> Result<(), CliError> {
     let state_dir = super::state_dir();
@@ -78,33 +50,22 @@ fn collect(record: &MountRecord) -> MountStatus {
         (true, false) => "unresponsive",
         (false, _) => "gone",
     };
-    let s = stats.unwrap_or_default();
-    MountStatus {
-        mountpoint: record.mountpoint.display().to_string(),
-        mnt_id: record.mnt_id,
+    let mut s = stats.unwrap_or_else(|| MountStatus {
         source: record.source.clone(),
         digest: record.digest.clone(),
         blob_size: record.blob_size,
-        populated_bytes: s.populated_bytes,
-        fetched_bytes: s.fetched_bytes,
-        events: s.events,
-        fast_path_events: s.fast_path_events,
-        fetch_requests: s.fetch_requests,
-        fetch_errors: s.fetch_errors,
-        denied_events: s.denied_events,
-        agent_pid: record.agent.pid,
-        agent_state,
-        served_by: s.served_by.clone(),
-        state: s.state.clone(),
-        verify_failures: s.verify_failures,
-        prefetch_active: s.prefetch_active,
-        prefetched_bytes: s.prefetched_bytes,
-        cache_key: record.cache_key.clone(),
-        sysfs_name: record.sysfs_name.clone(),
-    }
+        ..MountStatus::default()
+    });
+    s.mountpoint = record.mountpoint.display().to_string();
+    s.mnt_id = record.mnt_id;
+    s.cache_key = record.cache_key.clone();
+    s.sysfs_name = record.sysfs_name.clone();
+    s.agent_state = agent_state.to_string();
+    s.agent_pid = record.agent.pid;
+    s
 }
 
-fn query(socket: &Path) -> Option<StatsReply> {
+fn query(socket: &Path) -> Option<MountStatus> {
     let mut conn = AgentConn::connect(socket, Duration::from_secs(3)).ok()?;
     match conn.call(&Request::Stats) {
         Ok(Reply::Stats(s)) => Some(*s),

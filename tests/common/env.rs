@@ -15,7 +15,6 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use serde::Deserialize;
 
 use super::cmd::{self, Outcome};
 use super::{
@@ -29,25 +28,8 @@ pub const TEST_ROOT_BASE: &str = "/var/tmp/erofs-fanotify-tests";
 /// socket lives in the state dir and socket paths are limited to 107 bytes.
 pub const STATE_ROOT_BASE: &str = "/run/eft";
 
-/// One object of `erofs-fanotify status --json`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct MountStatus {
-    pub mountpoint: String,
-    pub mnt_id: u64,
-    pub source: String,
-    pub digest: Option<String>,
-    pub blob_size: u64,
-    pub populated_bytes: u64,
-    pub fetched_bytes: u64,
-    pub events: u64,
-    pub fast_path_events: u64,
-    pub fetch_requests: u64,
-    pub fetch_errors: u64,
-    pub agent_pid: i32,
-    /// OCI sources: the endpoint base URL(s) that served blob data (a string, or a list if several did).
-    #[serde(default)]
-    pub served_by: Option<serde_json::Value>,
-}
+/// One object of `erofs-fanotify status --json`: the binaries' own type.
+pub use erofs_fanotify::agent::protocol::MountStatus;
 
 pub struct TestEnv {
     pub name: String,

@@ -1,14 +1,18 @@
-//! A small in-process HTTP/1.1 server whose answers come from a closure, for the OCI tests' helpers: the
-//! token server, the redirecting proxy in front of a registry and the "CDN" that serves redirected blobs.
+//! The one in-process HTTP/1.1 server of the tests, whose answers come from a closure: the token server, the
+//! redirecting proxy in front of a registry, the "CDN" that serves redirected blobs, and the fault server
+//! (`fault_server`) are all handlers of it.
 //!
 //! One thread per connection, keep-alive, request bodies read by Content-Length, responses always with
-//! Content-Length (HEAD: the length of the body the GET would send, no body). Every request is logged
-//! (method, target, selected headers, status) for the tests to inspect. Dropping the server closes every
-//! connection and joins the acceptor.
+//! Content-Length (HEAD: the length of the body the GET would send, no body). A reply's body is bytes or a
+//! range of a file (streamed). Body faults: a reply can send half its body and then reset the connection
+//! (RST) or close it early (FIN); a handler that blocks holds its request (a stall). Every request is
+//! logged (method, target, selected headers, status, body bytes written) for the tests to inspect.
+//! Dropping the server closes every connection and joins the acceptor.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -39,51 +43,25 @@ impl Request {
         self.target.split('?').next().unwrap_or("")
     }
 
-    /// Query parameters, percent-decoded, in order (repeated keys kept).
+    /// Query parameters, form-decoded, in order (repeated keys kept).
     pub fn query(&self) -> Vec<(String, String)> {
         let Some((_, query)) = self.target.split_once('?') else {
             return Vec::new();
         };
-        query
-            .split('&')
-            .filter(|p| !p.is_empty())
-            .map(|p| {
-                let (k, v) = p.split_once('=').unwrap_or((p, ""));
-                (percent_decode(k), percent_decode(v))
-            })
-            .collect()
+        let Ok(url) = reqwest::Url::parse(&format!("http://query.invalid/?{query}")) else {
+            return Vec::new();
+        };
+        url.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect()
     }
 }
 
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                match s.get(i + 1..i + 3).map(|h| u8::from_str_radix(h, 16)) {
-                    Some(Ok(v)) => {
-                        out.push(v);
-                        i += 3;
-                    }
-                    _ => {
-                        out.push(b'%');
-                        i += 1;
-                    }
-                }
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// What goes wrong with a reply's body on purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFault {
+    /// Send the headers (full Content-Length) and half the body, then reset the connection (RST).
+    Reset,
+    /// Send the headers (full Content-Length) and half the body, then close normally (FIN).
+    Short,
 }
 
 /// The handler's answer.
@@ -92,15 +70,29 @@ pub struct Reply {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// Instead of `body`: `len` bytes of a file from `offset`, streamed.
+    pub file_body: Option<(Arc<std::fs::File>, u64, u64)>,
+    pub fault: Option<BodyFault>,
 }
 
 impl Reply {
     pub fn new(status: u16) -> Reply {
-        Reply {
-            status,
-            headers: Vec::new(),
-            body: Vec::new(),
-        }
+        Reply { status, headers: Vec::new(), body: Vec::new(), file_body: None, fault: None }
+    }
+
+    /// `len` bytes of `file` from `offset` as the body.
+    pub fn file(mut self, file: Arc<std::fs::File>, offset: u64, len: u64) -> Reply {
+        self.file_body = Some((file, offset, len));
+        self
+    }
+
+    pub fn fault(mut self, fault: Option<BodyFault>) -> Reply {
+        self.fault = fault;
+        self
+    }
+
+    fn body_len(&self) -> u64 {
+        self.file_body.as_ref().map_or(self.body.len() as u64, |(_, _, len)| *len)
     }
 
     pub fn json(status: u16, body: &serde_json::Value) -> Reply {
@@ -128,6 +120,8 @@ pub struct Logged {
     pub authorization: Option<String>,
     pub range: Option<String>,
     pub status: u16,
+    /// Body bytes written to the client.
+    pub bytes_sent: u64,
 }
 
 pub type Handler = dyn Fn(&Request) -> Reply + Send + Sync;
@@ -188,6 +182,11 @@ impl HttpServer {
         self.addr.to_string()
     }
 
+    /// Connections accepted so far.
+    pub fn connections_accepted(&self) -> u64 {
+        self.shared.next_connection.load(Ordering::SeqCst)
+    }
+
     /// Every request answered so far.
     pub fn requests(&self) -> Vec<Logged> {
         self.shared
@@ -236,7 +235,7 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>, name: &str) {
         let _ = std::thread::Builder::new()
             .name(format!("{name}-{id}"))
             .spawn(move || {
-                serve_connection(stream, &conn_shared);
+                serve_connection(stream, &conn_shared, id);
                 conn_shared
                     .connections
                     .lock()
@@ -246,7 +245,7 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>, name: &str) {
     }
 }
 
-fn serve_connection(mut stream: TcpStream, shared: &Shared) {
+fn serve_connection(mut stream: TcpStream, shared: &Shared, id: u64) {
     let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
     let _ = stream.set_write_timeout(Some(Duration::from_secs(30)));
     let _ = stream.set_nodelay(true);
@@ -259,21 +258,36 @@ fn serve_connection(mut stream: TcpStream, shared: &Shared) {
         let reply =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (shared.handler)(&request)))
                 .unwrap_or_else(|_| Reply::new(500).body(b"handler panicked".to_vec()));
-        shared
-            .log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Logged {
-                method: request.method.clone(),
-                target: request.target.clone(),
-                authorization: request.header("authorization").map(str::to_string),
-                range: request.header("range").map(str::to_string),
-                status: reply.status,
-            });
-        if write_reply(&mut stream, &request, &reply).is_err()
-            || close
-            || shared.shutdown.load(Ordering::SeqCst)
-        {
+        let mut sent = 0u64;
+        let written = write_reply(&mut stream, &request, &reply, &mut sent);
+        shared.log.lock().unwrap_or_else(|e| e.into_inner()).push(Logged {
+            method: request.method.clone(),
+            target: request.target.clone(),
+            authorization: request.header("authorization").map(str::to_string),
+            range: request.header("range").map(str::to_string),
+            status: reply.status,
+            bytes_sent: sent,
+        });
+        match (&written, reply.fault) {
+            (Ok(()), Some(BodyFault::Reset)) if request.method != "HEAD" => {
+                let _ = stream.flush();
+                // SO_LINGER {on, 0}, then close the last descriptors of the socket: an RST.
+                let _ = nix::sys::socket::setsockopt(
+                    &stream,
+                    nix::sys::socket::sockopt::Linger,
+                    &libc::linger { l_onoff: 1, l_linger: 0 },
+                );
+                shared.connections.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+                return;
+            }
+            (Ok(()), Some(BodyFault::Short)) if request.method != "HEAD" => {
+                let _ = stream.flush();
+                let _ = stream.shutdown(Shutdown::Write);
+                return;
+            }
+            _ => {}
+        }
+        if written.is_err() || close || shared.shutdown.load(Ordering::SeqCst) {
             let _ = stream.shutdown(Shutdown::Both);
             return;
         }
@@ -379,7 +393,7 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-fn write_reply(stream: &mut TcpStream, request: &Request, reply: &Reply) -> io::Result<()> {
+fn write_reply(stream: &mut TcpStream, request: &Request, reply: &Reply, sent: &mut u64) -> io::Result<()> {
     let mut head = format!("HTTP/1.1 {} {}\r\n", reply.status, reason(reply.status));
     let mut has_length = false;
     for (k, v) in &reply.headers {
@@ -389,12 +403,34 @@ fn write_reply(stream: &mut TcpStream, request: &Request, reply: &Reply) -> io::
         head.push_str(&format!("{k}: {v}\r\n"));
     }
     if !has_length {
-        head.push_str(&format!("Content-Length: {}\r\n", reply.body.len()));
+        head.push_str(&format!("Content-Length: {}\r\n", reply.body_len()));
     }
     head.push_str("\r\n");
     stream.write_all(head.as_bytes())?;
-    if request.method != "HEAD" {
-        stream.write_all(&reply.body)?;
+    if request.method == "HEAD" {
+        return stream.flush();
+    }
+    let len = reply.body_len();
+    let send = if reply.fault.is_some() { len / 2 } else { len };
+    match &reply.file_body {
+        None => {
+            stream.write_all(&reply.body[..send as usize])?;
+            *sent += send;
+        }
+        Some((file, offset, _)) => {
+            let mut buf = vec![0u8; 64 * 1024];
+            let (mut at, end) = (*offset, offset + send);
+            while at < end {
+                let want = ((end - at) as usize).min(buf.len());
+                let n = file.read_at(&mut buf[..want], at)?;
+                if n == 0 {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file shrank"));
+                }
+                stream.write_all(&buf[..n])?;
+                *sent += n as u64;
+                at += n as u64;
+            }
+        }
     }
     stream.flush()
 }
@@ -447,7 +483,7 @@ pub fn serve_bytes(request: &Request, data: &[u8], content_type: &str) -> Reply 
     let size = data.len() as u64;
     let range = request
         .header("range")
-        .and_then(|r| super::fault_server::parse_range(r, size));
+        .and_then(|r| parse_range(r, size));
     match range {
         None => Reply::new(200)
             .header("Content-Type", content_type)
@@ -460,4 +496,31 @@ pub fn serve_bytes(request: &Request, data: &[u8], content_type: &str) -> Reply 
             .body(data[start as usize..=end as usize].to_vec()),
         Some(Err(())) => Reply::new(416).header("Content-Range", format!("bytes */{size}")),
     }
+}
+
+/// Parses a single-range `Range` header against `size`: Some(Ok((start, end_inclusive))) for a satisfiable
+/// range, Some(Err(())) for an unsatisfiable one, None when the header is to be ignored (serve 200).
+pub fn parse_range(header: &str, size: u64) -> Option<Result<(u64, u64), ()>> {
+    let spec = header.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None;
+    }
+    let (start, end) = spec.split_once('-')?;
+    let (start, end) = (start.trim(), end.trim());
+    if start.is_empty() {
+        let suffix: u64 = end.parse().ok()?;
+        if suffix == 0 || size == 0 {
+            return Some(Err(()));
+        }
+        return Some(Ok((size.saturating_sub(suffix), size - 1)));
+    }
+    let start: u64 = start.parse().ok()?;
+    let end: u64 = if end.is_empty() { u64::MAX } else { end.parse().ok()? };
+    if end < start {
+        return None;
+    }
+    if start >= size {
+        return Some(Err(()));
+    }
+    Some(Ok((start, end.min(size - 1))))
 }

@@ -436,15 +436,11 @@ pub fn assert_one_line_failure(outcome: &Outcome, keywords: &[&str]) -> String {
     lines[0].to_string()
 }
 
-/// The endpoints named by a status's `served_by` (a string or a list of strings), without trailing '/'.
+/// The endpoint named by a status's `served_by`, without trailing '/'.
 pub fn served_by(status: &super::MountStatus) -> Vec<String> {
     let list = match &status.served_by {
-        Some(serde_json::Value::String(s)) => vec![s.clone()],
-        Some(serde_json::Value::Array(a)) => a
-            .iter()
-            .filter_map(|v| v.as_str().map(str::to_string))
-            .collect(),
-        other => panic!("status has no usable served_by ({other:?}): {status:?}"),
+        Some(s) => vec![s.clone()],
+        None => panic!("status has no served_by: {status:?}"),
     };
     list.into_iter()
         .map(|s| s.trim_end_matches('/').to_string())

@@ -1,6 +1,9 @@
-//! Prerequisite checks. A test starts with `if !common::ready() { return; }` (or `require(&[...])` for the
-//! few that need less). Missing pieces print `SKIPPED: <reason>` — unless the environment says `CI=true`,
-//! where a missing prerequisite is a failure: CI must run every test, never silently skip one.
+//! Prerequisite checks. Every test that needs root, the kernel features or a tool is marked
+//! `#[ignore = "needs ..."]`, so a plain `cargo test` reports it as ignored instead of passing it; `.ci/run`
+//! runs them with `--include-ignored`. Such a test starts with `if !common::ready() { return; }` (or
+//! `require(&[...])` for the few that need less): run by hand on a machine without a piece, it prints
+//! `SKIPPED: <reason>` — unless the environment says `CI=true` (or `1`), where a missing prerequisite is a
+//! failure: CI must run every test, never silently skip one. This is the one place that reads `CI`.
 
 use std::ffi::CString;
 use std::path::Path;
@@ -22,6 +25,10 @@ pub enum Need {
     /// The OCI auth tests' tools: `htpasswd` (bcrypt files) and `openssl` (token server keys and JWTs).
     /// Not part of `ALL`: only the OCI tests ask for it (`oci_ready()`).
     OciTools,
+    /// An OCI runtime and a static busybox for a container's rootfs (the hook tests).
+    Runc,
+    /// `systemd-analyze` (verifying the units in contrib/systemd).
+    SystemdAnalyze,
 }
 
 pub const ALL: &[Need] = &[
@@ -108,6 +115,15 @@ fn probe(need: Need) -> Result<(), String> {
             find_tool("htpasswd", "apache2-utils")?;
             find_tool("openssl", "openssl")
         }
+        Need::Runc => {
+            find_tool("runc", "runc")?;
+            if Path::new("/bin/busybox").exists() {
+                Ok(())
+            } else {
+                Err("/bin/busybox missing (apt-get install busybox-static)".into())
+            }
+        }
+        Need::SystemdAnalyze => find_tool("systemd-analyze", "systemd"),
     }
 }
 
