@@ -5,6 +5,7 @@
 //! so most of it is unit-tested without root.
 
 pub mod agent;
+pub mod build;
 pub mod cache;
 pub mod cli;
 pub mod erofs;
