@@ -42,6 +42,9 @@ pub struct TarStats {
     /// End of the last entry's data, rounded up to 512 (where the trailing
     /// zero records begin).
     pub end_of_entries: u64,
+    /// Bytes of the whole (uncompressed) stream, trailing records included:
+    /// the stream is read to its end, so a truncated gzip member is noticed.
+    pub stream_len: u64,
     pub whiteouts: u64,
     pub opaque_dirs: u64,
     pub hard_links: u64,
@@ -123,6 +126,31 @@ fn apply_pax(pax: &mut Pax, exts: tar::PaxExtensions<'_>, stats: &mut TarStats) 
     Ok(())
 }
 
+/// Bounds the tree a hostile stream can make us build.
+const MAX_ENTRIES: u64 = 50_000_000;
+
+struct Counting<R> {
+    inner: R,
+    count: std::rc::Rc<std::cell::Cell<u64>>,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.set(self.count.get() + n as u64);
+        Ok(n)
+    }
+}
+
+impl TarStats {
+    /// The tar's block count as `mkfs.erofs --tar=i` records it in the
+    /// device slot: up to the end of the last entry plus the two
+    /// end-of-archive records, if the stream has them.
+    pub fn device_blocks(&self) -> u64 {
+        (self.end_of_entries + 1024).min(self.stream_len.max(self.end_of_entries)).div_ceil(512)
+    }
+}
+
 fn dir_meta_default() -> Metadata {
     Metadata::with_permissions(0o755)
 }
@@ -132,11 +160,15 @@ pub fn tree_from_tar(reader: impl Read, mode: DataMode<'_>) -> Result<(Tree, Tar
     let mut mode = mode;
     let mut stats = TarStats::default();
     let mut tree = Tree::new(dir_meta_default());
-    let mut archive = tar::Archive::new(reader);
+    let counter = std::rc::Rc::new(std::cell::Cell::new(0u64));
+    let mut archive = tar::Archive::new(Counting { inner: reader, count: counter.clone() });
     let mut global = Pax::default();
     let mut spool_pos = 0u64;
     let entries = archive.entries().map_err(tar_err)?;
     for entry in entries {
+        if stats.entries >= MAX_ENTRIES {
+            return Err(bad(format!("more than {MAX_ENTRIES} tar entries")));
+        }
         let mut entry = entry.map_err(tar_err)?;
         let header = entry.header().clone();
         let et = header.entry_type();
@@ -286,6 +318,11 @@ pub fn tree_from_tar(reader: impl Read, mode: DataMode<'_>) -> Result<(Tree, Tar
         tree.insert_path(&path, with_xattrs(Inode::new(meta, kind)), dir_meta_default())
             .map_err(|e: WriteError| bad(format!("tar entry {shown:?}: {e}")))?;
     }
+    // The rest: trailing zero records (and, for gzip, the member trailers
+    // whose CRC the decoder checks).
+    let mut rest = archive.into_inner();
+    io::copy(&mut rest, &mut io::sink()).map_err(tar_err)?;
+    stats.stream_len = counter.get();
     if let DataMode::Spool { file, .. } = &mut mode {
         file.flush().map_err(|e| BuildError::io("cannot write the spool file", e))?;
     }

@@ -151,7 +151,7 @@ pub fn run(args: BuildArgs) -> Result<(), CliError> {
     // The tree (and a spool file for tar data that cannot be referenced in place).
     let tar = is_tar_source(&args.src);
     let mut spool: Option<tempfile::NamedTempFile> = None;
-    let mut tar_end = 0u64;
+    let mut tar_blocks = 0u64;
     let tree = if !tar {
         progress.line("reading the source tree...");
         build::dir::tree_from_dir(&args.src).map_err(err)?.0
@@ -174,7 +174,7 @@ pub fn run(args: BuildArgs) -> Result<(), CliError> {
             build::tar::tree_from_tar(input.reader, DataMode::Spool { file: &mut file, path })
         }
         .map_err(|e: BuildError| err(format!("{}: {e}", args.src.display())))?;
-        tar_end = stats.end_of_entries;
+        tar_blocks = stats.device_blocks();
         tree
     };
 
@@ -191,7 +191,7 @@ pub fn run(args: BuildArgs) -> Result<(), CliError> {
     let plan = if args.tar_index {
         opts.block_bits = 9;
         opts.metadata_only = true;
-        let blocks = u32::try_from(tar_end.div_ceil(512))
+        let blocks = u32::try_from(tar_blocks)
             .map_err(|_| err("the tar is larger than 2^32 512-byte blocks"))?;
         opts.devices = vec![Device { tag: [0; 64], blocks, uniaddr: 0 }];
         // The device's place in the flat space is right after the index,
