@@ -67,6 +67,8 @@ fn tar_err(e: io::Error) -> BuildError {
                 bad(format!("the gzip stream is corrupt or truncated ({msg})"))
             } else if msg.contains("unexpected EOF") || msg.contains("failed to fill whole buffer") {
                 bad("the tar stream is truncated")
+            } else if msg.contains("checksum") || msg.contains("numeric field") || msg.contains("overflow") {
+                bad(format!("the tar stream is corrupt ({msg})"))
             } else {
                 BuildError::io("cannot read the tar stream", e)
             }
@@ -327,4 +329,144 @@ pub fn tree_from_tar(reader: impl Read, mode: DataMode<'_>) -> Result<(Tree, Tar
         file.flush().map_err(|e| BuildError::io("cannot write the spool file", e))?;
     }
     Ok((tree, stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::erofs::writer::Chunk;
+
+    fn header(path: &str, ty: tar::EntryType, size: u64) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_path(path).unwrap();
+        h.set_entry_type(ty);
+        h.set_size(size);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h.set_cksum();
+        h
+    }
+
+    fn tar_of(f: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        f(&mut b);
+        b.into_inner().unwrap()
+    }
+
+    fn raw_entry(out: &mut Vec<u8>, name: &[u8], ty: u8, data: &[u8]) {
+        let mut h = [0u8; 512];
+        h[..name.len()].copy_from_slice(name);
+        h[100..107].copy_from_slice(b"0000644");
+        h[108..115].copy_from_slice(b"0000000");
+        h[116..123].copy_from_slice(b"0000000");
+        h[124..135].copy_from_slice(format!("{:011o}", data.len()).as_bytes());
+        h[136..147].copy_from_slice(b"00000000000");
+        h[156] = ty;
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+        h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+        out.extend_from_slice(&h);
+        out.extend_from_slice(data);
+        out.resize(out.len().next_multiple_of(512), 0);
+    }
+
+    #[test]
+    fn oci_whiteouts_opaque_dirs_and_hard_links() {
+        let data = tar_of(|b| {
+            b.append(&header("d/", tar::EntryType::Directory, 0), &[][..]).unwrap();
+            b.append(&header("d/f", tar::EntryType::Regular, 3), &b"abc"[..]).unwrap();
+            let mut l = header("d/l", tar::EntryType::Link, 0);
+            l.set_link_name("d/f").unwrap();
+            l.set_cksum();
+            b.append(&l, &[][..]).unwrap();
+            b.append(&header("d/.wh.gone", tar::EntryType::Regular, 0), &[][..]).unwrap();
+            b.append(&header("o/.wh..wh..opq", tar::EntryType::Regular, 0), &[][..]).unwrap();
+            let long = format!("d/{}", "n".repeat(200));
+            b.append_data(&mut header("x", tar::EntryType::Regular, 2), &long, &b"hi"[..]).unwrap();
+        });
+        let (t, stats) = tree_from_tar(&data[..], DataMode::Index { block_bits: 9 }).unwrap();
+        assert_eq!((stats.whiteouts, stats.opaque_dirs, stats.hard_links), (1, 1, 1));
+        assert_eq!(t.lookup_path(b"d/f"), t.lookup_path(b"d/l"));
+        let gone = t.get(t.lookup_path(b"d/gone").unwrap());
+        assert!(gone.kind.is_whiteout());
+        let d = t.get(t.lookup_path(b"d").unwrap());
+        assert_eq!(d.xattrs.get(&b"trusted.overlay.origin"[..]), Some(&Vec::new()));
+        let o = t.get(t.lookup_path(b"o").unwrap());
+        assert_eq!(o.xattrs.get(&b"trusted.overlay.opaque"[..]).map(|v| v.as_slice()), Some(&b"y"[..]));
+        assert!(t.lookup_path(format!("d/{}", "n".repeat(200)).as_bytes()).is_some(), "GNU long name");
+        // Index mode: the chunk is at the data offset / 512 on device 1.
+        let f = t.get(t.lookup_path(b"d/f").unwrap());
+        match &f.kind {
+            Kind::Regular { size: 3, data: FileData::Chunked(c) } => {
+                assert_eq!(c.chunks, vec![Chunk::At { device: 1, block: 2 }]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(stats.stream_len, data.len() as u64);
+        assert!(stats.device_blocks() * 512 <= data.len() as u64);
+    }
+
+    #[test]
+    fn pax_times_and_xattrs() {
+        let data = tar_of(|b| {
+            let mut pax = Vec::new();
+            for (k, v) in [("mtime", "1700000000.25"), ("SCHILY.xattr.user.k", "v"), ("SCHILY.xattr.system.weird", "1")] {
+                let rec = format!(" {k}={v}\n");
+                let mut len = rec.len() + 1;
+                if format!("{len}{rec}").len() != len {
+                    len += 1;
+                }
+                pax.extend_from_slice(format!("{len}{rec}").as_bytes());
+            }
+            b.append(&header("PaxHeader", tar::EntryType::XHeader, pax.len() as u64), &pax[..]).unwrap();
+            b.append(&header("f", tar::EntryType::Regular, 1), &b"z"[..]).unwrap();
+        });
+        let (t, stats) = tree_from_tar(&data[..], DataMode::Index { block_bits: 9 }).unwrap();
+        let f = t.get(t.lookup_path(b"f").unwrap());
+        assert_eq!((f.meta.mtime, f.meta.mtime_nsec), (1_700_000_000, 250_000_000));
+        assert_eq!(f.xattrs.get(&b"user.k"[..]).map(|v| v.as_slice()), Some(&b"v"[..]));
+        assert_eq!(f.xattrs.len(), 1);
+        assert_eq!(stats.skipped_xattrs, 1);
+        assert_eq!(parse_pax_time(b"-1.5"), Some((-2, 500_000_000)));
+    }
+
+    #[test]
+    fn bad_tars_are_one_clear_error() {
+        let mut dotdot = Vec::new();
+        raw_entry(&mut dotdot, b"a/../../etc/passwd", b'0', b"x");
+        dotdot.extend_from_slice(&[0u8; 1024]);
+        let e = tree_from_tar(&dotdot[..], DataMode::Index { block_bits: 9 }).unwrap_err();
+        assert!(e.to_string().contains(".."), "{e}");
+
+        let long = format!("d/{}", "n".repeat(256));
+        let data = tar_of(|b| {
+            b.append_data(&mut header("x", tar::EntryType::Regular, 1), &long, &b"z"[..]).unwrap();
+        });
+        let e = tree_from_tar(&data[..], DataMode::Index { block_bits: 9 }).unwrap_err();
+        assert!(e.to_string().contains("longer than 255"), "{e}");
+
+        let data = tar_of(|b| {
+            b.append(&header("f", tar::EntryType::Regular, 5000), &vec![1u8; 5000][..]).unwrap();
+        });
+        let e = tree_from_tar(&data[..1500], DataMode::Index { block_bits: 9 }).unwrap_err();
+        assert!(e.to_string().contains("truncated"), "{e}");
+
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(&data).unwrap();
+        let gz = gz.finish().unwrap();
+        let cut = &gz[..gz.len() - 10];
+        let dec = flate2::read::MultiGzDecoder::new(cut);
+        let e = tree_from_tar(dec, DataMode::Index { block_bits: 9 }).unwrap_err();
+        assert!(e.to_string().contains("truncated") || e.to_string().contains("corrupt"), "{e}");
+
+        let mut abs = Vec::new();
+        raw_entry(&mut abs, b"/etc/x", b'0', b"x");
+        abs.extend_from_slice(&[0u8; 1024]);
+        let (t, _) = tree_from_tar(&abs[..], DataMode::Index { block_bits: 9 }).unwrap();
+        assert!(t.lookup_path(b"etc/x").is_some(), "a leading / is stripped, as tar -x does");
+    }
 }
