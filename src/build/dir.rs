@@ -70,7 +70,7 @@ fn data_ranges(path: &Path, size: u64) -> Result<Vec<std::ops::Range<u64>>, Buil
             Ok(s) => s,
             Err(nix::errno::Errno::ENXIO) => break,
             // No SEEK_DATA support: all of it is data.
-            Err(nix::errno::Errno::EINVAL) => return Ok(vec![0..size]),
+            Err(nix::errno::Errno::EINVAL) => return Ok(std::iter::once(0..size).collect()),
             Err(e) => return Err(BuildError::io(format!("SEEK_DATA on {}", show(path)), e.into())),
         };
         let end = match lseek(&f, start, Whence::SeekHole) {

@@ -70,7 +70,7 @@ impl writer::Progress for TermProgress {
             }
             *last = (Instant::now(), phase);
         }
-        let pct = if total == 0 { 100 } else { done.saturating_mul(100) / total };
+        let pct = done.saturating_mul(100).checked_div(total).unwrap_or(100);
         self.line(&format!("{phase}: {pct:>3}% ({} of {} MiB)", done >> 20, total >> 20));
     }
 }
@@ -211,6 +211,7 @@ pub fn run(args: BuildArgs) -> Result<(), CliError> {
         .sync_all()
         .map_err(|e| err(format!("cannot write {}: {e}", args.out.display())))?;
     progress.done();
+    tracing::info!("image summary: {summary:?}");
     drop(spool);
     use std::os::unix::fs::PermissionsExt;
     let _ = tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644));

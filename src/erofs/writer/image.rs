@@ -138,43 +138,32 @@ fn file_type(kind: &Kind) -> u8 {
 }
 
 /// Places records in the metadata area: 32-byte aligned, contained records
-/// never crossing a block boundary, padding left behind reused first-fit.
+/// never crossing a block boundary. The padding a contained record leaves
+/// before a block boundary becomes a gap, and later records take the
+/// smallest gap they fit (every gap lies within one block, so anything
+/// placed in one is contained).
 struct Packer {
     cursor: u64,
     block: u64,
-    gaps: Vec<(u64, u64)>,
+    /// (length, start)
+    gaps: std::collections::BTreeSet<(u64, u64)>,
 }
 
 impl Packer {
-    const MAX_GAPS: usize = 512;
-
-    fn fits(&self, start: u64, end: u64, size: u64, contained: bool) -> Option<u64> {
-        let mut s = start.next_multiple_of(32);
-        if contained && s % self.block + size > self.block {
-            s = s.next_multiple_of(self.block);
-        }
-        (s + size <= end).then_some(s)
-    }
-
     fn place(&mut self, size: u64, contained: bool) -> u64 {
-        for i in 0..self.gaps.len() {
-            let (gs, ge) = self.gaps[i];
-            if let Some(s) = self.fits(gs, ge, size, contained) {
-                self.gaps.swap_remove(i);
-                if s > gs + 32 {
-                    self.gaps.push((gs, s));
-                }
-                if ge >= s + size + 32 {
-                    self.gaps.push((s + size, ge));
-                }
-                return s;
+        let need = size.next_multiple_of(32);
+        if let Some(&(len, start)) = self.gaps.range((need, 0)..).next() {
+            self.gaps.remove(&(len, start));
+            if len - need >= 32 {
+                self.gaps.insert((len - need, start + need));
             }
+            return start;
         }
         let mut s = self.cursor.next_multiple_of(32);
         if contained && s % self.block + size > self.block {
             let next = s.next_multiple_of(self.block);
-            if next - s >= 32 && self.gaps.len() < Self::MAX_GAPS {
-                self.gaps.push((s, next));
+            if next - s >= 32 {
+                self.gaps.insert((next - s, s));
             }
             s = next;
         }
@@ -269,7 +258,16 @@ pub fn plan_with_progress<'t>(
     // Compression of candidate files (read here, sizes kept).
     let compressed_extents = match opts.compression {
         Compression::Lz4 { pcluster_bytes } => {
-            compress_candidates(tree, order, u64::from(pcluster_bytes), bs, files, progress)?
+            compress_candidates(
+                tree,
+                order,
+                u64::from(pcluster_bytes),
+                bs,
+                opts.block_bits,
+                opts.sparse_chunk_bits,
+                files,
+                progress,
+            )?
         }
         Compression::None => HashMap::new(),
     };
@@ -366,10 +364,12 @@ pub fn plan_with_progress<'t>(
                             None => Body::Flat { area: Area::Data, blocks: size.div_ceil(bs), tail: 0 },
                         }
                     }
-                    FileData::Local { data_ranges: Some(ranges), .. } => {
+                    FileData::Local { data_ranges: Some(ranges), .. }
+                        if has_hole_chunks(size, ranges, opts.block_bits, opts.sparse_chunk_bits) =>
+                    {
                         sparse_chunks(size, ranges, opts.block_bits, opts.sparse_chunk_bits, use_indexes)
                     }
-                    FileData::Local { data_ranges: None, .. } => match compressed_extents.get(id) {
+                    FileData::Local { .. } => match compressed_extents.get(id) {
                         Some(ext) => Body::Compressed {
                             extent_bytes: compressed_extent_bytes(opts),
                             extents: ext.clone(),
@@ -449,7 +449,7 @@ pub fn plan_with_progress<'t>(
     let mut packer = Packer {
         cursor: SUPERBLOCK_OFFSET + ondisk::SB_SIZE as u64,
         block: bs,
-        gaps: Vec::new(),
+        gaps: Default::default(),
     };
     let mut cfgs_offset = None;
     if opts.compression != Compression::None {
@@ -479,13 +479,17 @@ pub fn plan_with_progress<'t>(
         packer.cursor += x.entry_size() as u64;
     }
     summary.shared_xattrs = shared.len() as u64;
-    for p in inodes.iter_mut().skip(1) {
-        p.offset = packer.place(p.record_size as u64, p.contained);
+    // Contained records first, so that the others fill the gaps they leave.
+    for contained in [true, false] {
+        for p in inodes.iter_mut().skip(1).filter(|p| p.contained == contained) {
+            p.offset = packer.place(p.record_size as u64, p.contained);
+        }
     }
     let records_end = packer.cursor;
     let mut next_block = records_end.div_ceil(bs);
-    summary.metadata_padding = next_block * bs - records_end
-        + packer.gaps.iter().map(|(s, e)| e - s).sum::<u64>();
+    let used: u64 = inodes.iter().map(|p| p.record_size as u64).sum::<u64>()
+        + shared.iter().map(|(x, _)| x.entry_size() as u64).sum::<u64>();
+    summary.metadata_padding = (next_block * bs).saturating_sub(used + SUPERBLOCK_OFFSET + ondisk::SB_SIZE as u64);
     for p in inodes.iter_mut() {
         if let Body::Flat { area: Area::Meta, blocks, .. } = p.body {
             if blocks > 0 {
@@ -628,13 +632,29 @@ fn finish_record(p: &mut InodePlan, bs: u64, inline_data: bool) {
     p.contained = contained;
 }
 
-fn sparse_chunks(size: u64, ranges: &[std::ops::Range<u64>], block_bits: u8, chunk_bits: u8, use_indexes: bool) -> Body {
-    let bs = 1u64 << block_bits;
-    // Keep the index small: at most 64 Ki chunks.
+/// The chunk size bits for a sparse file: at most 64 Ki chunks.
+fn sparse_chunk_bits(size: u64, block_bits: u8, chunk_bits: u8) -> u8 {
     let mut bits = chunk_bits.clamp(block_bits, block_bits + 31);
     while size.div_ceil(1u64 << bits) > 65536 && bits < block_bits + 31 {
         bits += 1;
     }
+    bits
+}
+
+/// Whether a sparse source has a whole chunk without data (else it is
+/// stored like any other file: a few small holes are not worth chunks, and
+/// sources such as ext4 inline-data files only look sparse).
+fn has_hole_chunks(size: u64, ranges: &[std::ops::Range<u64>], block_bits: u8, chunk_bits: u8) -> bool {
+    let chunk = 1u64 << sparse_chunk_bits(size, block_bits, chunk_bits);
+    (0..size.div_ceil(chunk)).any(|i| {
+        let (start, end) = (i * chunk, ((i + 1) * chunk).min(size));
+        !ranges.iter().any(|r| r.start < end && r.end > start)
+    })
+}
+
+fn sparse_chunks(size: u64, ranges: &[std::ops::Range<u64>], block_bits: u8, chunk_bits: u8, use_indexes: bool) -> Body {
+    let bs = 1u64 << block_bits;
+    let bits = sparse_chunk_bits(size, block_bits, chunk_bits);
     let chunk = 1u64 << bits;
     let n = size.div_ceil(chunk);
     let mut chunks = Vec::with_capacity(n as usize);
@@ -700,11 +720,14 @@ fn external_chunks(
 
 /// Compresses every regular file with local, non-sparse data of at least two
 /// blocks; returns the extents of those that compress.
+#[allow(clippy::too_many_arguments)]
 fn compress_candidates(
     tree: &Tree,
     order: &[InodeId],
     extent_bytes: u64,
     bs: u64,
+    opts_block_bits: u8,
+    opts_sparse_bits: u8,
     files: &dyn FileReader,
     progress: &dyn Progress,
 ) -> Result<HashMap<InodeId, Vec<ExtentKind>>, WriteError> {
@@ -714,7 +737,13 @@ fn compress_candidates(
         .filter(|id| match &tree.get(*id).kind {
             Kind::Regular { size, data } => {
                 *size > bs
-                    && matches!(data, FileData::Bytes(_) | FileData::Local { data_ranges: None, .. })
+                    && match data {
+                        FileData::Bytes(_) | FileData::Local { data_ranges: None, .. } => true,
+                        FileData::Local { data_ranges: Some(r), .. } => {
+                            !has_hole_chunks(*size, r, opts_block_bits, opts_sparse_bits)
+                        }
+                        _ => false,
+                    }
             }
             _ => false,
         })

@@ -471,7 +471,7 @@ fn large_sparse_files_use_extended_inodes_and_holes() {
     let f = t.add(Inode::file(
         meta(0o644),
         size,
-        FileData::Local { path, offset: 0, data_ranges: Some(vec![tail_start..size]) },
+        FileData::Local { path, offset: 0, data_ranges: Some(std::iter::once(tail_start..size).collect()) },
     ));
     t.link(r, b"sparse", f).unwrap();
     // The last chunk is read whole: give the reader the whole last chunk.
