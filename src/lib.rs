@@ -9,6 +9,7 @@
 #![deny(unsafe_code)]
 
 pub mod agent;
+pub mod build;
 pub mod cache;
 pub mod cli;
 pub mod erofs;

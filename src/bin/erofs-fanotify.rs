@@ -83,6 +83,28 @@ enum Cmd {
         #[arg(long)]
         stage: Option<String>,
     },
+    /// Build an EROFS image made for lazy mounts (all metadata in one run after the superblock)
+    Build {
+        /// A directory, a tar stream (.tar, .tar.gz) or - for stdin
+        src: PathBuf,
+        /// The image to write (replaced atomically)
+        out: PathBuf,
+        /// Compress file data (lz4)
+        #[arg(long, value_name = "ALGORITHM", value_parser = ["lz4"])]
+        compress: Option<String>,
+        /// Paths (one per line, # comments) whose data comes first, in that order
+        #[arg(long, value_name = "FILE")]
+        order: Option<PathBuf>,
+        /// Fixed UUID derived from the content: the same input gives the same bytes
+        #[arg(long)]
+        reproducible: bool,
+        /// Write a tar index (512-byte blocks, file data referenced in the tar as device 1)
+        #[arg(long)]
+        tar_index: bool,
+        /// Uncompressed bytes per lz4 physical cluster (a multiple of 4096, up to 1 MiB)
+        #[arg(long, value_name = "BYTES", hide = true)]
+        pcluster_size: Option<u32>,
+    },
     /// List or prune the local cache of blobs
     Cache {
         #[command(subcommand)]
@@ -178,6 +200,11 @@ fn main() {
                 }
             }
             .map(|_| 0)
+        }
+        Cmd::Build { src, out, compress, order, reproducible, tar_index, pcluster_size } => {
+            cli::init_cli_logging();
+            cli::build_cmd::run(cli::build_cmd::BuildArgs { src, out, compress, order, reproducible, tar_index, pcluster_size })
+                .map(|_| 0)
         }
         Cmd::Agent { foreground, adopt } => agent_cmd::run_supervisor(foreground, adopt),
         Cmd::Worker { resume } => agent_cmd::run_worker(resume),

@@ -34,6 +34,7 @@
 
 pub mod format;
 mod walker;
+pub mod writer;
 
 #[cfg(test)]
 mod tests;

@@ -28,6 +28,7 @@
 
 pub mod cmd;
 pub mod env;
+pub mod erofs_tree;
 pub mod fault_server;
 pub mod fixtures;
 pub mod http;
