@@ -11,6 +11,7 @@
 pub mod file;
 pub mod http;
 pub mod retry;
+pub mod s3;
 pub mod source;
 
 use std::ops::Range;
