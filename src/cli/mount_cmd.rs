@@ -238,10 +238,21 @@ pub fn agent_log_path(state_dir: &StateDir, key: &str) -> PathBuf {
     state_dir.agents_dir().join(format!("{key}.log"))
 }
 
-/// An http(s) URL is used as is; anything else is an image reference.
+/// An http(s) URL is used as is; `s3://BUCKET/KEY`, or `BUCKET/KEY` with `s3.endpoint=`, is an S3
+/// object; anything else is an image reference.
 fn resolve_source(source: &str, opts: &MountOptions) -> Result<SourceSpec, CliError> {
     if source.starts_with("http://") || source.starts_with("https://") {
         return Ok(SourceSpec::Url { url: source.to_string() });
+    }
+    if crate::remote::s3::is_s3_source(source, &opts.s3) {
+        return crate::remote::s3::resolve_object(source, &opts.s3)
+            .map(|spec| SourceSpec::S3(Box::new(spec)))
+            .map_err(|e| CliError::new(e.to_string()));
+    }
+    if opts.s3.is_set() {
+        return Err(CliError::new(format!(
+            "s3.* options need an s3://BUCKET/KEY source or s3.endpoint=URL with BUCKET/KEY, not {source:?}"
+        )));
     }
     crate::oci::resolve_reference(source, opts).map(|spec| SourceSpec::Oci(Box::new(spec))).map_err(|e| CliError::new(e.to_string()))
 }
