@@ -205,6 +205,10 @@ fn spawn_agent(cfg: &AgentConfig, state_dir: &StateDir, foreground: bool) -> Res
     };
     let mut cmd = Command::new(agent_binary());
     cmd.arg("agent").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(stderr);
+    // Secrets reach the agent in its config on stdin only, never in /proc/<agent>/environ.
+    for var in crate::remote::s3::credentials::SECRET_ENV_VARS {
+        cmd.env_remove(var);
+    }
     if foreground {
         cmd.arg("--foreground");
     }
