@@ -27,6 +27,8 @@ pub const ENDPOINT_BACKOFF: Duration = Duration::from_secs(30);
 const MAX_ERROR_BODY: u64 = 64 << 10;
 /// Bound on listing pages (10^9 keys at 1000 a page): a store that never ends its listing fails.
 const MAX_LIST_PAGES: u32 = 1_000_000;
+/// Truncated pages that bring nothing new, in a row, before a listing is given up.
+const MAX_EMPTY_PAGES: u32 = 100;
 
 /// What HEAD says about an object.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -185,8 +187,11 @@ impl S3Client {
     pub async fn list_all(&self, version: ListVersion, query: &ListQuery, max_objects: usize) -> Result<Listing, S3Error> {
         let mut out = Listing::default();
         let mut cursor: Option<String> = None;
+        let mut seen_prefixes = std::collections::HashSet::new();
+        let mut empty_pages = 0u32;
         loop {
             let page = self.list_page(version, query, cursor.as_deref()).await?;
+            let (before_objects, before_prefixes) = (out.objects.len(), out.common_prefixes.len());
             out.pages += 1;
             let next = match version {
                 ListVersion::V2 => page.next_continuation_token.clone(),
@@ -194,7 +199,12 @@ impl S3Client {
             };
             let truncated = page.truncated;
             out.objects.extend(page.objects);
-            out.common_prefixes.extend(page.common_prefixes);
+            // Some stores (moto) repeat the common prefixes on every page.
+            for p in page.common_prefixes {
+                if seen_prefixes.insert(p.clone()) {
+                    out.common_prefixes.push(p);
+                }
+            }
             if out.objects.len() > max_objects {
                 return Err(self.protocol(format!("bucket {} has more than {max_objects} objects under {:?}", self.bucket, query.prefix)));
             }
@@ -202,13 +212,10 @@ impl S3Client {
                 return Ok(out);
             }
             let next = next.ok_or_else(|| self.protocol("a truncated listing without a next token or marker".into()))?;
-            // A cursor that does not move would loop forever (v1 markers must also grow).
-            let stuck = match (&cursor, version) {
-                (Some(prev), ListVersion::V1) => next.as_str() <= prev.as_str(),
-                (Some(prev), ListVersion::V2) => *prev == next,
-                (None, _) => false,
-            };
-            if stuck || out.pages >= MAX_LIST_PAGES {
+            // A cursor that does not move, or pages that stay empty, would loop forever. (v1 markers
+            // are keys on S3 but opaque tokens on some stores, so only "moved" is checked.)
+            empty_pages = if out.objects.len() == before_objects && out.common_prefixes.len() == before_prefixes { empty_pages + 1 } else { 0 };
+            if cursor.as_deref() == Some(next.as_str()) || empty_pages > MAX_EMPTY_PAGES || out.pages >= MAX_LIST_PAGES {
                 return Err(self.protocol("the listing does not advance".into()));
             }
             cursor = Some(next);

@@ -149,6 +149,10 @@ pub fn request_url(
             url.set_path(&format!("{base}{encoded_key}"));
         }
     }
+    // URLs resolve `.` and `..` segments (also as `%2E`), so such a key cannot be named in one.
+    if !url.path().ends_with(&encoded_key) || (style == UrlStyle::Path && !url.path().ends_with(&format!("{bucket}/{encoded_key}"))) {
+        return Err(format!("the key {key:?} has a \".\" or \"..\" path segment, which an HTTP request URL cannot carry"));
+    }
     if !query.is_empty() {
         let q: Vec<String> = query.iter().map(|(k, v)| format!("{}={}", uri_encode(k, false), uri_encode(v, false))).collect();
         url.set_query(Some(&q.join("&")));
@@ -208,6 +212,12 @@ mod tests {
         assert_eq!(res, "/bkt/dir/a%20b%2Bc%25.txt");
         let (u, _) = request_url(&local, UrlStyle::Path, "bkt", "ü/x", &[("versionId", "a+b/c")]).unwrap();
         assert_eq!(u.as_str(), "http://127.0.0.1:9000/bkt/%C3%BC/x?versionId=a%2Bb%2Fc");
+        for dotted in ["../x", "a/./b", "a/..", "."] {
+            assert!(request_url(&local, UrlStyle::Path, "bkt", dotted, &[]).unwrap_err().contains("path segment"), "{dotted}");
+            assert!(request_url(&aws, UrlStyle::VirtualHost, "bkt", dotted, &[]).is_err(), "{dotted}");
+        }
+        let (u, _) = request_url(&local, UrlStyle::Path, "bkt", "a//b/..c/.d", &[]).unwrap();
+        assert_eq!(u.path(), "/bkt/a//b/..c/.d");
         let prefixed = parse_endpoint("http://h:1/s3").unwrap();
         let (u, _) = request_url(&prefixed, UrlStyle::Path, "bkt", "", &[("list-type", "2")]).unwrap();
         assert_eq!(u.as_str(), "http://h:1/s3/bkt/?list-type=2");
