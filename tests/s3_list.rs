@@ -142,3 +142,33 @@ fn odd_keys_list_and_read_back_exactly() {
         assert_eq!(&got[..], &body_of(key, 5000)[1000..1100], "{key:?}");
     }
 }
+
+/// A store that knows only v1 answers `list-type=2` with v1 pages: the listing goes on with markers.
+#[test]
+fn a_store_without_v2_is_listed_with_markers() {
+    use common::http_server::{HttpServer, Reply};
+    let all: Vec<String> = (0..5).map(|i| format!("k{i}")).collect();
+    let served = all.clone();
+    let server = HttpServer::start("v1-only", move |req| {
+        let marker = req.query().into_iter().find(|(k, _)| k == "marker").map(|(_, v)| v).unwrap_or_default();
+        let rest: Vec<&String> = served.iter().filter(|k| k.as_str() > marker.as_str()).collect();
+        let page: Vec<&&String> = rest.iter().take(2).collect();
+        let contents: String =
+            page.iter().map(|k| format!("<Contents><Key>{k}</Key><Size>1</Size></Contents>")).collect();
+        let body = format!(
+            "<ListBucketResult><IsTruncated>{}</IsTruncated>{contents}</ListBucketResult>",
+            rest.len() > page.len()
+        );
+        Reply::new(200).header("Content-Type", "application/xml").body(body.into_bytes())
+    });
+    let opts = S3Options { endpoints: vec![server.base_url()], ..Default::default() };
+    let c = BucketAccess::new("bkt", &opts, &AwsEnvironment::default()).expect("bucket access").client;
+    let l = list(&c, ListVersion::V2, "", None, None);
+    assert_eq!(keys(&l), all);
+    assert_eq!(l.pages, 3);
+    let targets: Vec<String> = server.requests().into_iter().map(|r| r.target).collect();
+    assert_eq!(targets.len(), 3, "{targets:?}");
+    assert!(targets[0].contains("list-type=2"), "{targets:?}");
+    assert!(targets[1].contains("marker=k1") && !targets[1].contains("list-type"), "{targets:?}");
+    assert!(targets[2].contains("marker=k3"), "{targets:?}");
+}

@@ -184,7 +184,10 @@ impl S3Client {
     }
 
     /// Every page of a listing, at most `max_objects` keys (more is an error, not a silent cut).
+    /// A store without v2 answers `list-type=2` with a v1 page (a truncated page with no
+    /// continuation token): the listing goes on with v1 markers.
     pub async fn list_all(&self, version: ListVersion, query: &ListQuery, max_objects: usize) -> Result<Listing, S3Error> {
+        let mut version = version;
         let mut out = Listing::default();
         let mut cursor: Option<String> = None;
         let mut seen_prefixes = std::collections::HashSet::new();
@@ -194,6 +197,11 @@ impl S3Client {
             let (before_objects, before_prefixes) = (out.objects.len(), out.common_prefixes.len());
             out.pages += 1;
             let next = match version {
+                ListVersion::V2 if page.truncated && page.next_continuation_token.is_none() && cursor.is_none() => {
+                    tracing::info!(bucket = %self.bucket, "the store answers ListObjectsV2 with v1 pages; listing with markers");
+                    version = ListVersion::V1;
+                    page.v1_next_marker()
+                }
                 ListVersion::V2 => page.next_continuation_token.clone(),
                 ListVersion::V1 => page.v1_next_marker(),
             };

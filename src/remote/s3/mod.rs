@@ -219,7 +219,7 @@ pub async fn open_object(spec: &S3ObjectSpec, http: &HttpConfig) -> Result<(Arc<
     }
     let cfg = spec.client_config(http.connect_timeout, http.request_timeout)?;
     let client = S3Client::new(&cfg, spec.credentials.clone(), spec.credential_origin.clone())?;
-    let source = S3Source::new(client, spec.key.clone(), spec.object_info());
+    let source = S3Source::new(Arc::new(client), spec.key.clone(), spec.object_info());
     let probe = source.read(0..PROBE_LEN.min(spec.size)).await?;
     Ok((Arc::new(source), probe))
 }

@@ -1,6 +1,7 @@
 //! The agent's view of an S3 object: a [`RangeSource`] doing ranged GETs of one version.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -9,14 +10,15 @@ use super::client::{ObjectInfo, S3Client};
 use super::error::S3Error;
 use crate::remote::{FetchError, RangeSource};
 
+/// One object version. Sources of many objects of a bucket share one client (and its connections).
 pub struct S3Source {
-    client: S3Client,
+    client: Arc<S3Client>,
     key: String,
     info: ObjectInfo,
 }
 
 impl S3Source {
-    pub fn new(client: S3Client, key: String, info: ObjectInfo) -> S3Source {
+    pub fn new(client: Arc<S3Client>, key: String, info: ObjectInfo) -> S3Source {
         S3Source { client, key, info }
     }
 
