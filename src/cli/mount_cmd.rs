@@ -36,7 +36,7 @@ pub struct MountArgs {
     /// Keep the agent in the foreground, logging to stderr, until the mount is gone
     #[arg(long)]
     pub foreground: bool,
-    /// Image source: an http(s) URL of a Range-capable blob
+    /// Image source: an image reference, an http(s) URL of a Range-capable blob, s3://BUCKET/KEY, or BUCKET/KEY with -o s3.endpoint=URL
     pub source: String,
     /// Directory to mount on
     pub mountpoint: PathBuf,
