@@ -19,6 +19,8 @@ pub enum SourceSpec {
     Url { url: String },
     /// A blob of an OCI image, already resolved to its digest and size.
     Oci(Box<crate::oci::OciBlobSpec>),
+    /// One version (ETag) of an S3 object.
+    S3(Box<crate::remote::s3::S3ObjectSpec>),
 }
 
 impl std::fmt::Debug for SourceSpec {
@@ -34,6 +36,7 @@ impl SourceSpec {
         match self {
             SourceSpec::Url { url } => redact_url(url),
             SourceSpec::Oci(spec) => spec.describe(),
+            SourceSpec::S3(spec) => spec.describe(),
         }
     }
 
@@ -42,6 +45,7 @@ impl SourceSpec {
         match self {
             SourceSpec::Url { url } => digest_from_url(url),
             SourceSpec::Oci(spec) => Some(spec.digest.clone()),
+            SourceSpec::S3(_) => None,
         }
     }
 
@@ -51,6 +55,7 @@ impl SourceSpec {
             (Some(d), _) => erofs_fanotify_state::cache_key_for_digest(&d).map_err(|e| e.to_string()),
             (None, SourceSpec::Url { url }) => Ok(erofs_fanotify_state::cache_key_for_url(url)),
             (None, SourceSpec::Oci(_)) => Err("an OCI source without a digest".into()),
+            (None, SourceSpec::S3(spec)) => Ok(spec.cache_key()),
         }
     }
 }
@@ -75,6 +80,11 @@ pub async fn open_source(spec: &SourceSpec, http: &ClientConfig) -> Result<Opene
         SourceSpec::Oci(blob) => {
             let (source, probe) =
                 crate::oci::open_blob(blob, http).await.map_err(|e| OpenError(e.to_string()))?;
+            Ok(OpenedSource { source, probe })
+        }
+        SourceSpec::S3(object) => {
+            let (source, probe) =
+                crate::remote::s3::open_object(object, http).await.map_err(|e| OpenError(e.to_string()))?;
             Ok(OpenedSource { source, probe })
         }
     }

@@ -36,7 +36,7 @@ pub struct MountArgs {
     /// Keep the agent in the foreground, logging to stderr, until the mount is gone
     #[arg(long)]
     pub foreground: bool,
-    /// Image source: an http(s) URL of a Range-capable blob
+    /// Image source: an image reference, an http(s) URL of a Range-capable blob, s3://BUCKET/KEY, or BUCKET/KEY with -o s3.endpoint=URL
     pub source: String,
     /// Directory to mount on
     pub mountpoint: PathBuf,
@@ -206,6 +206,10 @@ fn spawn_agent(cfg: &AgentConfig, state_dir: &StateDir, foreground: bool) -> Res
     };
     let mut cmd = Command::new(agent_binary());
     cmd.arg("agent").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(stderr);
+    // Secrets reach the agent in its config on stdin only, never in /proc/<agent>/environ.
+    for var in crate::remote::s3::credentials::SECRET_ENV_VARS {
+        cmd.env_remove(var);
+    }
     if foreground {
         cmd.arg("--foreground");
     }
@@ -239,10 +243,21 @@ pub fn agent_log_path(state_dir: &StateDir, key: &str) -> PathBuf {
     state_dir.agents_dir().join(format!("{key}.log"))
 }
 
-/// An http(s) URL is used as is; anything else is an image reference.
+/// An http(s) URL is used as is; `s3://BUCKET/KEY`, or `BUCKET/KEY` with `s3.endpoint=`, is an S3
+/// object; anything else is an image reference.
 fn resolve_source(source: &str, opts: &MountOptions) -> Result<SourceSpec, CliError> {
     if source.starts_with("http://") || source.starts_with("https://") {
         return Ok(SourceSpec::Url { url: source.to_string() });
+    }
+    if crate::remote::s3::is_s3_source(source, &opts.s3) {
+        return crate::remote::s3::resolve_object(source, &opts.s3)
+            .map(|spec| SourceSpec::S3(Box::new(spec)))
+            .map_err(|e| CliError::new(e.to_string()));
+    }
+    if opts.s3.is_set() {
+        return Err(CliError::new(format!(
+            "s3.* options need an s3://BUCKET/KEY source or s3.endpoint=URL with BUCKET/KEY, not {source:?}"
+        )));
     }
     crate::oci::resolve_reference(source, &opts.oci).map(|spec| SourceSpec::Oci(Box::new(spec))).map_err(|e| CliError::new(e.to_string()))
 }

@@ -22,6 +22,17 @@ pub enum OptionError {
     BadValue { key: String, value: String, why: String },
 }
 
+impl From<crate::remote::s3::S3OptionError> for OptionError {
+    fn from(e: crate::remote::s3::S3OptionError) -> OptionError {
+        use crate::remote::s3::S3OptionError as E;
+        match e {
+            E::Unknown(k) => OptionError::Unknown(k),
+            E::MissingValue(key) => OptionError::MissingValue { key },
+            E::BadValue { key, value, why } => OptionError::BadValue { key, value, why },
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct MountOptions {
     pub cache_dir: PathBuf,
@@ -48,6 +59,8 @@ pub struct MountOptions {
     /// `cache_max=SIZE`: after mounting, prune unused cache entries (oldest first) down to SIZE on disk.
     pub cache_max: Option<u64>,
     pub oci: OciOptions,
+    /// `s3.*`: the S3 source's own options (parsed by `remote::s3`).
+    pub s3: crate::remote::s3::S3Options,
 }
 
 impl Default for MountOptions {
@@ -66,6 +79,7 @@ impl Default for MountOptions {
             prefetch_files: None,
             cache_max: None,
             oci: OciOptions::default(),
+            s3: Default::default(),
         }
     }
 }
@@ -194,6 +208,7 @@ impl MountOptions {
                     }
                     o.oci.cafile = Some(PathBuf::from(v));
                 }
+                k if k.starts_with("s3.") => o.s3.set(k, value).map_err(OptionError::from)?,
                 k if is_generic_flag(k) => {}
                 _ => return Err(OptionError::Unknown(key.to_string())),
             }
@@ -274,6 +289,15 @@ mod tests {
         assert_eq!(o.oci.cafile, Some(PathBuf::from("/etc/ca.pem")));
         assert!(MountOptions::parse("oci.cafile=ca.pem").is_err());
         assert!(MountOptions::parse("oci.mirror").is_err());
+    }
+
+    #[test]
+    fn s3_keys_go_to_the_s3_options() {
+        let o = MountOptions::parse("s3.endpoint=http://127.0.0.1:9000,s3.endpoint=http://127.0.0.1:9001,s3.region=eu-west-1,s3.urlstyle=path,s3.sig=4").unwrap();
+        assert_eq!(o.s3.endpoints.len(), 2);
+        assert_eq!(o.s3.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(MountOptions::parse("s3.nope=1"), Err(OptionError::Unknown("s3.nope".into())));
+        assert!(matches!(MountOptions::parse("s3.sig=5"), Err(OptionError::BadValue { .. })));
     }
 
     #[test]

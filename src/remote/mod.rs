@@ -14,6 +14,7 @@
 pub mod file;
 pub mod http;
 pub mod retry;
+pub mod s3;
 
 use std::ops::Range;
 

@@ -33,6 +33,7 @@ pub mod fault_server;
 pub mod fixtures;
 pub mod http;
 pub mod http_server;
+pub mod moto;
 pub mod oci;
 pub mod prereq;
 pub mod registry;
