@@ -5,10 +5,10 @@
 //! annotation fails the container's creation with our message and leaves nothing. Cold (empty cache) and
 //! warm (cache kept) runs are timed.
 //!
-//! Propagation: the hook mounts on the host path `<rootfs>/<target>`; the mount reaches the container
-//! because runc makes its mounts slaves of the host's. That needs the host mount holding the bundle to be
-//! shared (systemd makes `/` shared; this test machine's `/` is private), so the test bind-mounts the
-//! bundle onto itself and makes it shared.
+//! Propagation does not matter: the hook attaches the mount inside the container's mount namespace. To
+//! show it, the bundle is bind-mounted onto itself as a *private* mount (what containers/storage does
+//! with its overlay directory), so nothing mounted below it on the host could reach the container.
+//! Runs go through createRuntime (cold and warm) and the older prestart stage.
 
 mod common;
 
@@ -34,21 +34,21 @@ fn tools_present() -> bool {
     ok
 }
 
-/// The bundle dir bind-mounted on itself and made shared; detached on drop.
-struct SharedBundle(PathBuf);
+/// The bundle dir bind-mounted on itself and made private; detached on drop.
+struct PrivateBundle(PathBuf);
 
-impl SharedBundle {
-    fn new(path: &Path) -> SharedBundle {
+impl PrivateBundle {
+    fn new(path: &Path) -> PrivateBundle {
         std::fs::create_dir_all(path).expect("bundle dir");
-        for args in [vec!["--bind"], vec!["--make-shared"]] {
+        for args in [vec!["--bind"], vec!["--make-private"]] {
             let st = Command::new("mount").args(&args).arg(path).args(if args[0] == "--bind" { vec![path] } else { vec![] }).status().expect("mount");
             assert!(st.success(), "mount {args:?} {}", path.display());
         }
-        SharedBundle(path.to_path_buf())
+        PrivateBundle(path.to_path_buf())
     }
 }
 
-impl Drop for SharedBundle {
+impl Drop for PrivateBundle {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
@@ -63,6 +63,10 @@ fn make_rootfs(rootfs: &Path) {
 }
 
 fn config(env: &OciEnv, annotations: serde_json::Value) -> serde_json::Value {
+    config_with_stage(env, annotations, "createRuntime")
+}
+
+fn config_with_stage(env: &OciEnv, annotations: serde_json::Value, mount_stage: &str) -> serde_json::Value {
     let hook = |stage: &str| {
         serde_json::json!([{
             "path": EROFS_FANOTIFY,
@@ -90,7 +94,7 @@ fn config(env: &OciEnv, annotations: serde_json::Value) -> serde_json::Value {
             {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
             {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]}
         ],
-        "hooks": {"createRuntime": hook("createRuntime"), "poststop": hook("poststop")},
+        "hooks": {mount_stage: hook(mount_stage), "poststop": hook("poststop")},
         "annotations": annotations,
         "linux": {
             "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
@@ -151,38 +155,41 @@ fn runc_container_reads_hook_mounted_image() {
     let image_ref = reference(&registry::shared().host(), &pushed.repo, &pushed.tag);
     let env = OciEnv::new("host-hook");
     let bundle_path = env.root.join("bundle");
-    let bundle = SharedBundle::new(&bundle_path);
+    let bundle = PrivateBundle::new(&bundle_path);
     make_rootfs(&bundle_path.join("rootfs"));
     let annotations = serde_json::json!({
         "org.erofs-fanotify.image": image_ref,
         "org.erofs-fanotify.target": "/data/img",
         "org.erofs-fanotify.options": format!("oci.insecure,cache_dir={}", env.cache_dir.display()),
     });
-    std::fs::write(bundle_path.join("config.json"), config(&env, annotations).to_string()).expect("config");
     let expected = expected_sums(&img.tree);
     let allowed = [bundle.0.as_path()];
 
     let mut times = Vec::new();
-    for (run, label) in ["cold", "warm"].iter().enumerate() {
+    for (run, (label, stage)) in [("cold", "createRuntime"), ("warm", "createRuntime"), ("prestart", "prestart")].iter().enumerate() {
+        std::fs::write(bundle_path.join("config.json"), config_with_stage(&env, annotations.clone(), stage).to_string()).expect("config");
         let result = runc_run(&env, &bundle_path, &format!("eft-hook-{}-{run}", std::process::id()));
         assert!(result.ok, "{label} run failed: {}\n{}", result.stderr, result.stdout);
         let sums = parse_sums(&result.stdout);
         assert_eq!(sums, expected, "checksums inside the container differ ({label})\nstderr: {}", result.stderr);
         env.assert_nothing_left_within(GONE_TIMEOUT, &allowed);
+        assert_no_hook_records(&env);
         eprintln!("{label} container run (hook mount + read {} files + poststop): {:.0?}", sums.len(), result.elapsed);
         times.push(result.elapsed);
     }
-    eprintln!("HOOK TIMES runtime={RUNTIME}: cold {:.0?}, warm {:.0?}", times[0], times[1]);
+    eprintln!("HOOK TIMES runtime={RUNTIME}: cold {:.0?}, warm {:.0?}, prestart {:.0?}", times[0], times[1], times[2]);
 
     // A bad annotation (target missing): creation fails with our message, nothing is left.
     let annotations = serde_json::json!({ "org.erofs-fanotify.image": image_ref });
     std::fs::write(bundle_path.join("config.json"), config(&env, annotations).to_string()).expect("config");
     let result = runc_run(&env, &bundle_path, &format!("eft-hook-bad-{}", std::process::id()));
     assert!(!result.ok, "a container with a bad annotation ran: {}", result.stdout);
-    assert!(result.stderr.contains("org.erofs-fanotify.target"), "unclear failure: {}", result.stderr);
+    assert!(result.stderr.contains("erofs-fanotify: container") && result.stderr.contains("org.erofs-fanotify.target"), "unclear failure: {}", result.stderr);
     env.assert_nothing_left_within(GONE_TIMEOUT, &allowed);
+    assert_no_hook_records(&env);
 
-    // An image that does not exist: erofs-mount's line reaches the runtime's error, nothing is left.
+    // An image that does not exist: the hook's one line reaches the runtime's error, worded so that no
+    // exit-code mapping reads it as a missing command; nothing is left.
     let annotations = serde_json::json!({
         "org.erofs-fanotify.image": reference(&registry::shared().host(), "test/no-such-image", "v1"),
         "org.erofs-fanotify.target": "/data/img",
@@ -191,6 +198,15 @@ fn runc_container_reads_hook_mounted_image() {
     std::fs::write(bundle_path.join("config.json"), config(&env, annotations).to_string()).expect("config");
     let result = runc_run(&env, &bundle_path, &format!("eft-hook-missing-{}", std::process::id()));
     assert!(!result.ok, "a container with a missing image ran: {}", result.stdout);
-    assert!(result.stderr.contains("erofs-mount"), "unclear failure: {}", result.stderr);
+    assert!(result.stderr.contains("does not exist"), "unclear failure: {}", result.stderr);
+    assert_eq!(result.stderr.matches("erofs-fanotify:").count(), 1, "one line, one prefix: {}", result.stderr);
+    assert!(!result.stderr.to_lowercase().contains("not found"), "reads as a missing command: {}", result.stderr);
     env.assert_nothing_left_within(GONE_TIMEOUT, &allowed);
+    assert_no_hook_records(&env);
+}
+
+/// poststop removed the hook's own record (`<state dir>/hooks/<container>.json`).
+fn assert_no_hook_records(env: &OciEnv) {
+    let left: Vec<_> = std::fs::read_dir(env.state_dir.join("hooks")).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "hook records left: {left:?}");
 }
