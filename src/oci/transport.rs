@@ -197,7 +197,17 @@ fn classify_send(e: &reqwest::Error, url: &Url) -> OciError {
     } else if e.is_builder() {
         OciError::Protocol(format!("{endpoint}: {}", error_chain(e)))
     } else {
-        OciError::Unreachable { endpoint, why: send_error_reason(e) }
+        OciError::Unreachable { endpoint, why: plain_http_hint(url, send_error_reason(e)) }
+    }
+}
+
+/// A TLS handshake answered in plain text (rustls: "corrupt message of type InvalidContentType"):
+/// the registry most likely speaks http.
+fn plain_http_hint(url: &Url, why: String) -> String {
+    if url.scheme() == "https" && why.contains("InvalidContentType") {
+        format!("{why} (a plain-http registry? then add the option oci.insecure)")
+    } else {
+        why
     }
 }
 
@@ -245,6 +255,15 @@ mod tests {
         let u = Url::parse("https://user:pw@cdn.example:8443/blob?sig=secret").unwrap();
         assert_eq!(origin(&u), "https://cdn.example:8443");
         assert_eq!(shown_url("http://u:p@h/x?t=1"), "http://h");
+    }
+
+    #[test]
+    fn plain_http_hint_only_for_tls_to_plain_http() {
+        let https = Url::parse("https://reg:5000/v2/").unwrap();
+        let why = "received corrupt message of type InvalidContentType".to_string();
+        assert!(plain_http_hint(&https, why.clone()).ends_with("add the option oci.insecure)"));
+        assert_eq!(plain_http_hint(&Url::parse("http://reg:5000/").unwrap(), why.clone()), why);
+        assert_eq!(plain_http_hint(&https, "Connection refused".into()), "Connection refused");
     }
 
     #[test]
