@@ -8,7 +8,8 @@
 //! Propagation does not matter: the hook attaches the mount inside the container's mount namespace. To
 //! show it, the bundle is bind-mounted onto itself as a *private* mount (what containers/storage does
 //! with its overlay directory), so nothing mounted below it on the host could reach the container.
-//! Runs go through createRuntime (cold and warm) and the older prestart stage.
+//! Runs go through createRuntime (cold and warm) and the older prestart stage. A second test runs the hook
+//! by hand for a process that already changed its root, the case of a runtime that pivots before hooks.
 
 mod common;
 
@@ -209,4 +210,90 @@ fn runc_container_reads_hook_mounted_image() {
 fn assert_no_hook_records(env: &OciEnv) {
     let left: Vec<_> = std::fs::read_dir(env.state_dir.join("hooks")).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
     assert!(left.is_empty(), "hook records left: {left:?}");
+}
+
+/// Runs `erofs-fanotify hook --stage STAGE` with `state` on stdin, as a runtime would.
+fn run_hook(env: &OciEnv, stage: &str, state: &serde_json::Value) -> common::cmd::Outcome {
+    use std::io::Write;
+    let state_file = env.root.join(format!("state-{stage}.json"));
+    std::fs::File::create(&state_file).and_then(|mut f| f.write_all(state.to_string().as_bytes())).expect("state file");
+    // cmd::run gives the command /dev/null as stdin; the shell hands it the state instead.
+    let mut c = Command::new("sh");
+    c.env(STATE_DIR_ENV, &env.state_dir)
+        .args(["-c", "exec \"$0\" hook --stage \"$1\" < \"$2\"", EROFS_FANOTIFY, stage])
+        .arg(&state_file);
+    let out = cmd::run(&mut c, Duration::from_secs(120));
+    let _ = std::fs::remove_file(&state_file);
+    out
+}
+
+/// A runtime that runs the hook after its process already changed root (here: `unshare -m --root`, a
+/// chroot in a new mount namespace): the rootfs is then the process's `/`, found by its identity, and the
+/// mount lands at `/<target>` inside it. After the process (and its namespace) is gone, poststop leaves
+/// nothing.
+#[test]
+fn hook_mounts_under_an_already_changed_root() {
+    if !ready() || !tools_present() {
+        return;
+    }
+    let img = tiny_image("oci-hook-root");
+    let pushed = push_single(registry::shared(), "test/oci-hook-root", "v1", &img.image.path);
+    let image_ref = reference(&registry::shared().host(), &pushed.repo, &pushed.tag);
+    let env = OciEnv::new("host-hook-root");
+    let bundle = env.root.join("bundle");
+    let rootfs = bundle.join("rootfs");
+    make_rootfs(&rootfs);
+    std::fs::write(bundle.join("config.json"), r#"{"ociVersion": "1.0.2", "root": {"path": "rootfs"}}"#).expect("config");
+    let mut process = Command::new("unshare")
+        .args(["--mount", "--fork", "--kill-child", "--root"])
+        .arg(&rootfs)
+        .args(["/bin/busybox", "sleep", "600"])
+        .spawn()
+        .expect("unshare");
+    // The forked child (the one in the new root) is our process's only child.
+    let pid = common::wait::wait_for(Duration::from_secs(10), "unshare's child in the new root", || {
+        let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", process.id())).ok()?;
+        let child: i32 = children.split_whitespace().next()?.parse().ok()?;
+        let root = std::fs::read_link(format!("/proc/{child}/root")).ok()?;
+        (root == rootfs).then_some(child)
+    });
+    let state = |status: &str, pid: Option<i32>| {
+        serde_json::json!({
+            "ociVersion": "1.0.2", "id": format!("eft-root-{}", std::process::id()), "status": status,
+            "pid": pid, "bundle": bundle,
+            "annotations": {
+                "org.erofs-fanotify.image": image_ref,
+                "org.erofs-fanotify.target": "/data/img",
+                "org.erofs-fanotify.options": format!("oci.insecure;cache_dir={}", env.cache_dir.display()),
+            }
+        })
+    };
+    // Stops the process in the new root (unshare --kill-child passes SIGKILL on) and waits for both.
+    let mut stop = || {
+        cmd::signal(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = process.kill();
+        let _ = process.wait();
+        common::wait::wait_until(Duration::from_secs(10), "the process in the new root exited", || {
+            !common::env::agent_alive(pid)
+        });
+    };
+    let out = run_hook(&env, "createRuntime", &state("creating", Some(pid)));
+    if !out.success() {
+        stop();
+        panic!("hook failed: {}", out.describe());
+    }
+    // Not on the host path below the rootfs (the process's namespace is private)...
+    assert!(!common::env::is_mounted(&rootfs.join("data/img")), "the mount leaked to the host");
+    // ...but inside the process's root, with the right bytes.
+    let inside = PathBuf::from(format!("/proc/{pid}/root/data/img"));
+    let sums = expected_sums(&inside);
+    stop();
+    assert_eq!(sums, expected_sums(&img.tree), "files seen through /proc/{pid}/root/data/img");
+    // The process is gone, and with it the namespace and the mount.
+    let out = run_hook(&env, "poststop", &state("stopped", None));
+    assert!(out.success(), "poststop failed: {}", out.describe());
+    env.assert_nothing_left_within(GONE_TIMEOUT, &[]);
+    assert_no_hook_records(&env);
+    // A second poststop has nothing to do and does not fail.
+    assert!(run_hook(&env, "poststop", &state("stopped", None)).success());
 }
