@@ -47,8 +47,25 @@ done
 mkdir -p /etc/erofs-fanotify
 command -v systemctl >/dev/null && systemctl daemon-reload 2>/dev/null || true
 
-# OCI hooks (CRI-O and podman read hooks.d JSON; the hook acts only on containers with our annotation).
-for d in /usr/share/containers/oci/hooks.d /etc/containers/oci/hooks.d; do
+# OCI hooks (hooks.d JSON, with the installed binary's path; the hook acts only on containers with an
+# org.erofs-fanotify.* annotation). podman and buildah read containers.conf's hooks_dir, which defaults to
+# /usr/share/containers/oci/hooks.d only (Debian's containers-common leaves it commented out; podman 4.3's
+# built-in default is the same); CRI-O reads that one and /etc/containers/oci/hooks.d. A hooks_dir set in a
+# containers.conf replaces the default, so the file goes there too.
+configured_hook_dirs() {
+    local f
+    for f in /usr/share/containers/containers.conf /etc/containers/containers.conf /etc/containers/containers.conf.d/*.conf; do
+        [[ -f $f ]] || continue
+        # hooks_dir = ["a", "b"], possibly over several lines; a commented-out line is no setting.
+        awk '/^[[:space:]]*hooks_dir[[:space:]]*=/ { on = 1 } on { print; if (/\]/) on = 0 }' "$f" | grep -o '"[^"]*"' | tr -d '"' || true
+    done
+}
+hook_dirs=(/usr/share/containers/oci/hooks.d /etc/containers/oci/hooks.d)
+while read -r d; do
+    if [[ $d == /* ]]; then hook_dirs+=("$d"); fi
+done < <(configured_hook_dirs)
+mapfile -t hook_dirs < <(printf '%s\n' "${hook_dirs[@]}" | sort -u)
+for d in "${hook_dirs[@]}"; do
     mkdir -p "$d"
     sed "s#/usr/local/bin#$bindir#g" contrib/hooks/erofs-fanotify.json >"$d/erofs-fanotify.json"; record "$d/erofs-fanotify.json"
 done

@@ -49,10 +49,15 @@ fn install_and_uninstall_from_the_checkout() {
     ];
     let missing: Vec<&String> = expect.iter().filter(|f| !files.contains(&f.as_str()) || std::fs::symlink_metadata(f).is_err()).collect();
     let unit = std::fs::read_to_string("/etc/systemd/system/erofs-fanotify-mount@.service").unwrap_or_default();
+    let hook = std::fs::read_to_string("/usr/share/containers/oci/hooks.d/erofs-fanotify.json").unwrap_or_default();
     let out = uninstall();
     assert!(out.status.success(), "uninstall.sh failed: {}", String::from_utf8_lossy(&out.stderr));
     assert!(missing.is_empty(), "not installed: {missing:?}");
     assert!(unit.contains(&format!("{}/bin/erofs-mount", prefix.path().display())), "unit paths not substituted");
+    // podman's default hooks dir gets the hook with the installed binary, for the stages README names.
+    let hook: serde_json::Value = serde_json::from_str(&hook).unwrap_or_else(|e| panic!("hooks.d file is not JSON ({e}): {hook}"));
+    assert_eq!(hook["hook"]["path"], format!("{}/bin/erofs-fanotify", prefix.path().display()), "{hook}");
+    assert_eq!(hook["stages"], serde_json::json!(["createRuntime", "poststop"]), "{hook}");
     let left: Vec<&&str> = files.iter().filter(|f| std::fs::symlink_metadata(f).is_ok()).collect();
     assert!(left.is_empty(), "uninstall left {left:?}");
     assert!(!Path::new(MANIFEST).exists());

@@ -5,10 +5,11 @@
 //! annotation fails the container's creation with our message and leaves nothing. Cold (empty cache) and
 //! warm (cache kept) runs are timed.
 //!
-//! Propagation: the hook mounts on the host path `<rootfs>/<target>`; the mount reaches the container
-//! because runc makes its mounts slaves of the host's. That needs the host mount holding the bundle to be
-//! shared (systemd makes `/` shared; this test machine's `/` is private), so the test bind-mounts the
-//! bundle onto itself and makes it shared.
+//! Propagation does not matter: the hook attaches the mount inside the container's mount namespace. To
+//! show it, the bundle is bind-mounted onto itself as a *private* mount (what containers/storage does
+//! with its overlay directory), so nothing mounted below it on the host could reach the container.
+//! Runs go through createRuntime (cold and warm) and the older prestart stage. A second test runs the hook
+//! by hand for a process that already changed its root, the case of a runtime that pivots before hooks.
 
 mod common;
 
@@ -28,21 +29,21 @@ fn tools_present() -> bool {
     common::require(&[common::Need::Runc])
 }
 
-/// The bundle dir bind-mounted on itself and made shared; detached on drop.
-struct SharedBundle(PathBuf);
+/// The bundle dir bind-mounted on itself and made private; detached on drop.
+struct PrivateBundle(PathBuf);
 
-impl SharedBundle {
-    fn new(path: &Path) -> SharedBundle {
+impl PrivateBundle {
+    fn new(path: &Path) -> PrivateBundle {
         std::fs::create_dir_all(path).expect("bundle dir");
-        for args in [vec!["--bind"], vec!["--make-shared"]] {
+        for args in [vec!["--bind"], vec!["--make-private"]] {
             let st = Command::new("mount").args(&args).arg(path).args(if args[0] == "--bind" { vec![path] } else { vec![] }).status().expect("mount");
             assert!(st.success(), "mount {args:?} {}", path.display());
         }
-        SharedBundle(path.to_path_buf())
+        PrivateBundle(path.to_path_buf())
     }
 }
 
-impl Drop for SharedBundle {
+impl Drop for PrivateBundle {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
@@ -57,6 +58,10 @@ fn make_rootfs(rootfs: &Path) {
 }
 
 fn config(env: &OciEnv, annotations: serde_json::Value) -> serde_json::Value {
+    config_with_stage(env, annotations, "createRuntime")
+}
+
+fn config_with_stage(env: &OciEnv, annotations: serde_json::Value, mount_stage: &str) -> serde_json::Value {
     let hook = |stage: &str| {
         serde_json::json!([{
             "path": EROFS_FANOTIFY,
@@ -84,7 +89,7 @@ fn config(env: &OciEnv, annotations: serde_json::Value) -> serde_json::Value {
             {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
             {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]}
         ],
-        "hooks": {"createRuntime": hook("createRuntime"), "poststop": hook("poststop")},
+        "hooks": {mount_stage: hook(mount_stage), "poststop": hook("poststop")},
         "annotations": annotations,
         "linux": {
             "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
@@ -146,38 +151,41 @@ fn runc_container_reads_hook_mounted_image() {
     let image_ref = reference(&registry::shared().host(), &pushed.repo, &pushed.tag);
     let env = OciEnv::new("host-hook");
     let bundle_path = env.root.join("bundle");
-    let bundle = SharedBundle::new(&bundle_path);
+    let bundle = PrivateBundle::new(&bundle_path);
     make_rootfs(&bundle_path.join("rootfs"));
     let annotations = serde_json::json!({
         "org.erofs-fanotify.image": image_ref,
         "org.erofs-fanotify.target": "/data/img",
         "org.erofs-fanotify.options": format!("oci.insecure,cache_dir={}", env.cache_dir.display()),
     });
-    std::fs::write(bundle_path.join("config.json"), config(&env, annotations).to_string()).expect("config");
     let expected = expected_sums(&img.tree);
     let allowed = [bundle.0.as_path()];
 
     let mut times = Vec::new();
-    for (run, label) in ["cold", "warm"].iter().enumerate() {
+    for (run, (label, stage)) in [("cold", "createRuntime"), ("warm", "createRuntime"), ("prestart", "prestart")].iter().enumerate() {
+        std::fs::write(bundle_path.join("config.json"), config_with_stage(&env, annotations.clone(), stage).to_string()).expect("config");
         let result = runc_run(&env, &bundle_path, &format!("eft-hook-{}-{run}", std::process::id()));
         assert!(result.ok, "{label} run failed: {}\n{}", result.stderr, result.stdout);
         let sums = parse_sums(&result.stdout);
         assert_eq!(sums, expected, "checksums inside the container differ ({label})\nstderr: {}", result.stderr);
         env.assert_nothing_left_within(GONE_TIMEOUT, &allowed);
+        assert_no_hook_records(&env);
         eprintln!("{label} container run (hook mount + read {} files + poststop): {:.0?}", sums.len(), result.elapsed);
         times.push(result.elapsed);
     }
-    eprintln!("HOOK TIMES runtime={RUNTIME}: cold {:.0?}, warm {:.0?}", times[0], times[1]);
+    eprintln!("HOOK TIMES runtime={RUNTIME}: cold {:.0?}, warm {:.0?}, prestart {:.0?}", times[0], times[1], times[2]);
 
     // A bad annotation (target missing): creation fails with our message, nothing is left.
     let annotations = serde_json::json!({ "org.erofs-fanotify.image": image_ref });
     std::fs::write(bundle_path.join("config.json"), config(&env, annotations).to_string()).expect("config");
     let result = runc_run(&env, &bundle_path, &format!("eft-hook-bad-{}", std::process::id()));
     assert!(!result.ok, "a container with a bad annotation ran: {}", result.stdout);
-    assert!(result.stderr.contains("org.erofs-fanotify.target"), "unclear failure: {}", result.stderr);
+    assert!(result.stderr.contains("erofs-fanotify: container") && result.stderr.contains("org.erofs-fanotify.target"), "unclear failure: {}", result.stderr);
     env.assert_nothing_left_within(GONE_TIMEOUT, &allowed);
+    assert_no_hook_records(&env);
 
-    // An image that does not exist: erofs-mount's line reaches the runtime's error, nothing is left.
+    // An image that does not exist: the hook's one line reaches the runtime's error, worded so that no
+    // exit-code mapping reads it as a missing command; nothing is left.
     let annotations = serde_json::json!({
         "org.erofs-fanotify.image": reference(&registry::shared().host(), "test/no-such-image", "v1"),
         "org.erofs-fanotify.target": "/data/img",
@@ -186,6 +194,101 @@ fn runc_container_reads_hook_mounted_image() {
     std::fs::write(bundle_path.join("config.json"), config(&env, annotations).to_string()).expect("config");
     let result = runc_run(&env, &bundle_path, &format!("eft-hook-missing-{}", std::process::id()));
     assert!(!result.ok, "a container with a missing image ran: {}", result.stdout);
-    assert!(result.stderr.contains("erofs-mount"), "unclear failure: {}", result.stderr);
+    assert!(result.stderr.contains("does not exist"), "unclear failure: {}", result.stderr);
+    assert_eq!(result.stderr.matches("erofs-fanotify:").count(), 1, "one line, one prefix: {}", result.stderr);
+    assert!(!result.stderr.to_lowercase().contains("not found"), "reads as a missing command: {}", result.stderr);
     env.assert_nothing_left_within(GONE_TIMEOUT, &allowed);
+    assert_no_hook_records(&env);
+}
+
+/// poststop removed the hook's own record (`<state dir>/hooks/<container>.json`).
+fn assert_no_hook_records(env: &OciEnv) {
+    let left: Vec<_> = std::fs::read_dir(env.state_dir.join("hooks")).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "hook records left: {left:?}");
+}
+
+/// Runs `erofs-fanotify hook --stage STAGE` with `state` on stdin, as a runtime would.
+fn run_hook(env: &OciEnv, stage: &str, state: &serde_json::Value) -> common::cmd::Outcome {
+    use std::io::Write;
+    let state_file = env.root.join(format!("state-{stage}.json"));
+    std::fs::File::create(&state_file).and_then(|mut f| f.write_all(state.to_string().as_bytes())).expect("state file");
+    // cmd::run gives the command /dev/null as stdin; the shell hands it the state instead.
+    let mut c = Command::new("sh");
+    c.env(STATE_DIR_ENV, &env.state_dir)
+        .args(["-c", "exec \"$0\" hook --stage \"$1\" < \"$2\"", EROFS_FANOTIFY, stage])
+        .arg(&state_file);
+    let out = cmd::run(&mut c, Duration::from_secs(120));
+    let _ = std::fs::remove_file(&state_file);
+    out
+}
+
+/// A runtime that runs the hook after its process already changed root (here: `unshare -m --root`, a
+/// chroot in a new mount namespace): the rootfs is then the process's `/`, found by its identity, and the
+/// mount lands at `/<target>` inside it. After the process (and its namespace) is gone, poststop leaves
+/// nothing.
+#[test]
+fn hook_mounts_under_an_already_changed_root() {
+    if !ready() || !tools_present() {
+        return;
+    }
+    let img = tiny_image("oci-hook-root");
+    let pushed = push_single(registry::shared(), "test/oci-hook-root", "v1", &img.image.path);
+    let image_ref = reference(&registry::shared().host(), &pushed.repo, &pushed.tag);
+    let env = OciEnv::new("host-hook-root");
+    let bundle = env.root.join("bundle");
+    let rootfs = bundle.join("rootfs");
+    make_rootfs(&rootfs);
+    std::fs::write(bundle.join("config.json"), r#"{"ociVersion": "1.0.2", "root": {"path": "rootfs"}}"#).expect("config");
+    let mut process = Command::new("unshare")
+        .args(["--mount", "--fork", "--kill-child", "--root"])
+        .arg(&rootfs)
+        .args(["/bin/busybox", "sleep", "600"])
+        .spawn()
+        .expect("unshare");
+    // The forked child (the one in the new root) is our process's only child.
+    let pid = common::wait::wait_for(Duration::from_secs(10), "unshare's child in the new root", || {
+        let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", process.id())).ok()?;
+        let child: i32 = children.split_whitespace().next()?.parse().ok()?;
+        let root = std::fs::read_link(format!("/proc/{child}/root")).ok()?;
+        (root == rootfs).then_some(child)
+    });
+    let state = |status: &str, pid: Option<i32>| {
+        serde_json::json!({
+            "ociVersion": "1.0.2", "id": format!("eft-root-{}", std::process::id()), "status": status,
+            "pid": pid, "bundle": bundle,
+            "annotations": {
+                "org.erofs-fanotify.image": image_ref,
+                "org.erofs-fanotify.target": "/data/img",
+                "org.erofs-fanotify.options": format!("oci.insecure;cache_dir={}", env.cache_dir.display()),
+            }
+        })
+    };
+    // Stops the process in the new root (unshare --kill-child passes SIGKILL on) and waits for both.
+    let mut stop = || {
+        cmd::signal(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = process.kill();
+        let _ = process.wait();
+        common::wait::wait_until(Duration::from_secs(10), "the process in the new root exited", || {
+            !common::env::agent_alive(pid)
+        });
+    };
+    let out = run_hook(&env, "createRuntime", &state("creating", Some(pid)));
+    if !out.success() {
+        stop();
+        panic!("hook failed: {}", out.describe());
+    }
+    // Not on the host path below the rootfs (the process's namespace is private)...
+    assert!(!common::env::is_mounted(&rootfs.join("data/img")), "the mount leaked to the host");
+    // ...but inside the process's root, with the right bytes.
+    let inside = PathBuf::from(format!("/proc/{pid}/root/data/img"));
+    let sums = expected_sums(&inside);
+    stop();
+    assert_eq!(sums, expected_sums(&img.tree), "files seen through /proc/{pid}/root/data/img");
+    // The process is gone, and with it the namespace and the mount.
+    let out = run_hook(&env, "poststop", &state("stopped", None));
+    assert!(out.success(), "poststop failed: {}", out.describe());
+    env.assert_nothing_left_within(GONE_TIMEOUT, &[]);
+    assert_no_hook_records(&env);
+    // A second poststop has nothing to do and does not fail.
+    assert!(run_hook(&env, "poststop", &state("stopped", None)).success());
 }

@@ -5,6 +5,7 @@ pub mod agent_cmd;
 pub mod build_cmd;
 pub mod cache_cmd;
 pub mod client;
+pub mod container_mount;
 pub mod helper;
 pub mod hook_cmd;
 pub mod metrics_cmd;

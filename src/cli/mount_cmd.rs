@@ -52,11 +52,85 @@ pub fn run(args: MountArgs) -> Result<(), CliError> {
     super::require_root("erofs-mount")?;
     let opts = MountOptions::parse(&args.options.join(",")).map_err(|e| CliError::new(e.to_string()))?;
     let mountpoint = check_mountpoint(&args.mountpoint)?;
+    let mut placement = HostPath { mountpoint };
+    mount_image("erofs-mount", &args.source, &opts, &mut placement, args.foreground).map(|_| ())
+}
+
+/// Where a mount is attached: a path in our own namespace ([`HostPath`]), or a container's
+/// namespace (the OCI hook).
+pub trait Placement {
+    /// Mounts the cache file (read-only, `read_ahead_kb` set before anything can read) and says
+    /// what the agent records.
+    fn place(&mut self, cache_path: &Path, read_ahead_kb: u32) -> Result<Placed, CliError>;
+    /// Takes the mount made by `place` down again (the agent refused it).
+    fn undo(&mut self);
+    /// A path through which the mount's files can be opened from this process (prefetch_files).
+    fn files_root(&self) -> PathBuf;
+}
+
+/// A mount as `Placement::place` made it.
+#[derive(Debug, Clone)]
+pub struct Placed {
+    pub id: sys::statx::MountId,
+    /// What records and `status` show as the mountpoint.
+    pub mountpoint: String,
+    pub sysfs_name: String,
+    /// `NS_GET_MNTNS_ID` of the namespace holding the mount.
+    pub mount_ns: u64,
+}
+
+/// A mount on a directory of our own mount namespace.
+pub struct HostPath {
+    pub mountpoint: PathBuf,
+}
+
+impl Placement for HostPath {
+    fn place(&mut self, cache_path: &Path, read_ahead_kb: u32) -> Result<Placed, CliError> {
+        let mounted = sys::mount::mount_erofs_file(cache_path, &self.mountpoint, Some(read_ahead_kb))
+            .map_err(|e| CliError::new(format!("cannot mount on {}: {e}", self.mountpoint.display())))?;
+        let id = sys::statx::mount_id(&self.mountpoint).map_err(|e| {
+            let _ = sys::mount::umount(&self.mountpoint, true);
+            CliError::new(format!("cannot read the mount id of {}: {e}", self.mountpoint.display()))
+        })?;
+        Ok(Placed {
+            id,
+            mountpoint: self.mountpoint.display().to_string(),
+            sysfs_name: mounted.sysfs_name,
+            mount_ns: sys::process::mount_namespace_id().unwrap_or(0),
+        })
+    }
+
+    fn undo(&mut self) {
+        let _ = sys::mount::umount(&self.mountpoint, true);
+    }
+
+    fn files_root(&self) -> PathBuf {
+        self.mountpoint.clone()
+    }
+}
+
+/// What [`mount_image`] made.
+#[derive(Debug, Clone)]
+pub struct MountedImage {
+    pub placed: Placed,
+    pub cache_key: String,
+}
+
+/// Mounts `source` with `opts` where `placement` says: finds or starts the blob's agent, prepares,
+/// places the mount, attaches it to the agent, starts prefetch and applies `cache_max`. `prog`
+/// prefixes the warnings printed for things that do not fail the mount.
+pub fn mount_image(
+    prog: &str,
+    source: &str,
+    opts: &MountOptions,
+    placement: &mut dyn Placement,
+    foreground: bool,
+) -> Result<MountedImage, CliError> {
     // Checked before anything is created, so a refused cache_dir leaves nothing.
     state::check_cache_filesystem(&opts.cache_dir).map_err(|e| CliError::new(e.to_string()))?;
-    let prefetch_ranges = read_prefetch_trace(&opts)?;
-    let prefetch_paths = read_prefetch_files(&opts)?;
-    let source = resolve_source(&args.source, &opts)?;
+    let prefetch_ranges = read_prefetch_trace(opts)?;
+    let prefetch_paths = read_prefetch_files(opts)?;
+    let source = resolve_source(source, opts)?;
     let key = source.cache_key().map_err(CliError::new)?;
     let state_dir = super::state_dir();
     state_dir.create().map_err(|e| CliError::new(format!("cannot create the state directory: {e}")))?;
@@ -79,24 +153,24 @@ pub fn run(args: MountArgs) -> Result<(), CliError> {
                 read_ahead_kb: opts.read_ahead_kb,
                 record_trace: opts.record_trace,
             };
-            let child = spawn_agent(&cfg, &state_dir, args.foreground)?;
+            let child = spawn_agent(&cfg, &state_dir, foreground)?;
             let conn = connect_live_agent(&state_dir, &key)
                 .ok_or_else(|| CliError::new("the agent started but does not answer on its control socket"))?;
             (conn, Some(child))
         }
     };
-    let result = mount_with_agent(&mut conn, &mountpoint);
+    let result = mount_with_agent(&mut conn, placement);
     if result.is_ok() {
         // The mount stands; a prefetch that cannot start is only reported.
         let mut ranges = prefetch_ranges;
-        ranges.extend(extents_of(&mountpoint, &prefetch_paths));
+        ranges.extend(extents_of(&placement.files_root(), &prefetch_paths));
         if let Err(e) = start_prefetch(&mut conn, opts.prefetch_all, &ranges, opts.prefetch_rate) {
-            eprintln!("erofs-mount: {e}");
+            eprintln!("{prog}: {e}");
         }
     }
     drop(conn);
     drop(lock);
-    result?;
+    let placed = result?;
     if let Some(max) = opts.cache_max {
         // The new mount's entry is in use (its agent is live), so it is never the one removed.
         match super::cache_cmd::prune(&opts.cache_dir, &state_dir, Some(max), None) {
@@ -104,53 +178,47 @@ pub fn run(args: MountArgs) -> Result<(), CliError> {
                 tracing::info!(removed = report.removed.len(), freed = report.freed_bytes, "cache_max applied")
             }
             Ok(_) => {}
-            Err(e) => eprintln!("erofs-mount: mounted, but cache_max could not be applied: {e}"),
+            Err(e) => eprintln!("{prog}: mounted, but cache_max could not be applied: {e}"),
         }
     }
-    if args.foreground {
+    if foreground {
         // Type=notify units: the mount stands, so the service is up.
         if let Err(e) = notify_ready() {
-            eprintln!("erofs-mount: cannot notify the service manager: {e}");
+            eprintln!("{prog}: cannot notify the service manager: {e}");
         }
         if let Some(mut child) = child {
             let _ = child.wait();
         }
     }
-    Ok(())
+    Ok(MountedImage { placed, cache_key: key })
 }
 
-fn mount_with_agent(conn: &mut AgentConn, mountpoint: &Path) -> Result<(), CliError> {
+fn mount_with_agent(conn: &mut AgentConn, placement: &mut dyn Placement) -> Result<Placed, CliError> {
     let (cache_path, read_ahead_kb) = match conn.call(&Request::Prepare) {
         Ok(Reply::Prepared { cache_path, read_ahead_kb, .. }) => (PathBuf::from(cache_path), read_ahead_kb),
         Ok(Reply::Error { message }) => return Err(CliError::new(message)),
         Ok(other) => return Err(CliError::new(format!("unexpected agent reply {other:?}"))),
         Err(e) => return Err(CliError::new(format!("the agent does not answer: {e}"))),
     };
-    let mounted = sys::mount::mount_erofs_file(&cache_path, mountpoint, Some(read_ahead_kb))
-        .map_err(|e| CliError::new(format!("cannot mount on {}: {e}", mountpoint.display())))?;
-    let attach = (|| -> Result<(), CliError> {
-        let id = sys::statx::mount_id(mountpoint)
-            .map_err(|e| CliError::new(format!("cannot read the mount id of {}: {e}", mountpoint.display())))?;
-        let mount_ns = sys::process::mount_namespace_id().unwrap_or(0);
-        let info = AttachInfo {
-            mnt_id: id.id,
-            mnt_id_unique: id.unique,
-            mountpoint: mountpoint.display().to_string(),
-            sysfs_name: mounted.sysfs_name.clone(),
-            mount_ns,
-        };
-        match conn.call(&Request::Attach(info)) {
-            Ok(Reply::Attached) => Ok(()),
-            Ok(Reply::Error { message }) => Err(CliError::new(message)),
-            Ok(other) => Err(CliError::new(format!("unexpected agent reply {other:?}"))),
-            Err(e) => Err(CliError::new(format!("the agent did not confirm the mount: {e}"))),
-        }
-    })();
+    let placed = placement.place(&cache_path, read_ahead_kb)?;
+    let info = AttachInfo {
+        mnt_id: placed.id.id,
+        mnt_id_unique: placed.id.unique,
+        mountpoint: placed.mountpoint.clone(),
+        sysfs_name: placed.sysfs_name.clone(),
+        mount_ns: placed.mount_ns,
+    };
+    let attach = match conn.call(&Request::Attach(info)) {
+        Ok(Reply::Attached) => Ok(()),
+        Ok(Reply::Error { message }) => Err(CliError::new(message)),
+        Ok(other) => Err(CliError::new(format!("unexpected agent reply {other:?}"))),
+        Err(e) => Err(CliError::new(format!("the agent did not confirm the mount: {e}"))),
+    };
     if let Err(e) = attach {
-        let _ = sys::mount::umount(mountpoint, true);
+        placement.undo();
         return Err(e);
     }
-    Ok(())
+    Ok(placed)
 }
 
 fn check_mountpoint(path: &Path) -> Result<PathBuf, CliError> {

@@ -40,6 +40,15 @@ pub fn run(args: UmountArgs) -> Result<(), CliError> {
     }
     let mountpoint = args.mountpoint.ok_or_else(|| CliError::new("no mountpoint given"))?;
     let record = super::find_record(&state_dir, &mountpoint)?;
+    let own_ns = sys::process::mount_namespace_id().unwrap_or(0);
+    if record.mount_ns != 0 && own_ns != 0 && record.mount_ns != own_ns {
+        // E.g. a container's mount reached through /proc/PID/root: umount(2) cannot reach into another
+        // namespace, and the mount goes away with that namespace (the agent follows its superblock).
+        return Err(CliError::new(format!(
+            "{} is mounted in another mount namespace (a container's?); it goes away with that namespace",
+            mountpoint.display()
+        )));
+    }
     umount_one(&state_dir, &record, &mountpoint, args.lazy)
 }
 

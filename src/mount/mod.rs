@@ -4,3 +4,4 @@
 pub mod options;
 
 pub use options::{MountOptions, OptionError};
+pub mod mountinfo;

@@ -66,7 +66,14 @@ pub async fn authorized(
     let mut attempt = 0;
     loop {
         let (auth, generation) = ep.auth.header(client).await?;
-        let answer = http::follow(client, method.clone(), url.clone(), headers.clone(), auth.as_deref()).await?;
+        let answer = http::follow(client, method.clone(), url.clone(), headers.clone(), auth.as_deref())
+            .await
+            .map_err(|e| match e {
+                http::HttpError::Unreachable { endpoint, why } => {
+                    OciError::Unreachable { endpoint, why: plain_http_hint(&url, why) }
+                }
+                other => other.into(),
+            })?;
         if answer.response.status() != StatusCode::UNAUTHORIZED || answer.left_origin {
             return Ok(answer);
         }
@@ -99,6 +106,16 @@ fn shown_url(s: &str) -> String {
     Url::parse(s).map(|u| origin(&u)).unwrap_or_else(|_| "<unparsable>".into())
 }
 
+/// A TLS handshake answered in plain text (rustls: "corrupt message of type InvalidContentType"):
+/// the registry most likely speaks http.
+fn plain_http_hint(url: &Url, why: String) -> String {
+    if url.scheme() == "https" && why.contains("InvalidContentType") {
+        format!("{why} (a plain-http registry? then add the option oci.insecure)")
+    } else {
+        why
+    }
+}
+
 /// The registry error code of a JSON error body (`{"errors":[{"code":…}]}`).
 pub fn registry_error_code(body: &[u8]) -> Option<String> {
     let v: serde_json::Value = serde_json::from_slice(body).ok()?;
@@ -112,6 +129,15 @@ mod tests {
     #[test]
     fn shown_urls_hide_credentials_and_queries() {
         assert_eq!(shown_url("http://u:p@h/x?t=1"), "http://h");
+    }
+
+    #[test]
+    fn plain_http_hint_only_for_tls_to_plain_http() {
+        let https = Url::parse("https://reg:5000/v2/").unwrap();
+        let why = "received corrupt message of type InvalidContentType".to_string();
+        assert!(plain_http_hint(&https, why.clone()).ends_with("add the option oci.insecure)"));
+        assert_eq!(plain_http_hint(&Url::parse("http://reg:5000/").unwrap(), why.clone()), why);
+        assert_eq!(plain_http_hint(&https, "Connection refused".into()), "Connection refused");
     }
 
     #[test]

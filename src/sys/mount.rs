@@ -399,6 +399,268 @@ pub fn umount(target: &Path, lazy: bool) -> io::Result<()> {
     Ok(())
 }
 
+// ---------------------------------------------------------------------------
+// Detached mounts attached in another mount namespace (OCI runtime hooks).
+//
+// A runtime hook runs in the host's namespaces, but the container's mounts
+// live in its own mount namespace, cut off from the host by propagation
+// (container storage bind-mounts its directory onto itself as a private
+// mount). So the mount is built here, detached (fsmount), and attached by a
+// thread that joined the container's mount namespace:
+//
+// ```text
+// fsmount_erofs_file()                  detached mount fd, read_ahead_kb set
+// open_container_root(pid) + open_dir_beneath(..)   target dir (O_PATH), on the host
+// in a thread: unshare(CLONE_FS), setns(pidfd, CLONE_NEWNS),
+//              move_mount(mnt, "", target, "", F_EMPTY_PATH | T_EMPTY_PATH)
+// ```
+//
+// move_mount refuses a target outside the caller's mount namespace (EINVAL),
+// hence the setns; setns(CLONE_NEWNS) refuses a caller that shares its
+// fs_struct with other threads (EINVAL), hence unshare(CLONE_FS) first. The
+// thread ends right after, and no namespace fd is ever held (a held one would
+// keep the namespace, and its superblocks, alive).
+
+const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
+
+/// An EROFS mount made with fsmount and not yet attached anywhere. Dropping
+/// it before [`attach_detached_at`] tears the mount (and superblock) down.
+#[derive(Debug)]
+pub struct DetachedErofs {
+    fd: OwnedFd,
+    pub mount: ErofsMount,
+}
+
+impl DetachedErofs {
+    /// The mount's root (an O_PATH fd). Files of the mount can be opened
+    /// through it (or `/proc/self/fd/N`), before and after attaching.
+    pub fn root(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// Builds the EROFS mount of the regular file `source` (read-only, nodev,
+/// nosuid; no loop device) and sets its bdi's `read_ahead_kb`, without
+/// attaching it: the same steps as [`mount_erofs_file_with_options`] up to
+/// its `move_mount`.
+pub fn fsmount_erofs_file(
+    source: &Path,
+    read_ahead_kb: Option<u32>,
+    fs_options: &[(&str, Option<&str>)],
+) -> Result<DetachedErofs, MountError> {
+    let abs_source = std::path::absolute(source).map_err(|e| MountError::Path {
+        path: source.into(),
+        source: e,
+    })?;
+    let c_source = path_to_cstring(&abs_source).map_err(|e| MountError::Path {
+        path: source.into(),
+        source: e,
+    })?;
+    let ctx = FsContext::open("erofs").map_err(|source| MountError::Fsopen { source })?;
+    let option_error = |key: &str, source: io::Error| MountError::Option {
+        key: key.to_string(),
+        source,
+        kernel_log: ctx.kernel_log(),
+    };
+    ctx.set_string("source", &c_source)
+        .map_err(|e| option_error("source", e))?;
+    ctx.set_flag("ro").map_err(|e| option_error("ro", e))?;
+    for (key, value) in fs_options {
+        let result = match value {
+            None => ctx.set_flag(key),
+            Some(v) => CString::new(*v)
+                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+                .and_then(|v| ctx.set_string(key, &v)),
+        };
+        result.map_err(|e| option_error(key, e))?;
+    }
+    ctx.create().map_err(|source| MountError::Create {
+        image: abs_source.clone(),
+        source,
+        kernel_log: ctx.kernel_log(),
+    })?;
+    let fd = ctx
+        .mount(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOSUID)
+        .map_err(|source| MountError::Fsmount { source })?;
+    let sysfs_path = {
+        let root = openat_dir(fd.as_fd()).map_err(|source| MountError::SysfsName { source })?;
+        fs_sysfs_path_fd(root.as_fd()).map_err(|source| MountError::SysfsName { source })?
+    };
+    let sysfs_name = erofs_sysfs_name(&sysfs_path).ok_or_else(|| MountError::SysfsName {
+        source: io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unexpected sysfs path {sysfs_path:?}"),
+        ),
+    })?;
+    let mount = ErofsMount { sysfs_name };
+    if let Some(kb) = read_ahead_kb {
+        let path = mount.bdi_dir().join("read_ahead_kb");
+        write_sysfs(&path, &kb.to_string())
+            .map_err(|source| MountError::ReadAhead { path, source })?;
+    }
+    Ok(DetachedErofs { fd, mount })
+}
+
+/// `move_mount(mnt, "", target_dir, "", F_EMPTY_PATH | T_EMPTY_PATH)`:
+/// attaches a detached mount on the directory `target_dir` (an O_PATH fd is
+/// fine). The target must be in the caller's mount namespace.
+pub fn attach_detached_at(mount: &DetachedErofs, target_dir: BorrowedFd) -> io::Result<()> {
+    // SAFETY: both descriptors are live; "" is a valid C string and the
+    // EMPTY_PATH flags make the kernel use the descriptors themselves.
+    cvt_long(unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            mount.fd.as_raw_fd(),
+            c"".as_ptr(),
+            target_dir.as_raw_fd(),
+            c"".as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
+        )
+    })?;
+    Ok(())
+}
+
+/// Moves the *calling thread* into the mount namespace of the process behind
+/// `pidfd`: first `unshare(CLONE_FS)` (setns(CLONE_NEWNS) refuses a thread
+/// sharing cwd/root with others), then `setns(pidfd, CLONE_NEWNS)`. The
+/// thread's root and cwd become the namespace's root. Call it only in a
+/// thread that ends after its work there; the process's other threads stay
+/// where they are.
+pub fn enter_mount_namespace_of(pidfd: BorrowedFd) -> io::Result<()> {
+    // SAFETY: integer argument; affects only the calling thread's fs_struct.
+    cvt(unsafe { libc::unshare(libc::CLONE_FS) })?;
+    // SAFETY: `pidfd` is a live pidfd; CLONE_NEWNS selects the namespace.
+    cvt(unsafe { libc::setns(pidfd.as_raw_fd(), libc::CLONE_NEWNS) })?;
+    Ok(())
+}
+
+/// Lazily detaches the mount whose root `mount_root` is, in the caller's
+/// mount namespace: `fchdir(mount_root)` then `umount2(".", MNT_DETACH)`
+/// (there is no umount by fd). Changes the calling thread's cwd: call it in
+/// the same kind of short-lived thread as [`enter_mount_namespace_of`].
+pub fn detach_mount_at_fd(mount_root: BorrowedFd) -> io::Result<()> {
+    // SAFETY: `mount_root` is a live descriptor (O_PATH is enough for fchdir).
+    cvt(unsafe { libc::fchdir(mount_root.as_raw_fd()) })?;
+    // SAFETY: "." is a valid C string.
+    cvt(unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) })?;
+    Ok(())
+}
+
+/// `struct open_how` of openat2(2); libc's is `#[non_exhaustive]`.
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+fn openat2(dir: BorrowedFd, path: &std::ffi::CStr, flags: libc::c_int, resolve: u64) -> io::Result<OwnedFd> {
+    let how = OpenHow {
+        flags: (flags | libc::O_CLOEXEC) as u64,
+        mode: 0,
+        resolve,
+    };
+    // SAFETY: `path` is a valid C string and `how` a valid open_how of the
+    // size passed; both outlive the call.
+    let fd = cvt_long(unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            path.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    })?;
+    // SAFETY: openat2 returned a new descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
+/// Opens (O_PATH) the root directory of process `pid` through
+/// `/proc/PID/root`: the directory the process sees as `/`, in its own
+/// mount namespace.
+pub fn open_process_root(pid: i32) -> io::Result<OwnedFd> {
+    let path = CString::new(format!("/proc/{pid}/root")).map_err(|_| io::ErrorKind::InvalidInput)?;
+    // SAFETY: `path` is a valid C string.
+    let fd = cvt(unsafe {
+        libc::open(path.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+    })?;
+    // SAFETY: open returned a new descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Opens (O_PATH) the directory `path` resolved as if `root` were `/`
+/// (`RESOLVE_IN_ROOT`: absolute symlinks and `..` stay inside `root`).
+pub fn open_dir_in_root(root: BorrowedFd, path: &Path) -> io::Result<OwnedFd> {
+    let rel = path.strip_prefix("/").unwrap_or(path);
+    let rel = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
+    let c_rel = path_to_cstring(rel)?;
+    openat2(
+        root,
+        &c_rel,
+        libc::O_PATH | libc::O_DIRECTORY,
+        libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
+    )
+}
+
+/// Opens (O_PATH) the subdirectory `name` (one component) of `dir`, refusing
+/// symlinks (ELOOP) and `..`; with `create`, makes it (mode 0755) when it
+/// does not exist. Mountpoints below `dir` are crossed as usual.
+pub fn open_subdir(dir: BorrowedFd, name: &std::ffi::OsStr, create: bool) -> io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes == b"." || bytes == b".." || bytes.contains(&b'/') {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a single path component"));
+    }
+    let c_name = CString::new(bytes).map_err(|_| io::ErrorKind::InvalidInput)?;
+    let resolve = libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_BENEATH;
+    match openat2(dir, &c_name, libc::O_PATH | libc::O_DIRECTORY, resolve) {
+        Err(e) if create && e.raw_os_error() == Some(libc::ENOENT) => {
+            // SAFETY: `dir` is a live descriptor and `c_name` a valid C string.
+            match cvt(unsafe { libc::mkdirat(dir.as_raw_fd(), c_name.as_ptr(), 0o755) }) {
+                Ok(_) => {}
+                // Someone else made it meanwhile: fine, it is opened below.
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(e),
+            }
+            openat2(dir, &c_name, libc::O_PATH | libc::O_DIRECTORY, resolve)
+        }
+        other => other,
+    }
+}
+
+/// `(st_dev, st_ino)` of an open file (O_PATH is enough).
+pub fn file_identity(file: BorrowedFd) -> io::Result<(u64, u64)> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
+    // SAFETY: `st` is a writable stat buffer; `file` a live descriptor.
+    cvt(unsafe { libc::fstat(file.as_raw_fd(), st.as_mut_ptr()) })?;
+    // SAFETY: filled by the kernel; plain integers.
+    let st = unsafe { st.assume_init() };
+    Ok((st.st_dev, st.st_ino))
+}
+
+/// The reusable mount id (`STATX_MNT_ID`, the first field of
+/// `/proc/PID/mountinfo`) of the mount an open file is on.
+pub fn mountinfo_id_fd(file: BorrowedFd) -> io::Result<u64> {
+    let mut stx = std::mem::MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: "" is a valid C string, `stx` a writable statx buffer, `file`
+    // a live descriptor (AT_EMPTY_PATH: the file itself).
+    cvt(unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_MNT_ID,
+            stx.as_mut_ptr(),
+        )
+    })?;
+    // SAFETY: zero-initialised and filled by the kernel; plain integers.
+    let stx = unsafe { stx.assume_init() };
+    if stx.stx_mask & libc::STATX_MNT_ID == 0 {
+        return Err(io::Error::new(io::ErrorKind::Unsupported, "statx returns no mount id"));
+    }
+    Ok(stx.stx_mnt_id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
