@@ -19,5 +19,6 @@ pub mod mount;
 pub mod oci;
 pub mod ranges;
 pub mod remote;
+pub mod segments;
 #[allow(unsafe_code)]
 pub mod sys;

@@ -11,7 +11,7 @@ use tokio::net::{UnixListener, UnixStream};
 use crate::cache::CacheFile;
 
 use super::lifecycle::{Lease, Lifecycle};
-use super::protocol::{Reply, Request, MountStatus};
+use super::protocol::{MountStatus, Reply, Request, SegmentStatus};
 use super::stats::Stats;
 
 /// Longest request line accepted (a mountpoint path fits many times over).
@@ -30,6 +30,8 @@ pub struct ControlContext {
     pub source: String,
     /// The remote, for which endpoint served data last (mirrors, redirects).
     pub remote: Arc<dyn crate::remote::RangeSource>,
+    /// Where the address space's bytes come from.
+    pub layout: crate::segments::Layout,
     pub digest: Option<String>,
     pub read_ahead_kb: u32,
     pub socket_path: PathBuf,
@@ -161,6 +163,17 @@ fn answer(req: Request, ctx: &Arc<ControlContext>, lease: &mut Option<Lease>) ->
             prefetched_bytes: Stats::get(&ctx.scheduler.prefetched_bytes),
             fetch_latency: ctx.stats.fetch_latency.snapshot(),
             event_wait: ctx.stats.event_wait.snapshot(),
+            segments: ctx
+                .layout
+                .segments()
+                .iter()
+                .map(|s| SegmentStatus {
+                    label: s.label.clone(),
+                    start: s.start,
+                    size: s.len,
+                    present_bytes: ctx.cache.populated_in(s.start..s.end()),
+                })
+                .collect(),
             ..MountStatus::default()
         })),
     }

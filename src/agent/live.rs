@@ -84,6 +84,7 @@ pub(super) async fn go_live(cfg: &AgentConfig, ctx: &WorkerContext, p: Prepared)
         cache_key: cfg.cache_key.clone(),
         source: p.shown.clone(),
         remote: Arc::clone(&p.source),
+        layout: p.layout.clone(),
         digest: p.digest.clone(),
         read_ahead_kb: cfg.read_ahead_kb,
         socket_path,

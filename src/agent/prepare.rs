@@ -28,6 +28,7 @@ pub(super) struct Prepared {
     pub created_entry: bool,
     pub cache: Arc<CacheFile>,
     pub source: Arc<dyn RangeSource>,
+    pub layout: crate::segments::Layout,
     /// Credential-free, for records, logs and status.
     pub shown: String,
     pub digest: Option<String>,
@@ -62,7 +63,7 @@ impl Drop for NewEntryGuard {
 pub(super) async fn prepare(cfg: &AgentConfig, ctx: &WorkerContext) -> Result<Prepared, AgentError> {
     let http = ClientConfig { request_timeout: cfg.fetch_timeout(), ..ClientConfig::default() };
     let opened = super::sources::open_source(&cfg.source, &http).await.map_err(|e| AgentError::Source(e.to_string()))?;
-    let (source, probe) = (opened.source, opened.probe);
+    let (source, layout, probe) = (opened.source, opened.layout, opened.probe);
     let shown = cfg.source.describe();
     erofs::probe_superblock(&probe).map_err(|e| AgentError::NotErofs(format!("{shown} is not an EROFS image ({e})")))?;
     let size = source.size();
@@ -106,7 +107,7 @@ pub(super) async fn prepare(cfg: &AgentConfig, ctx: &WorkerContext) -> Result<Pr
         .await
         .map_err(|e| AgentError::Source(format!("cannot fetch the image metadata: {e}")))?;
     guard.keep();
-    Ok(Prepared { entry, created_entry, cache, source, shown, digest, stats, retry, fetcher, required })
+    Ok(Prepared { entry, created_entry, cache, source, layout, shown, digest, stats, retry, fetcher, required })
 }
 
 /// Opens the cache file before the mark: writes through this fd raise no

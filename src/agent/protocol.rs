@@ -105,8 +105,21 @@ pub struct MountStatus {
     pub prefetch_active: bool,
     #[serde(default)]
     pub prefetched_bytes: u64,
+    /// Where the image's bytes come from: one entry per segment of its address space.
+    #[serde(default)]
+    pub segments: Vec<SegmentStatus>,
     #[serde(default)]
     pub fetch_latency: super::stats::HistogramSnapshot,
     #[serde(default)]
     pub event_wait: super::stats::HistogramSnapshot,
+}
+
+/// One region of the image's address space and its source.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SegmentStatus {
+    /// A digest, or what the source is (credential-free).
+    pub label: String,
+    pub start: u64,
+    pub size: u64,
+    pub present_bytes: u64,
 }

@@ -2,15 +2,20 @@
 //! (handed to the agent on its stdin: a spec may carry credentials, never
 //! logged), and the agent's start-up opens it here — the one place that
 //! knows every kind of source, as erofs-utils' `mount/main.c` picks among
-//! `lib/remotes/*`. The event path only ever sees a `RangeSource`.
+//! `lib/remotes/*`. The event path only ever sees a `RangeSource`: the
+//! [`SegmentedSource`] over the image's [`Layout`] (one segment for a single
+//! blob, several for an image made of several sources).
 
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::http::{redact_url, ClientConfig};
-use crate::remote::{HttpSource, RangeSource};
+use crate::remote::{HttpSource, RangeSource, PROBE_LEN};
+use crate::segments::{Layout, Segment, SegmentedSource};
 
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -21,6 +26,27 @@ pub enum SourceSpec {
     Oci(Box<crate::oci::OciBlobSpec>),
     /// One version (ETag) of an S3 object.
     S3(Box<crate::remote::s3::S3ObjectSpec>),
+    /// An address space of several sources (DESIGN §7).
+    Layout(Box<LayoutSpec>),
+}
+
+/// Where each region of an image's flat address space comes from.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct LayoutSpec {
+    /// What the image is, credential-free (e.g. its reference).
+    pub name: String,
+    /// Bytes of the address space (the cache file's size).
+    pub size: u64,
+    pub segments: Vec<SegmentSpec>,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+pub struct SegmentSpec {
+    pub start: u64,
+    pub len: u64,
+    #[serde(default)]
+    pub source_offset: u64,
+    pub source: SourceSpec,
 }
 
 impl std::fmt::Debug for SourceSpec {
@@ -37,6 +63,7 @@ impl SourceSpec {
             SourceSpec::Url { url } => redact_url(url),
             SourceSpec::Oci(spec) => spec.describe(),
             SourceSpec::S3(spec) => spec.describe(),
+            SourceSpec::Layout(l) => l.name.clone(),
         }
     }
 
@@ -45,8 +72,13 @@ impl SourceSpec {
         match self {
             SourceSpec::Url { url } => digest_from_url(url),
             SourceSpec::Oci(spec) => Some(spec.digest.clone()),
-            SourceSpec::S3(_) => None,
+            SourceSpec::S3(_) | SourceSpec::Layout(_) => None,
         }
+    }
+
+    /// The label of this source as a segment: its digest, else its description.
+    fn label(&self) -> String {
+        self.digest().unwrap_or_else(|| self.describe())
     }
 
     /// The cache entry key: the digest when known, else a hash of the URL.
@@ -56,14 +88,29 @@ impl SourceSpec {
             (None, SourceSpec::Url { url }) => Ok(erofs_fanotify_state::cache_key_for_url(url)),
             (None, SourceSpec::Oci(_)) => Err("an OCI source without a digest".into()),
             (None, SourceSpec::S3(spec)) => Ok(spec.cache_key()),
+            (None, SourceSpec::Layout(l)) => {
+                // The placement and the keys of the parts name the address space.
+                let mut h = Sha256::new();
+                h.update(l.size.to_le_bytes());
+                for s in &l.segments {
+                    h.update(s.start.to_le_bytes());
+                    h.update(s.len.to_le_bytes());
+                    h.update(s.source_offset.to_le_bytes());
+                    let key = s.source.cache_key()?;
+                    h.update((key.len() as u64).to_le_bytes());
+                    h.update(key.as_bytes());
+                }
+                Ok(format!("layout-{}", &hex::encode(h.finalize())[..32]))
+            }
         }
     }
 }
 
-/// An opened remote: the range source plus the first bytes of the blob
-/// (enough for the EROFS superblock).
+/// An opened source: the flat address space's source (segmented), its
+/// layout, and its first bytes (enough for the EROFS superblock).
 pub struct OpenedSource {
     pub source: Arc<dyn RangeSource>,
+    pub layout: Layout,
     pub probe: Bytes,
 }
 
@@ -71,23 +118,51 @@ pub struct OpenedSource {
 #[error("{0}")]
 pub struct OpenError(pub String);
 
+/// Opens the source of a spec and puts it in its layout. The probe is the
+/// one its first segment's source read when it opened (no second request).
 pub async fn open_source(spec: &SourceSpec, http: &ClientConfig) -> Result<OpenedSource, OpenError> {
-    match spec {
-        SourceSpec::Url { url } => {
-            let (source, probe) = HttpSource::open(url, http).await.map_err(|e| OpenError(e.to_string()))?;
-            Ok(OpenedSource { source: Arc::new(source), probe })
+    let (layout, first_probe) = match spec {
+        SourceSpec::Layout(l) => {
+            let mut segments = Vec::with_capacity(l.segments.len());
+            let mut first_probe = None;
+            for s in &l.segments {
+                let (source, probe) = open_one(&s.source, http).await?;
+                if s.start == 0 && s.source_offset == 0 {
+                    first_probe = Some(probe.slice(..probe.len().min(s.len as usize)));
+                }
+                segments.push(Segment { label: s.source.label(), start: s.start, len: s.len, source_offset: s.source_offset, source });
+            }
+            (Layout::new(segments, l.size).map_err(|e| OpenError(format!("{}: {e}", l.name)))?, first_probe)
         }
-        SourceSpec::Oci(blob) => {
-            let (source, probe) =
-                crate::oci::open_blob(blob, http).await.map_err(|e| OpenError(e.to_string()))?;
-            Ok(OpenedSource { source, probe })
+        single => {
+            let (source, probe) = open_one(single, http).await?;
+            (Layout::single(single.label(), source), Some(probe))
         }
-        SourceSpec::S3(object) => {
-            let (source, probe) =
-                crate::remote::s3::open_object(object, http).await.map_err(|e| OpenError(e.to_string()))?;
-            Ok(OpenedSource { source, probe })
+    };
+    let source = Arc::new(SegmentedSource::new(layout.clone()));
+    let want = PROBE_LEN.min(source.size()) as usize;
+    let probe = match first_probe {
+        Some(p) if p.len() >= want => p.slice(..want),
+        _ => source.fetch(0..want as u64).await.map_err(|e| OpenError(e.to_string()))?,
+    };
+    Ok(OpenedSource { source, layout, probe })
+}
+
+/// Opens one source (not a layout: layouts do not nest).
+fn open_one<'a>(spec: &'a SourceSpec, http: &'a ClientConfig) -> BoxFuture<'a, Result<(Arc<dyn RangeSource>, Bytes), OpenError>> {
+    Box::pin(async move {
+        match spec {
+            SourceSpec::Url { url } => {
+                let (source, probe) = HttpSource::open(url, http).await.map_err(|e| OpenError(e.to_string()))?;
+                Ok((Arc::new(source) as Arc<dyn RangeSource>, probe))
+            }
+            SourceSpec::Oci(blob) => crate::oci::open_blob(blob, http).await.map_err(|e| OpenError(e.to_string())),
+            SourceSpec::S3(object) => {
+                crate::remote::s3::open_object(object, http).await.map_err(|e| OpenError(e.to_string()))
+            }
+            SourceSpec::Layout(l) => Err(OpenError(format!("{}: a layout inside a layout", l.name))),
         }
-    }
+    })
 }
 
 /// `…/blobs/sha256:<hex>` names its digest; other URLs have none we can trust.

@@ -173,6 +173,17 @@ impl PresenceMap {
         }
     }
 
+    /// Bytes present among the blocks touched by `range` (clamped), counting whole blocks
+    /// (the blob's partial last block by its real length).
+    pub fn populated_in(&self, range: Range<u64>) -> u64 {
+        let Some(blocks) = self.touched_blocks(range) else { return 0 };
+        let last = u64::from(*blocks.end());
+        let present = self.blocks.range_cardinality(blocks);
+        let tail = self.blob_size % BLOCK;
+        let partial_last = tail != 0 && last + 1 == self.len_blocks() && self.blocks.contains(last as u32);
+        present * BLOCK - if partial_last { BLOCK - tail } else { 0 }
+    }
+
     /// True if every block of the blob is present (always for an empty blob).
     pub fn is_complete(&self) -> bool {
         self.blocks.len() == self.len_blocks()
@@ -182,6 +193,18 @@ impl PresenceMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn populated_bytes_within_a_range() {
+        let mut m = PresenceMap::new(10 * BLOCK + 100).unwrap();
+        m.insert(0..2 * BLOCK);
+        m.insert(5 * BLOCK..10 * BLOCK + 100);
+        assert_eq!(m.populated_in(0..10 * BLOCK + 100), m.populated_bytes());
+        assert_eq!(m.populated_in(BLOCK..6 * BLOCK), 2 * BLOCK, "block 1 and block 5");
+        assert_eq!(m.populated_in(10 * BLOCK..u64::MAX), 100, "the partial last block");
+        assert_eq!(m.populated_in(3 * BLOCK..4 * BLOCK), 0);
+        assert_eq!(m.populated_in(7..7), 0);
+    }
 
     const B: u64 = BLOCK;
 

@@ -14,7 +14,7 @@ use std::fs::{File, OpenOptions};
 use std::ops::Range;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use parking_lot::{Mutex, MutexGuard};
 
 use roaring::RoaringBitmap;
 
@@ -120,7 +120,7 @@ impl CacheFile {
     /// The map is updated by single calls that cannot leave it half-changed, so a panic
     /// elsewhere while holding the lock does not make it wrong: ignore poisoning.
     fn map(&self) -> MutexGuard<'_, PresenceMap> {
-        self.map.lock().unwrap_or_else(PoisonError::into_inner)
+        self.map.lock()
     }
 
     fn check_bounds(&self, offset: u64, len: usize) -> Result<(), CacheFileError> {
@@ -177,6 +177,11 @@ impl CacheFile {
 
     pub fn populated_bytes(&self) -> u64 {
         self.map().populated_bytes()
+    }
+
+    /// See [`PresenceMap::populated_in`].
+    pub fn populated_in(&self, range: Range<u64>) -> u64 {
+        self.map().populated_in(range)
     }
 
     pub fn is_complete(&self) -> bool {

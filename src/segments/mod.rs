@@ -1,0 +1,339 @@
+//! One address space, many sources (DESIGN §7).
+//!
+//! The cache file is the image's flat block address space. A [`Layout`] says
+//! where each region's bytes come from: a blob of a registry at some offset,
+//! an S3 object, a local file, the uncompressed tar of a gzip layer. The
+//! presence bitmap and the event path know only the flat space; a range that
+//! crosses segments is split here and each part is fetched from its own
+//! source. A single-blob image is the one-segment case of the same code.
+//!
+//! Regions between segments belong to no source: the image's metadata never
+//! points there, so the kernel never asks for them, but fetches rounded out
+//! to fetch units may cover them; they read as zeros (and are never the
+//! bytes a reader sees).
+//!
+//! [`Layout`] is pure (validation and range arithmetic, unit-tested);
+//! [`SegmentedSource`] is the `RangeSource` over it.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::future::{try_join_all, BoxFuture};
+
+use crate::remote::{FetchError, RangeSource};
+
+/// One region of the flat address space and where its bytes come from.
+#[derive(Clone)]
+pub struct Segment {
+    /// What it is, for status and logs (a digest, `s3://b/k`, `local`).
+    pub label: String,
+    /// First byte in the flat address space.
+    pub start: u64,
+    pub len: u64,
+    /// Where the segment's first byte is in its source.
+    pub source_offset: u64,
+    pub source: Arc<dyn RangeSource>,
+}
+
+impl std::fmt::Debug for Segment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Segment")
+            .field("label", &self.label)
+            .field("start", &self.start)
+            .field("len", &self.len)
+            .field("source_offset", &self.source_offset)
+            .finish()
+    }
+}
+
+impl Segment {
+    pub fn end(&self) -> u64 {
+        self.start + self.len
+    }
+
+    /// A whole source at `start`.
+    pub fn whole(label: impl Into<String>, start: u64, source: Arc<dyn RangeSource>) -> Segment {
+        Segment { label: label.into(), start, len: source.size(), source_offset: 0, source }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LayoutError {
+    #[error("segment {label} is empty")]
+    Empty { label: String },
+    #[error("segment {label} at {start} is not 4 KiB aligned")]
+    Unaligned { label: String, start: u64 },
+    #[error("segments {a} and {b} overlap")]
+    Overlap { a: String, b: String },
+    #[error("segment {label} ends past the {size}-byte address space")]
+    PastEnd { label: String, size: u64 },
+    #[error("segment {label} needs bytes {start}..{end} of a source of {source_size} bytes")]
+    PastSource { label: String, start: u64, end: u64, source_size: u64 },
+    #[error("the address space has no segment")]
+    NoSegments,
+}
+
+/// Where the bytes of the flat address space come from.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    /// Sorted by `start`, disjoint.
+    segments: Vec<Segment>,
+    size: u64,
+}
+
+/// A piece of a flat range: from one segment, or from no segment (a gap).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Piece {
+    /// Index into the layout's segments; `None` for a gap.
+    pub segment: Option<usize>,
+    /// The piece in the flat address space.
+    pub flat: Range<u64>,
+    /// The same bytes in the segment's source (empty for a gap).
+    pub source: Range<u64>,
+}
+
+const ALIGN: u64 = 4096;
+
+impl Layout {
+    /// Validates untrusted placements: segments aligned, non-empty, disjoint,
+    /// inside `size`, and inside their sources.
+    pub fn new(mut segments: Vec<Segment>, size: u64) -> Result<Layout, LayoutError> {
+        if segments.is_empty() {
+            return Err(LayoutError::NoSegments);
+        }
+        segments.sort_by_key(|s| s.start);
+        for s in &segments {
+            if s.len == 0 {
+                return Err(LayoutError::Empty { label: s.label.clone() });
+            }
+            if s.start % ALIGN != 0 {
+                return Err(LayoutError::Unaligned { label: s.label.clone(), start: s.start });
+            }
+            match s.start.checked_add(s.len) {
+                Some(end) if end <= size => {}
+                _ => return Err(LayoutError::PastEnd { label: s.label.clone(), size }),
+            }
+            let source_size = s.source.size();
+            match s.source_offset.checked_add(s.len) {
+                Some(end) if end <= source_size => {}
+                _ => {
+                    return Err(LayoutError::PastSource {
+                        label: s.label.clone(),
+                        start: s.source_offset,
+                        end: s.source_offset.saturating_add(s.len),
+                        source_size,
+                    })
+                }
+            }
+        }
+        for w in segments.windows(2) {
+            if w[0].end() > w[1].start {
+                return Err(LayoutError::Overlap { a: w[0].label.clone(), b: w[1].label.clone() });
+            }
+        }
+        Ok(Layout { segments, size })
+    }
+
+    /// The one-segment layout of a single blob.
+    pub fn single(label: impl Into<String>, source: Arc<dyn RangeSource>) -> Layout {
+        let size = source.size();
+        Layout { segments: vec![Segment::whole(label, 0, source)], size }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn segments(&self) -> &[Segment] {
+        &self.segments
+    }
+
+    /// Splits a flat range (clamped to the address space) into pieces, in order.
+    pub fn split(&self, range: Range<u64>) -> Vec<Piece> {
+        let range = range.start.min(self.size)..range.end.min(self.size);
+        let mut out = Vec::new();
+        if range.start >= range.end {
+            return out;
+        }
+        let mut pos = range.start;
+        // The first segment that ends after `pos`.
+        let first = self.segments.partition_point(|s| s.end() <= pos);
+        for (i, s) in self.segments.iter().enumerate().skip(first) {
+            if s.start >= range.end {
+                break;
+            }
+            if s.start > pos {
+                out.push(Piece { segment: None, flat: pos..s.start, source: 0..0 });
+                pos = s.start;
+            }
+            let end = s.end().min(range.end);
+            let src = s.source_offset + (pos - s.start);
+            out.push(Piece { segment: Some(i), flat: pos..end, source: src..src + (end - pos) });
+            pos = end;
+        }
+        if pos < range.end {
+            out.push(Piece { segment: None, flat: pos..range.end, source: 0..0 });
+        }
+        out
+    }
+
+    /// The segment holding flat byte `offset`, if any.
+    pub fn segment_at(&self, offset: u64) -> Option<&Segment> {
+        let i = self.segments.partition_point(|s| s.end() <= offset);
+        self.segments.get(i).filter(|s| s.start <= offset)
+    }
+}
+
+/// The `RangeSource` over a [`Layout`]: each piece of a request goes to its
+/// own source, concurrently; gaps read as zeros.
+pub struct SegmentedSource {
+    layout: Layout,
+}
+
+impl SegmentedSource {
+    pub fn new(layout: Layout) -> SegmentedSource {
+        SegmentedSource { layout }
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    async fn fetch_range(&self, range: Range<u64>) -> Result<Bytes, FetchError> {
+        if range.start >= range.end || range.end > self.layout.size {
+            return Err(FetchError::Permanent(format!("range {range:?} outside the {}-byte image", self.layout.size)));
+        }
+        let pieces = self.layout.split(range.clone());
+        // One piece of one segment: hand the source's bytes through untouched.
+        if let [Piece { segment: Some(i), source, .. }] = pieces.as_slice() {
+            return self.layout.segments[*i].source.fetch(source.clone()).await;
+        }
+        let fetched = try_join_all(pieces.iter().map(|p| async move {
+            match p.segment {
+                Some(i) => self.layout.segments[i].source.fetch(p.source.clone()).await,
+                None => Ok(Bytes::from(vec![0u8; (p.flat.end - p.flat.start) as usize])),
+            }
+        }))
+        .await?;
+        let mut out = BytesMut::with_capacity((range.end - range.start) as usize);
+        for (piece, bytes) in pieces.iter().zip(fetched) {
+            if bytes.len() as u64 != piece.flat.end - piece.flat.start {
+                return Err(FetchError::Permanent(format!(
+                    "a source returned {} bytes for {:?}",
+                    bytes.len(),
+                    piece.source
+                )));
+            }
+            out.extend_from_slice(&bytes);
+        }
+        Ok(out.freeze())
+    }
+}
+
+impl RangeSource for SegmentedSource {
+    fn size(&self) -> u64 {
+        self.layout.size
+    }
+
+    fn fetch(&self, range: Range<u64>) -> BoxFuture<'_, Result<Bytes, FetchError>> {
+        Box::pin(self.fetch_range(range))
+    }
+
+    fn describe(&self) -> String {
+        match self.layout.segments.as_slice() {
+            [one] => one.source.describe(),
+            many => format!("{} segments", many.len()),
+        }
+    }
+
+    fn served_by(&self) -> Option<String> {
+        let mut served: Vec<String> = self.layout.segments.iter().filter_map(|s| s.source.served_by()).collect();
+        served.dedup();
+        (!served.is_empty()).then(|| served.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bytes `i as u8 ^ seed` for position i.
+    struct Pattern {
+        size: u64,
+        seed: u8,
+    }
+
+    impl RangeSource for Pattern {
+        fn size(&self) -> u64 {
+            self.size
+        }
+        fn fetch(&self, range: Range<u64>) -> BoxFuture<'_, Result<Bytes, FetchError>> {
+            Box::pin(async move {
+                if range.end > self.size {
+                    return Err(FetchError::Permanent("past the end".into()));
+                }
+                Ok(range.map(|i| i as u8 ^ self.seed).collect::<Vec<u8>>().into())
+            })
+        }
+        fn describe(&self) -> String {
+            format!("pattern {}", self.seed)
+        }
+    }
+
+    fn seg(label: &str, start: u64, len: u64, offset: u64, size: u64, seed: u8) -> Segment {
+        Segment { label: label.into(), start, len, source_offset: offset, source: Arc::new(Pattern { size, seed }) }
+    }
+
+    #[test]
+    fn placements_are_validated() {
+        let ok = Layout::new(vec![seg("b", 8192, 4096, 0, 4096, 2), seg("a", 0, 4096, 0, 4096, 1)], 16384).unwrap();
+        assert_eq!(ok.segments()[0].label, "a", "sorted");
+        let cases = [
+            (vec![seg("a", 0, 8192, 0, 8192, 1), seg("b", 4096, 4096, 0, 4096, 2)], LayoutError::Overlap { a: "a".into(), b: "b".into() }),
+            (vec![seg("a", 100, 4096, 0, 4096, 1)], LayoutError::Unaligned { label: "a".into(), start: 100 }),
+            (vec![seg("a", 0, 0, 0, 4096, 1)], LayoutError::Empty { label: "a".into() }),
+            (vec![seg("a", 12288, 8192, 0, 8192, 1)], LayoutError::PastEnd { label: "a".into(), size: 16384 }),
+            (vec![seg("a", 0, 4096, 1, 4096, 1)], LayoutError::PastSource { label: "a".into(), start: 1, end: 4097, source_size: 4096 }),
+            (vec![seg("a", u64::MAX & !4095, 8192, 0, 8192, 1)], LayoutError::PastEnd { label: "a".into(), size: 16384 }),
+            (vec![], LayoutError::NoSegments),
+        ];
+        for (segments, want) in cases {
+            assert_eq!(Layout::new(segments, 16384).unwrap_err(), want);
+        }
+    }
+
+    #[test]
+    fn ranges_split_at_segments_and_gaps() {
+        let l = Layout::new(vec![seg("a", 0, 8192, 100, 10_000, 1), seg("b", 16384, 4096, 0, 4096, 2)], 24576).unwrap();
+        assert_eq!(
+            l.split(4096..20000),
+            vec![
+                Piece { segment: Some(0), flat: 4096..8192, source: 4196..8292 },
+                Piece { segment: None, flat: 8192..16384, source: 0..0 },
+                Piece { segment: Some(1), flat: 16384..20000, source: 0..3616 },
+            ]
+        );
+        assert_eq!(l.split(20480..30000), vec![Piece { segment: None, flat: 20480..24576, source: 0..0 }], "clamped");
+        assert!(l.split(5..5).is_empty());
+        assert_eq!(l.segment_at(8191).map(|s| s.label.as_str()), Some("a"));
+        assert!(l.segment_at(8192).is_none());
+        assert_eq!(l.segment_at(16384).map(|s| s.label.as_str()), Some("b"));
+    }
+
+    #[tokio::test]
+    async fn fetches_assemble_pieces_from_their_sources() {
+        let l = Layout::new(vec![seg("a", 0, 8192, 100, 10_000, 1), seg("b", 16384, 4096, 0, 4096, 2)], 24576).unwrap();
+        let src = SegmentedSource::new(l);
+        let got = src.fetch(8000..16500).await.unwrap();
+        assert_eq!(got.len(), 8500);
+        assert!(got[..192].iter().enumerate().all(|(i, &b)| b == (8100 + i as u64) as u8 ^ 1));
+        assert!(got[192..8384].iter().all(|&b| b == 0), "the gap reads as zeros");
+        assert!(got[8384..].iter().enumerate().all(|(i, &b)| b == i as u8 ^ 2));
+        assert!(src.fetch(0..30000).await.is_err());
+        assert_eq!(src.describe(), "2 segments");
+        let single = SegmentedSource::new(Layout::single("x", Arc::new(Pattern { size: 5000, seed: 3 })));
+        assert_eq!(single.fetch(4000..5000).await.unwrap()[0], 4000u64 as u8 ^ 3);
+        assert_eq!(single.describe(), "pattern 3");
+    }
+}
