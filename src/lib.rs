@@ -9,6 +9,7 @@ pub mod cache;
 pub mod cli;
 pub mod erofs;
 pub mod fanotify;
+pub mod gzip;
 pub mod mount;
 pub mod oci;
 pub mod ranges;

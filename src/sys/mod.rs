@@ -15,6 +15,7 @@
 //! - [`statx`]: mount ids (`STATX_MNT_ID_UNIQUE`).
 //! - [`process`]: pidfds, process start times, mount namespaces.
 //! - [`fs`]: `statfs` magic numbers (tmpfs detection).
+//! - [`zlib`]: a safe inflate stream over libz-rs-sys (prime, dictionary, Z_BLOCK).
 
 pub mod fanotify;
 pub mod fs;
@@ -22,6 +23,7 @@ pub mod mount;
 pub mod process;
 pub mod shm;
 pub mod statx;
+pub mod zlib;
 
 use std::ffi::CString;
 use std::io;
