@@ -10,6 +10,7 @@ pub mod cli;
 pub mod erofs;
 pub mod fanotify;
 pub mod gzip;
+pub mod http;
 pub mod mount;
 pub mod oci;
 pub mod ranges;
