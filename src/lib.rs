@@ -11,6 +11,7 @@ pub mod erofs;
 pub mod fanotify;
 pub mod gzip;
 pub mod http;
+pub mod index;
 pub mod mount;
 pub mod oci;
 pub mod ranges;
