@@ -202,3 +202,32 @@ fn end_member(
     inf.reset(GZIP)
         .map_err(|e| GzipError::SpanData { span: k, source: e })
 }
+
+/// The sha256 (lowercase hex) of each span's compressed input
+/// ([`Zinfo::span_input_range`]), what the index artifact's `spanSha256`
+/// holds. Reads the blob span by span (consecutive spans share a byte or
+/// two, hence the seeks).
+pub fn span_digests<R: std::io::Read + std::io::Seek>(
+    zinfo: &Zinfo,
+    blob: &mut R,
+    blob_size: u64,
+) -> Result<Vec<String>, GzipError> {
+    use sha2::{Digest, Sha256};
+    use std::io::SeekFrom;
+    let mut out = Vec::with_capacity(zinfo.span_count());
+    let mut buf = vec![0u8; 1 << 16];
+    for k in 0..zinfo.span_count() {
+        let r = zinfo.span_input_range(k, blob_size)?;
+        blob.seek(SeekFrom::Start(r.start))?;
+        let mut h = Sha256::new();
+        let mut left = r.end - r.start;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            blob.read_exact(&mut buf[..n])?;
+            h.update(&buf[..n]);
+            left -= n as u64;
+        }
+        out.push(hex::encode(h.finalize()));
+    }
+    Ok(out)
+}

@@ -138,6 +138,11 @@ fn check_case(gz: &[u8], raw: &[u8], span: u64) -> BuiltZinfo {
         );
     }
     assert_eq!(next, raw.len() as u64);
+    // Span digests read from a file-like source match the slices'.
+    let digests = span_digests(z, &mut std::io::Cursor::new(gz), gz.len() as u64).unwrap();
+    for (k, d) in digests.iter().enumerate() {
+        assert_eq!(d, &hex::encode(Sha256::digest(span_bytes(z, k, gz))));
+    }
     built
 }
 
