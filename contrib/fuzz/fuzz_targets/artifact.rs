@@ -6,7 +6,9 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let limits = Limits::default();
-    let Ok(doc) = parse(data, &limits) else { return };
+    let Ok(doc) = parse(data, &limits) else {
+        return;
+    };
     let json = doc.to_json().expect("a parsed document serializes");
     let again = parse(&json, &limits).expect("own output parses");
     assert_eq!(again, doc);
@@ -14,7 +16,9 @@ fuzz_target!(|data: &[u8]| {
         let idx = l.extent_index();
         for (i, (_, ex)) in l.files.iter().enumerate() {
             for r in ex {
-                let (f, got) = idx.file_at(r.start).expect("an extent start maps to a file");
+                let (f, got) = idx
+                    .file_at(r.start)
+                    .expect("an extent start maps to a file");
                 assert!(got.contains(&r.start));
                 let _ = (i, f);
             }

@@ -13,7 +13,10 @@ struct Slice<'a> {
 impl MetaReader for Slice<'_> {
     fn prefetch(&mut self, ranges: &[Range<u64>]) -> Result<(), WalkError> {
         for r in ranges {
-            assert!(r.start < r.end && r.end <= self.image.len() as u64, "prefetch outside the image: {r:?}");
+            assert!(
+                r.start < r.end && r.end <= self.image.len() as u64,
+                "prefetch outside the image: {r:?}"
+            );
         }
         self.prefetched.extend_from_slice(ranges);
         Ok(())
@@ -22,11 +25,17 @@ impl MetaReader for Slice<'_> {
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), WalkError> {
         let end = offset + buf.len() as u64;
         assert!(
-            self.prefetched.iter().any(|r| r.start <= offset && end <= r.end) || buf.is_empty()
+            self.prefetched
+                .iter()
+                .any(|r| r.start <= offset && end <= r.end)
+                || buf.is_empty()
                 || covered(&self.prefetched, offset, end),
             "read {offset}..{end} not prefetched"
         );
-        let src = self.image.get(offset as usize..end as usize).ok_or_else(|| WalkError::Io("past the image".into()))?;
+        let src = self
+            .image
+            .get(offset as usize..end as usize)
+            .ok_or_else(|| WalkError::Io("past the image".into()))?;
         buf.copy_from_slice(src);
         Ok(())
     }
@@ -56,7 +65,10 @@ fuzz_target!(|data: &[u8]| {
         max_shared_xattrs: 10_000,
         max_meta_bytes: 64 << 20,
     };
-    let mut r = Slice { image: data, prefetched: Vec::new() };
+    let mut r = Slice {
+        image: data,
+        prefetched: Vec::new(),
+    };
     if let Ok(map) = walk(&mut r, data.len() as u64, &limits) {
         let size = data.len() as u64;
         for list in [&map.required, &map.data_extents] {
@@ -64,7 +76,10 @@ fuzz_target!(|data: &[u8]| {
                 assert!(w[0].end <= w[1].start, "unsorted ranges {w:?}");
             }
             for x in list.iter() {
-                assert!(x.start < x.end && x.end <= size, "range {x:?} outside {size}");
+                assert!(
+                    x.start < x.end && x.end <= size,
+                    "range {x:?} outside {size}"
+                );
             }
         }
     }

@@ -9,7 +9,9 @@ use erofs_fanotify::gzip::{inflate_span, Zinfo, WINDOW_SIZE};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&n, mut rest)) = data.split_first() else { return };
+    let Some((&n, mut rest)) = data.split_first() else {
+        return;
+    };
     let n = 1 + (n as usize % 4);
     let mut zinfo = Vec::new();
     zinfo.extend_from_slice(&(n as u32).to_le_bytes());
@@ -30,13 +32,27 @@ fuzz_target!(|data: &[u8]| {
     if rest.len() < 5 {
         return;
     }
-    let total_out = u64::from(u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]])) % (16 << 20);
+    let total_out =
+        u64::from(u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]])) % (16 << 20);
     let k = rest[4] as usize % n;
     let blob = &rest[5..];
     let Ok(z) = Zinfo::parse(zinfo) else { return };
-    let Ok(input) = z.span_input_range(k, blob.len() as u64) else { return };
-    let Ok(output) = z.span_output_range(k, total_out) else { return };
-    if let Ok(bytes) = inflate_span(&z, k, &blob[input.start as usize..input.end as usize], total_out) {
-        assert_eq!(bytes.len() as u64, output.end - output.start, "span output length");
+    let Ok(input) = z.span_input_range(k, blob.len() as u64) else {
+        return;
+    };
+    let Ok(output) = z.span_output_range(k, total_out) else {
+        return;
+    };
+    if let Ok(bytes) = inflate_span(
+        &z,
+        k,
+        &blob[input.start as usize..input.end as usize],
+        total_out,
+    ) {
+        assert_eq!(
+            bytes.len() as u64,
+            output.end - output.start,
+            "span output length"
+        );
     }
 });

@@ -20,9 +20,15 @@ fn asked(line: &str) -> Option<(Vec<Range<u64>>, u64)> {
 
 fuzz_target!(|data: &[u8]| {
     let mut it = data.splitn(3, |&c| c == b'\n');
-    let (Some(ct), Some(ranges), Some(body)) = (it.next(), it.next(), it.next()) else { return };
-    let (Ok(ct), Ok(ranges)) = (std::str::from_utf8(ct), std::str::from_utf8(ranges)) else { return };
-    let Some((asked, total)) = asked(ranges) else { return };
+    let (Some(ct), Some(ranges), Some(body)) = (it.next(), it.next(), it.next()) else {
+        return;
+    };
+    let (Ok(ct), Ok(ranges)) = (std::str::from_utf8(ct), std::str::from_utf8(ranges)) else {
+        return;
+    };
+    let Some((asked, total)) = asked(ranges) else {
+        return;
+    };
     let _ = range_header(&asked);
     if let Ok(parts) = parse_byteranges(ct, body, &asked, total) {
         assert_eq!(parts.len(), asked.len());

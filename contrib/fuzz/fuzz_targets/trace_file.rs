@@ -10,8 +10,12 @@ fuzz_target!(|data: &[u8]| {
             assert!(r.start < r.end);
         }
         // What we write, we read back the same.
-        if digest.as_deref().is_none_or(|d| !d.contains(['\n', '\r']) && d.trim() == d && !d.is_empty()) {
-            let again = parse_trace(&format_trace(digest.as_deref(), 0, &ranges)).expect("own output parses");
+        if digest
+            .as_deref()
+            .is_none_or(|d| !d.contains(['\n', '\r']) && d.trim() == d && !d.is_empty())
+        {
+            let again = parse_trace(&format_trace(digest.as_deref(), 0, &ranges))
+                .expect("own output parses");
             assert_eq!(again.1, ranges);
         }
     }

@@ -4,10 +4,20 @@ use erofs_fanotify::gzip::Zinfo;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(z) = Zinfo::parse(data.to_vec()) else { return };
+    let Ok(z) = Zinfo::parse(data.to_vec()) else {
+        return;
+    };
     assert_eq!(z.as_bytes(), data);
-    let last = z.checkpoints().last().copied().expect("a parsed zinfo has a checkpoint");
-    for (blob, total) in [(last.in_offset.saturating_add(8), last.out_offset), (u64::MAX, u64::MAX), (1, 1)] {
+    let last = z
+        .checkpoints()
+        .last()
+        .copied()
+        .expect("a parsed zinfo has a checkpoint");
+    for (blob, total) in [
+        (last.in_offset.saturating_add(8), last.out_offset),
+        (u64::MAX, u64::MAX),
+        (1, 1),
+    ] {
         let bounded = z.check_bounds(blob, total).is_ok();
         let mut covered = 0u64;
         for k in 0..z.span_count() {
