@@ -118,15 +118,7 @@ pub fn inflate_span_into(
                     break;
                 }
             }
-            _ if step.consumed == 0 && step.produced == 0 => {
-                if input.is_empty() {
-                    return Err(GzipError::ShortInput { span: k });
-                }
-                stalls += 1;
-                if stalls > 2 {
-                    return Err(GzipError::Failed("inflate made no progress".into()));
-                }
-            }
+            _ if step.consumed == 0 && step.produced == 0 => stalled(input, &mut stalls, k)?,
             _ => {
                 member_done = false;
                 stalls = 0;
@@ -166,15 +158,7 @@ pub fn inflate_span_into(
                 end_member(&mut inf, &mut input, &mut raw, k)?;
                 member_done = true;
             }
-            _ if step.consumed == 0 => {
-                if input.is_empty() {
-                    return Err(GzipError::ShortInput { span: k });
-                }
-                stalls += 1;
-                if stalls > 2 {
-                    return Err(GzipError::Failed("inflate made no progress".into()));
-                }
-            }
+            _ if step.consumed == 0 => stalled(input, &mut stalls, k)?,
             _ => {
                 member_done = false;
                 stalls = 0;
@@ -231,3 +215,16 @@ pub fn span_digests<R: std::io::Read + std::io::Seek>(
     }
     Ok(out)
 }
+/// An inflate step that moved nothing: the span's input ran out (short), or
+/// inflate is stuck.
+fn stalled(input: &[u8], stalls: &mut u32, k: usize) -> Result<(), GzipError> {
+    if input.is_empty() {
+        return Err(GzipError::ShortInput { span: k });
+    }
+    *stalls += 1;
+    if *stalls > 2 {
+        return Err(GzipError::Failed("inflate made no progress".into()));
+    }
+    Ok(())
+}
+

@@ -232,84 +232,28 @@ pub fn mount_erofs_file(
 }
 
 /// [`mount_erofs_file`] with extra erofs options, each `(key, None)` for a
-/// flag or `(key, Some(value))` (e.g. `("cache_strategy", Some("disabled"))`).
+/// flag or `(key, Some(value))` (e.g. `("cache_strategy", Some("disabled"))`):
+/// [`fsmount_erofs_file`], then `move_mount` onto `target`.
 pub fn mount_erofs_file_with_options(
     source: &Path,
     target: &Path,
     read_ahead_kb: Option<u32>,
     fs_options: &[(&str, Option<&str>)],
 ) -> Result<ErofsMount, MountError> {
-    // The kernel resolves `source` itself, relative to our cwd at CMD_CREATE
-    // time; an absolute path also shows up readable in mountinfo.
-    let abs_source = std::path::absolute(source).map_err(|e| MountError::Path {
-        path: source.into(),
-        source: e,
-    })?;
-    let c_source = path_to_cstring(&abs_source).map_err(|e| MountError::Path {
-        path: source.into(),
-        source: e,
-    })?;
     let c_target = path_to_cstring(target).map_err(|e| MountError::Path {
         path: target.into(),
         source: e,
     })?;
-
-    let ctx = FsContext::open("erofs").map_err(|source| MountError::Fsopen { source })?;
-    let option_error = |key: &str, source: io::Error| MountError::Option {
-        key: key.to_string(),
-        source,
-        kernel_log: ctx.kernel_log(),
-    };
-    ctx.set_string("source", &c_source)
-        .map_err(|e| option_error("source", e))?;
-    ctx.set_flag("ro").map_err(|e| option_error("ro", e))?;
-    for (key, value) in fs_options {
-        let result = match value {
-            None => ctx.set_flag(key),
-            Some(v) => CString::new(*v)
-                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
-                .and_then(|v| ctx.set_string(key, &v)),
-        };
-        result.map_err(|e| option_error(key, e))?;
-    }
-    ctx.create().map_err(|source| MountError::Create {
-        image: abs_source.clone(),
-        source,
-        kernel_log: ctx.kernel_log(),
-    })?;
-
-    // From here on the superblock exists; dropping `mount_fd` before
-    // move_mount tears the detached mount (and the superblock) down again.
-    let mount_fd = ctx
-        .mount(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOSUID)
-        .map_err(|source| MountError::Fsmount { source })?;
-
-    let sysfs_path = {
-        let root =
-            openat_dir(mount_fd.as_fd()).map_err(|source| MountError::SysfsName { source })?;
-        fs_sysfs_path_fd(root.as_fd()).map_err(|source| MountError::SysfsName { source })?
-    };
-    let sysfs_name = erofs_sysfs_name(&sysfs_path).ok_or_else(|| MountError::SysfsName {
-        source: io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("unexpected sysfs path {sysfs_path:?}"),
-        ),
-    })?;
-    let mount = ErofsMount { sysfs_name };
-
-    if let Some(kb) = read_ahead_kb {
-        let path = mount.bdi_dir().join("read_ahead_kb");
-        write_sysfs(&path, &kb.to_string())
-            .map_err(|source| MountError::ReadAhead { path, source })?;
-    }
-
+    // Dropping the detached mount before move_mount tears it (and the
+    // superblock) down again: nothing is left on failure.
+    let detached = fsmount_erofs_file(source, read_ahead_kb, fs_options)?;
     let empty = c"";
     // SAFETY: `empty` and `c_target` are valid C strings that outlive the
-    // call; `mount_fd` is a live detached mount.
+    // call; `detached.fd` is a live detached mount.
     cvt_long(unsafe {
         libc::syscall(
             libc::SYS_move_mount,
-            mount_fd.as_raw_fd(),
+            detached.fd.as_raw_fd(),
             empty.as_ptr(),
             libc::AT_FDCWD,
             c_target.as_ptr(),
@@ -320,7 +264,7 @@ pub fn mount_erofs_file_with_options(
         target: target.into(),
         source,
     })?;
-    Ok(mount)
+    Ok(detached.mount)
 }
 
 /// `"erofs/erofs-3"` -> `"erofs-3"`; anything else (other fs, path
@@ -441,8 +385,9 @@ impl DetachedErofs {
 
 /// Builds the EROFS mount of the regular file `source` (read-only, nodev,
 /// nosuid; no loop device) and sets its bdi's `read_ahead_kb`, without
-/// attaching it: the same steps as [`mount_erofs_file_with_options`] up to
-/// its `move_mount`.
+/// attaching it: readahead is set before any file can be opened. The kernel
+/// resolves `source` itself; an absolute path also shows up readable in
+/// mountinfo.
 pub fn fsmount_erofs_file(
     source: &Path,
     read_ahead_kb: Option<u32>,

@@ -420,7 +420,7 @@ impl S3Client {
         let mut all: Vec<(String, String)> = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         if let Some(c) = creds {
             let added = match self.sig {
-                SigVersion::V4 => sign::sign_v4(method.as_str(), url.as_str(), headers, c, &self.region, SystemTime::now())
+                SigVersion::V4 => sign::sign_v4(method.as_str(), url.as_str(), headers, c, &self.region, SystemTime::now(), aws_sigv4::http_request::SignableBody::UnsignedPayload)
                     .map_err(|e| S3Error::Config(e.to_string()))?,
                 SigVersion::V2 => sign::sign_v2(method.as_str(), &resource, headers, c, SystemTime::now()),
             };
