@@ -10,7 +10,7 @@ use erofs_fanotify_state::{self as state, AgentLock};
 
 use crate::fanotify::Response;
 
-use super::worker::{journal_path, Agent, WorkerContext, EXIT_CLEAN, EXIT_UPGRADE};
+use super::context::{journal_path, Agent, WorkerContext, EXIT_CLEAN, EXIT_UPGRADE};
 
 impl Agent {
     /// No mount uses the cache file and the agent lock is held: become

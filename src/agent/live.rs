@@ -17,7 +17,7 @@ use super::lifecycle::Lifecycle;
 use super::prepare::Prepared;
 use super::scheduler::SchedulerConfig;
 use super::trace::Trace;
-use super::worker::{Agent, WorkerContext};
+use super::context::{Agent, WorkerContext};
 use super::{AgentConfig, AgentError};
 
 /// On error a cache entry created by stage 1 is removed, and so are the

@@ -25,6 +25,7 @@
 //! ends talk to; `protocol` holds its message types.
 
 pub mod complete;
+mod context;
 pub mod control;
 pub mod event_loop;
 mod handover;

@@ -19,7 +19,7 @@ use crate::remote::{RangeSource, RetryPolicy};
 
 use super::metadata::{CacheMetaReader, Fetcher};
 use super::stats::Stats;
-use super::worker::WorkerContext;
+use super::context::WorkerContext;
 use super::{AgentConfig, AgentError};
 
 /// What stage 1 hands to the next: a cache file holding the metadata.

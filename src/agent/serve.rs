@@ -11,7 +11,7 @@ use erofs_fanotify_state::AgentLock;
 
 use super::control;
 use super::event_loop::EventLoop;
-use super::worker::{Agent, WorkerContext};
+use super::context::{Agent, WorkerContext};
 
 /// How often the bitmap is persisted while data keeps arriving (a worker
 /// that dies loses at most this much presence knowledge: data is refetched).
@@ -23,7 +23,7 @@ impl Agent {
         let stop = Arc::new(AtomicBool::new(false));
         let Some(batch) = ctx.batch.take() else {
             tracing::error!("the journal's batch area is gone; cannot read events");
-            return super::worker::EXIT_STARTUP_FAILED;
+            return super::context::EXIT_STARTUP_FAILED;
         };
         let event_loop = EventLoop {
             group: Arc::clone(&self.group),

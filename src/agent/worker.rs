@@ -1,9 +1,9 @@
 //! A worker's life, in order: [`prepare`](super::prepare) the cache entry
 //! and the metadata, [`go_live`](super::live) (mark, control socket, agent
 //! record), [`serve`](super::serve) until no mount needs us, then
-//! [leave or hand over](super::handover). This file holds what runs them:
-//! the async runtime, the ready report to the front end, and the parts every
-//! stage shares.
+//! [leave or hand over](super::handover). This file runs them: the async
+//! runtime and the ready report to the front end; what the stages share is
+//! in [`context`](super::context).
 //!
 //! A worker started in *resume* mode replaces one that died or was upgraded:
 //! it skips the metadata walk (the map is stored with the cache entry),
@@ -11,66 +11,10 @@
 //! journal once their ranges are present.
 
 use std::io::Write;
-use std::os::fd::OwnedFd;
-use std::sync::Arc;
 
-use erofs_fanotify_state::{CacheEntry, StateDir};
-use parking_lot::Mutex;
-use tokio::net::UnixListener;
-
-use crate::cache::CacheFile;
-use crate::fanotify::Group;
-
-use super::complete::Completion;
-use super::control::ControlContext;
-use super::event_loop::AgentScheduler;
-use super::journal::{Orphan, SharedBatch, SharedSlots};
-use super::lifecycle::Lifecycle;
-use super::metadata::Fetcher;
-use super::stats::Stats;
-use super::supervisor::StatusPipe;
+pub use super::context::{journal_path, WorkerContext, EXIT_CLEAN, EXIT_STARTUP_FAILED, EXIT_UPGRADE};
 use super::AgentConfig;
 
-/// Worker exit codes (the supervisor reads the status words; these are for logs).
-pub const EXIT_CLEAN: i32 = 0;
-pub const EXIT_STARTUP_FAILED: i32 = 2;
-pub const EXIT_UPGRADE: i32 = 3;
-
-/// What a worker gets from its supervisor and from recovery.
-pub struct WorkerContext {
-    pub group: Arc<Group>,
-    pub status: Arc<StatusPipe>,
-    /// The front end's ready pipe (first worker only).
-    pub ready: Option<Box<dyn Write + Send>>,
-    pub resume: bool,
-    /// The journal: the batch area goes to the event loop (taken when serving
-    /// starts), the slots are shared.
-    pub batch: Option<SharedBatch>,
-    pub slots: Arc<SharedSlots>,
-    pub orphans: Vec<Orphan>,
-    /// Placeholders occupying orphan fd numbers until those are answered.
-    pub reserved: Vec<(i32, OwnedFd)>,
-    /// The cache file opened before the mark: inherited by a resumed worker,
-    /// set by the first one; passed on to successors and new supervisors.
-    pub cache_fd: Arc<Mutex<Option<std::fs::File>>>,
-}
-
-/// Everything a prepared, live worker serves with.
-pub(super) struct Agent {
-    pub cfg: AgentConfig,
-    pub state: StateDir,
-    pub entry: CacheEntry,
-    pub created_entry: bool,
-    pub cache: Arc<CacheFile>,
-    pub group: Arc<Group>,
-    pub lifecycle: Arc<Lifecycle>,
-    pub stats: Arc<Stats>,
-    pub scheduler: Arc<AgentScheduler>,
-    pub fetcher: Arc<Fetcher>,
-    pub completion: Arc<Completion>,
-    pub control: Arc<ControlContext>,
-    pub listener: Option<UnixListener>,
-}
 
 /// Runs a worker to completion and returns its exit code.
 pub fn run_worker(cfg: AgentConfig, mut ctx: WorkerContext) -> i32 {
@@ -123,6 +67,3 @@ fn report(mut ready: Box<dyn Write + Send>, result: Result<(), String>) -> bool 
     writeln!(ready, "{line}").and_then(|_| ready.flush()).is_ok()
 }
 
-pub fn journal_path(state: &StateDir, key: &str) -> Result<std::path::PathBuf, String> {
-    state.agent_journal_path(key).map_err(|e| e.to_string())
-}

@@ -3,7 +3,18 @@
 
 use reqwest::Url;
 
-use super::options::UrlStyle;
+use serde::{Deserialize, Serialize};
+
+/// How a bucket is named in a request URL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UrlStyle {
+    /// `https://ENDPOINT/BUCKET/KEY`
+    Path,
+    /// `https://BUCKET.ENDPOINT/KEY`
+    VirtualHost,
+}
+
 
 /// S3 keys are at most 1024 bytes of UTF-8.
 pub const MAX_KEY_LEN: usize = 1024;

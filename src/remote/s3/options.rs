@@ -5,15 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-/// How a bucket is named in a request URL.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum UrlStyle {
-    /// `https://ENDPOINT/BUCKET/KEY`
-    Path,
-    /// `https://BUCKET.ENDPOINT/KEY`
-    VirtualHost,
-}
+pub use super::location::UrlStyle;
 
 /// Request signature: SigV4 (the default here), or SigV2 for old stores.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
