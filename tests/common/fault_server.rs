@@ -65,7 +65,7 @@ struct State {
 
 pub struct FaultServer {
     state: Arc<State>,
-    // Dropped after `state` is told to shut down (see Drop): stalled handlers return first.
+    // Dropped before stalled handlers are released (see Drop), so a held request is never answered.
     server: Option<HttpServer>,
 }
 
@@ -176,9 +176,12 @@ impl FaultServer {
 
 impl Drop for FaultServer {
     fn drop(&mut self) {
+        // The server closes every connection first; only then are stalled handlers woken, so the
+        // 503 they return meets a closed socket and a held client sees its connection end, never an answer.
+        drop(self.server.take());
+        let _faults = lock(&self.state.faults);
         self.state.shutdown.store(true, Ordering::SeqCst);
         self.state.faults_changed.notify_all();
-        drop(self.server.take());
     }
 }
 
