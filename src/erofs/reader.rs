@@ -102,6 +102,9 @@ impl SparseImage {
             if let Some((&s, b)) = self.pieces.range(..=pos).next_back() {
                 pos = pos.max(s + b.len() as u64);
             }
+            if pos >= w.end {
+                continue;
+            }
             for (&s, b) in self.pieces.range(pos..w.end) {
                 if s > pos {
                     out.push(pos..s);

@@ -280,6 +280,7 @@ fn sparse_image_holds_pieces() {
     assert_eq!(&buf, b"ABCDEFGHIJ0123456789fghij");
     assert_eq!(s.held_bytes(), 25);
     assert_eq!(s.missing(&[0..30, 40..50]), vec![25..30, 40..50]);
+    assert_eq!(s.missing(&[12..14, 26..27]), vec![26..27], "inside one piece");
     assert!(s.read_at(20, &mut [0u8; 10]).is_err(), "a byte not held");
     assert!(s.read_at(95, &mut [0u8; 10]).is_err(), "past the end");
 }
