@@ -149,14 +149,16 @@ pub fn group_layers(blobs: &[BlobInfo]) -> Result<Vec<FsGroup>, GroupError> {
 pub const BLOB_ALIGN: u64 = 4096;
 
 /// Where each blob of a merged image goes: after `head` bytes (the merged
-/// metadata), in order, each at a [`BLOB_ALIGN`]ed base. Returns the bases
-/// and the size of the address space.
-pub fn place_blobs(head: u64, sizes: &[u64]) -> Option<(Vec<u64>, u64)> {
-    let mut pos = head.checked_next_multiple_of(BLOB_ALIGN)?;
+/// metadata), in order, each at a base aligned to `align` (a multiple of
+/// [`BLOB_ALIGN`]: the agent passes its fetch unit, so that no fetch unit
+/// spans two blobs). Returns the bases and the size of the address space.
+pub fn place_blobs(head: u64, sizes: &[u64], align: u64) -> Option<(Vec<u64>, u64)> {
+    let align = align.max(BLOB_ALIGN).checked_next_multiple_of(BLOB_ALIGN)?;
+    let mut pos = head.checked_next_multiple_of(align)?;
     let mut bases = Vec::with_capacity(sizes.len());
     for &s in sizes {
         bases.push(pos);
-        pos = pos.checked_add(s)?.checked_next_multiple_of(BLOB_ALIGN)?;
+        pos = pos.checked_add(s)?.checked_next_multiple_of(align)?;
     }
     let end = match (bases.last(), sizes.last()) {
         (Some(b), Some(s)) => b + s,
@@ -246,8 +248,11 @@ mod tests {
 
     #[test]
     fn blobs_are_placed_aligned() {
-        assert_eq!(place_blobs(5000, &[4096, 10, 1]), Some((vec![8192, 12288, 16384], 16385)));
-        assert_eq!(place_blobs(4096, &[]), Some((vec![], 4096)));
-        assert_eq!(place_blobs(u64::MAX - 10, &[1]), None);
+        assert_eq!(place_blobs(5000, &[4096, 10, 1], BLOB_ALIGN), Some((vec![8192, 12288, 16384], 16385)));
+        assert_eq!(place_blobs(4096, &[], 1), Some((vec![], 4096)));
+        assert_eq!(place_blobs(u64::MAX - 10, &[1], BLOB_ALIGN), None);
+        // Fetch-unit alignment (256 KiB): every blob starts a unit.
+        assert_eq!(place_blobs(5000, &[300_000, 10], 256 << 10), Some((vec![256 << 10, 768 << 10], (768 << 10) + 10)));
+        assert_eq!(place_blobs(5000, &[1], 5000), Some((vec![8192], 8193)), "rounded up to 4 KiB");
     }
 }

@@ -418,6 +418,17 @@ pub fn build_merged(
     groups: &[layout::FsGroup],
     trees: &[ImageTree],
 ) -> Result<MergedImage, MergeError> {
+    build_merged_aligned(blobs, groups, trees, layout::BLOB_ALIGN)
+}
+
+/// [`build_merged`] with every blob at a base aligned to `align` (see
+/// [`layout::place_blobs`]).
+pub fn build_merged_aligned(
+    blobs: &[layout::BlobInfo],
+    groups: &[layout::FsGroup],
+    trees: &[ImageTree],
+    align: u64,
+) -> Result<MergedImage, MergeError> {
     if groups.len() != trees.len() || groups.is_empty() {
         return Err(MergeError::Write("internal: one tree per filesystem".into()));
     }
@@ -431,7 +442,7 @@ pub fn build_merged(
     let sizes: Vec<u64> = blobs.iter().map(|b| b.size).collect();
     let too_big = || MergeError::Write("the merged address space overflows".into());
     let assemble = |head: u64| -> Result<(Tree, MergeStats, WriterOptions, Vec<PlacedBlob>, u64), MergeError> {
-        let (bases, size) = layout::place_blobs(head, &sizes).ok_or_else(too_big)?;
+        let (bases, size) = layout::place_blobs(head, &sizes, align).ok_or_else(too_big)?;
         let placed: Vec<PlacedBlob> = blobs
             .iter()
             .zip(&bases)
