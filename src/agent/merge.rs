@@ -49,9 +49,13 @@ pub struct OpenedLayers {
     /// The address space's first bytes: the merged image (all of it), or
     /// the primary blob's probe.
     pub head: Option<Bytes>,
-    /// A merged image: bytes `0..head_len` are its metadata, and nothing
-    /// else needs to be local before the mount.
+    /// A merged image: bytes `0..merged_len` are its metadata (written
+    /// locally: `head`, or already in the cache file).
     pub merged_len: Option<u64>,
+    /// Where the metadata ends: EROFS keeps it on the primary device, so
+    /// nothing after it (the blobs of devices or of layers) needs to be local
+    /// before the mount.
+    pub metadata_end: u64,
     /// What to record with the cache entry (a merged placement).
     pub record: Option<serde_json::Value>,
     pub stats: Option<MergeStats>,
@@ -119,6 +123,7 @@ pub async fn open_layers(
                 layout,
                 head: None,
                 merged_len: Some(rec.image_len),
+                metadata_end: rec.image_len,
                 record: None,
                 stats: None,
                 walk_requests: 0,
@@ -178,6 +183,7 @@ pub async fn open_layers(
         layout,
         head: Some(image),
         merged_len: Some(rec.image_len),
+        metadata_end: rec.image_len,
         record: serde_json::to_value(&rec).ok(),
         stats: Some(merged.stats),
         walk_requests: requests.load(Ordering::Relaxed),
@@ -239,6 +245,7 @@ fn flatdev(
         layout,
         head: Some(probe.slice(..want.min(probe.len()))),
         merged_len: None,
+        metadata_end: blobs[g.primary].size,
         record: None,
         stats: None,
         walk_requests: 0,

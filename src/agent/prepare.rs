@@ -119,7 +119,7 @@ pub(super) async fn prepare(cfg: &AgentConfig, ctx: &WorkerContext) -> Result<Pr
         cache.write_range(0, probe).map_err(|e| AgentError::Cache(format!("cannot write the cache file: {e}")))?;
     }
     // The merged metadata is local now: the walk below reads only it.
-    let merged_len = layers.as_ref().and_then(|(_, l)| l.merged_len);
+    let metadata_end = layers.as_ref().map(|(_, l)| l.metadata_end);
 
     let stats = Arc::new(Stats::default());
     let fetcher = Arc::new(Fetcher {
@@ -134,10 +134,11 @@ pub(super) async fn prepare(cfg: &AgentConfig, ctx: &WorkerContext) -> Result<Pr
         Some(required) => required,
         None => {
             let map = walk_metadata(&fetcher, size, &shown).await?;
-            // A merged address space: only the merged image is metadata;
-            // the rest of the layers' blobs (their own metadata, the data of
-            // deleted files) is never read by the kernel.
-            let required = match merged_len {
+            // Several blobs: only the primary (the merged image, or a
+            // multi-blob image's primary) holds metadata; the rest of the
+            // blobs (devices' data, layers' own metadata, data of deleted
+            // files) is never read without an event.
+            let required = match metadata_end {
                 Some(len) => clip(&map.required, len),
                 None => map.required,
             };
