@@ -12,6 +12,9 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use erofs_fanotify::erofs::writer::{ChunkedData, Device, FileData, Inode, Metadata, Tree, WriterOptions};
+use erofs_fanotify::merge::{planned_size, write_merged};
+
 use common::oci::{push_image, reference, LayerSpec, OciEnv, ERFS_MEDIA_TYPE};
 use common::registry::{Registry, RegistryConfig};
 use common::tree::assert_tree_identical;
@@ -247,4 +250,90 @@ fn three_layers_mount_merged_by_overlay_rules() {
     assert_tree_identical(&expected, &m.mountpoint);
     m.unmount().assert_success();
     env.assert_nothing_left_within(GONE_TIMEOUT, &[]);
+}
+
+/// A multi-blob image made with our writer: a primary whose files are on device 1 (a chunked file, and
+/// one by flat address past the primary), and the device's data blob. `slots` makes the device table
+/// from the data blob's (digest hex, blocks, uniaddr the primary ends at).
+fn multi_blob(data: &[u8], slots: impl Fn(&str, u32, u32) -> Vec<Device>) -> Vec<u8> {
+    let meta = |perm| Metadata::new(perm, 0, 0, 1_700_000_000, 0);
+    let hex = common::registry::sha256_hex(data);
+    let blocks = data.len().div_ceil(4096) as u32;
+    let tree = |uniaddr: u32| {
+        let mut t = Tree::new(meta(0o755));
+        let c = ChunkedData::contiguous(1, 0, 40_000, 12).unwrap();
+        t.insert_path(b"on-device", Inode::file(meta(0o644), 40_000, FileData::Chunked(c)), meta(0o755)).unwrap();
+        let flat = FileData::FlatAddress { block: u64::from(uniaddr) + 12 };
+        t.insert_path(b"dir/by-flat-address", Inode::file(meta(0o600), 9_000, flat), meta(0o755)).unwrap();
+        t.insert_path(b"local", Inode::bytes(meta(0o644), b"in the primary blob\n"), meta(0o755)).unwrap();
+        t
+    };
+    let opts = |devices| WriterOptions { devices, derive_uuid: true, ..WriterOptions::default() };
+    let head = planned_size(&tree(1), &opts(slots(&hex, blocks, 1))).unwrap();
+    let uniaddr = head.div_ceil(4096) as u32;
+    write_merged(&tree(uniaddr), &opts(slots(&hex, blocks, uniaddr))).unwrap().0
+}
+
+fn slot(hex: &str, blocks: u32, uniaddr: u32) -> Device {
+    let mut tag = [0u8; 64];
+    tag[..hex.len().min(64)].copy_from_slice(&hex.as_bytes()[..hex.len().min(64)]);
+    Device { tag, blocks, uniaddr }
+}
+
+#[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + docker-registry"]
+fn a_multi_blob_image_mounts_flatdev_and_bad_device_tables_are_refused() {
+    if !ready() {
+        return;
+    }
+    let registry = Registry::start_with(&RegistryConfig { access_log: true, ..Default::default() });
+    let env = OciEnv::new("multi-blob");
+    let work = env.root.join("blobs");
+    std::fs::create_dir_all(&work).unwrap();
+    let data = random_bytes(9, 100_000);
+    let data_path = work.join("data");
+    std::fs::write(&data_path, &data).unwrap();
+    let push = |tag: &str, primary: &[u8], layers: usize| {
+        let p = work.join(format!("{tag}.erofs"));
+        std::fs::write(&p, primary).unwrap();
+        let mut specs = vec![LayerSpec { path: &p, media_type: ERFS_MEDIA_TYPE }];
+        for _ in 0..layers {
+            specs.push(LayerSpec { path: &data_path, media_type: "application/octet-stream" });
+        }
+        push_image(&registry, "test/multiblob", tag, &specs, "linux", "amd64");
+        reference(&registry.host(), "test/multiblob", tag)
+    };
+
+    // A good table: one mount, the primary and the data blob as two segments (the blob at uniaddr).
+    let good = multi_blob(&data, |hex, blocks, uniaddr| vec![slot(hex, blocks, uniaddr)]);
+    let r = push("good", &good, 1);
+    let m = env.mount(&r, "mnt", &[]);
+    let status = m.status();
+    assert_eq!(status.segments.len(), 2, "{status:?}");
+    let data_digest = format!("sha256:{}", common::registry::sha256_hex(&data));
+    assert_eq!(status.segments[1].label, data_digest);
+    assert_eq!(status.segments[1].start, good.len().div_ceil(4096) as u64 * 4096);
+    let before = blob_gets(&registry);
+    assert_eq!(read_file(&m.path("on-device")), &data[..40_000]);
+    assert_eq!(read_file(&m.path("dir/by-flat-address")), &data[12 * 4096..12 * 4096 + 9_000]);
+    assert_eq!(grew(&before, &blob_gets(&registry)), vec![data_digest.clone()], "file data comes from the data blob");
+    assert_eq!(read_file(&m.path("local")), b"in the primary blob\n");
+    m.unmount().assert_success();
+    env.assert_nothing_left_within(GONE_TIMEOUT, &[]);
+
+    // Bad tables: refused with one line, nothing left behind.
+    type Slots = Box<dyn Fn(&str, u32, u32) -> Vec<Device>>;
+    let cases: Vec<(&str, Slots, usize, &[&str])> = vec![
+        ("zero-blocks", Box::new(|h, _, u| vec![slot(h, 0, u)]), 1, &["zero blocks"]),
+        ("overlap", Box::new(|h, b, _| vec![slot(h, b, 0)]), 1, &["overlaps"]),
+        ("past-blob", Box::new(|h, b, u| vec![slot(h, b + 3, u)]), 1, &["claims"]),
+        ("too-many-slots", Box::new(|h, b, u| vec![slot(h, b, u), slot("", b, u + b + 1)]), 1, &["slots but only"]),
+        ("past-2-32", Box::new(|h, b, _| vec![slot(h, b, u32::MAX - 1)]), 1, &["2^32"]),
+    ];
+    for (tag, slots, layers, keywords) in cases {
+        let image = multi_blob(&data, slots);
+        let r = push(tag, &image, layers);
+        let line = env.assert_mount_fails(&r, &[], keywords);
+        assert!(line.contains("device"), "{tag}: {line}");
+    }
 }
