@@ -17,6 +17,7 @@ pub mod fanotify;
 pub mod gzip;
 pub mod http;
 pub mod index;
+pub mod merge;
 pub mod mount;
 pub mod oci;
 pub mod ranges;

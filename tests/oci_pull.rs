@@ -1,7 +1,7 @@
 //! Mounting by image reference from a real docker-registry on 127.0.0.1 (anonymous, plain http with
 //! `oci.insecure`): by tag and by digest, a multi-platform index, a three-layer image with `oci.layer` and
 //! `oci.blob`, the legacy containerd media type, other media types, and the clear one-line errors for
-//! unknown tags and repositories, wrong platforms and multi-layer images without a choice.
+//! unknown tags and repositories and wrong platforms; a multi-layer image without a choice mounts merged.
 //!
 //! Images are small trees built per test process (`common::oci::tiny_image`), each distinct, so a test can
 //! tell which one got mounted; one test mounts the realistic large fixture. Every mounted tree is compared
@@ -273,15 +273,17 @@ fn three_layer_image_with_oci_layer_and_oci_blob() {
         images[1].image.size,
     );
 
-    // No choice: the error lists the layers (each digest, at least its first 12 hex digits).
-    let line = env.assert_mount_fails(&by_tag, &[], &["layer"]);
-    for layer in &pushed.layers {
-        assert!(
-            line.contains(&layer.hex()[..12]),
-            "the error does not list layer {}: {line:?}",
-            layer.digest
-        );
-    }
+    // No choice: the layers are mounted merged (issue 15). These mkfs.erofs layers have the same paths,
+    // so the merged tree is the top layer's; status shows every layer as a segment.
+    let m = env.mount(&by_tag, "mnt", &[]);
+    let status = m.status();
+    let labels: Vec<&str> = status.segments.iter().map(|s| s.label.as_str()).collect();
+    let mut want = vec!["merged"];
+    want.extend(pushed.layers.iter().map(|l| l.digest.as_str()));
+    assert_eq!(labels, want, "{status:?}");
+    assert_tree_identical(&images[2].tree, &m.mountpoint);
+    m.unmount().assert_success();
+    env.assert_nothing_left_within(GONE_TIMEOUT, &[]);
     env.assert_mount_fails(&by_tag, &["oci.layer=3"], &["layer"]);
     let absent = format!("oci.blob=sha256:{}", "0".repeat(64));
     env.assert_mount_fails(

@@ -32,6 +32,7 @@ mod handover;
 pub mod journal;
 pub mod lifecycle;
 mod live;
+pub mod merge;
 pub mod metadata;
 mod prepare;
 pub mod protocol;

@@ -17,7 +17,9 @@ use crate::erofs::{self, WalkLimits};
 use crate::http::ClientConfig;
 use crate::remote::{RangeSource, RetryPolicy};
 
+use super::merge::open_layers;
 use super::metadata::{CacheMetaReader, Fetcher};
+use super::sources::SourceSpec;
 use super::stats::Stats;
 use super::context::WorkerContext;
 use super::{AgentConfig, AgentError};
@@ -62,15 +64,29 @@ impl Drop for NewEntryGuard {
 
 pub(super) async fn prepare(cfg: &AgentConfig, ctx: &WorkerContext) -> Result<Prepared, AgentError> {
     let http = ClientConfig { request_timeout: cfg.fetch_timeout(), ..ClientConfig::default() };
-    let opened = super::sources::open_source(&cfg.source, &http).await.map_err(|e| AgentError::Source(e.to_string()))?;
-    let (source, layout, probe) = (opened.source, opened.layout, opened.probe);
+    let retry = RetryPolicy { deadline: cfg.retry_timeout(), ..RetryPolicy::default() };
     let shown = cfg.source.describe();
-    erofs::probe_superblock(&probe).map_err(|e| AgentError::NotErofs(format!("{shown} is not an EROFS image ({e})")))?;
-    let size = source.size();
-    let digest = cfg.source.digest();
-
     state::check_cache_filesystem(&cfg.cache_dir).map_err(|e| AgentError::Cache(e.to_string()))?;
     let cache_dir = CacheDir::new(cfg.cache_dir.clone());
+    let mut layers = match &cfg.source {
+        SourceSpec::Layers(spec) => {
+            let recorded = CacheEntry::peek(&cache_dir, &cfg.cache_key).and_then(|m| m.layout);
+            Some((spec, open_layers(spec, &http, &retry, cfg.fetch_unit, recorded.as_ref()).await.map_err(|e| AgentError::Source(e.to_string()))?))
+        }
+        _ => None,
+    };
+    let (source, layout, probe) = match &layers {
+        Some((_, l)) => (Arc::clone(&l.source), l.layout.clone(), l.head.clone()),
+        None => {
+            let opened = super::sources::open_source(&cfg.source, &http).await.map_err(|e| AgentError::Source(e.to_string()))?;
+            (opened.source, opened.layout, Some(opened.probe))
+        }
+    };
+    if let Some(probe) = &probe {
+        erofs::probe_superblock(probe).map_err(|e| AgentError::NotErofs(format!("{shown} is not an EROFS image ({e})")))?;
+    }
+    let size = source.size();
+    let digest = cfg.source.digest();
     let (mut entry, created_entry) = CacheEntry::open_or_create(&cache_dir, &cfg.cache_key, size, &shown, digest.as_deref())
         .map_err(|e| AgentError::Cache(format!("cannot create the cache entry in {}: {e}", cfg.cache_dir.display())))?;
     let guard = NewEntryGuard { entry: created_entry.then(|| entry.clone()) };
@@ -78,12 +94,34 @@ pub(super) async fn prepare(cfg: &AgentConfig, ctx: &WorkerContext) -> Result<Pr
         ctx.status.say("entry_created");
     }
     let cache = Arc::new(open_cache_file(&entry, ctx)?);
-    cache
-        .write_range(0, &probe)
-        .map_err(|e| AgentError::Cache(format!("cannot write the cache file: {e}")))?;
+    let mut source = source;
+    let mut layout = layout;
+    let mut probe = probe;
+    if let Some((spec, opened)) = &mut layers {
+        if let (None, Some(len)) = (&opened.head, opened.merged_len) {
+            if !cache.contains(0..len) {
+                // The record outlived the bytes (a damaged bitmap was discarded): merge again.
+                tracing::warn!("the recorded merged metadata is not in the cache file; merging again");
+                *opened = open_layers(spec, &http, &retry, cfg.fetch_unit, None).await.map_err(|e| AgentError::Source(e.to_string()))?;
+                (source, layout, probe) = (Arc::clone(&opened.source), opened.layout.clone(), opened.head.clone());
+                if opened.layout.size() != size {
+                    return Err(AgentError::Image(format!("{shown}: the merge gave another address space than recorded")));
+                }
+            }
+        }
+        if let Some(rec) = opened.record.take() {
+            if let Err(e) = entry.set_layout(rec) {
+                tracing::warn!(error = %e, "cannot record the merged layout with the cache entry");
+            }
+        }
+    }
+    if let Some(probe) = &probe {
+        cache.write_range(0, probe).map_err(|e| AgentError::Cache(format!("cannot write the cache file: {e}")))?;
+    }
+    // The merged metadata is local now: the walk below reads only it.
+    let metadata_end = layers.as_ref().map(|(_, l)| l.metadata_end);
 
     let stats = Arc::new(Stats::default());
-    let retry = RetryPolicy { deadline: cfg.retry_timeout(), ..RetryPolicy::default() };
     let fetcher = Arc::new(Fetcher {
         cache: Arc::clone(&cache),
         source: Arc::clone(&source),
@@ -96,10 +134,18 @@ pub(super) async fn prepare(cfg: &AgentConfig, ctx: &WorkerContext) -> Result<Pr
         Some(required) => required,
         None => {
             let map = walk_metadata(&fetcher, size, &shown).await?;
-            if let Err(e) = entry.set_required(&map.required) {
+            // Several blobs: only the primary (the merged image, or a
+            // multi-blob image's primary) holds metadata; the rest of the
+            // blobs (devices' data, layers' own metadata, data of deleted
+            // files) is never read without an event.
+            let required = match metadata_end {
+                Some(len) => clip(&map.required, len),
+                None => map.required,
+            };
+            if let Err(e) = entry.set_required(&required) {
                 tracing::warn!(error = %e, "cannot store the metadata map with the cache entry");
             }
-            map.required
+            required
         }
     };
     fetcher
@@ -153,4 +199,9 @@ async fn walk_metadata(fetcher: &Arc<Fetcher>, size: u64, shown: &str) -> Result
         "metadata walk done"
     );
     Ok(map)
+}
+
+/// The parts of sorted `ranges` below `end`.
+fn clip(ranges: &[Range<u64>], end: u64) -> Vec<Range<u64>> {
+    ranges.iter().filter(|r| r.start < end).map(|r| r.start..r.end.min(end)).collect()
 }

@@ -54,6 +54,10 @@ pub struct SchedulerConfig {
     pub max_request: u64,
     pub parallel: usize,
     pub retry: RetryPolicy,
+    /// The address space's segments (sorted, disjoint; empty: one source).
+    /// Read-ahead stays inside the segment the read ends in: another segment
+    /// is another blob.
+    pub segments: Vec<Range<u64>>,
 }
 
 pub struct Scheduler<W: Waiter> {
@@ -210,7 +214,14 @@ impl<W: Waiter> Scheduler<W> {
             // requests, waited on by nobody yet.
             if window > 0 {
                 let size = self.cache.blob_size();
-                let ahead = range.end..range.end.saturating_add(window).min(size);
+                let segs = &self.cfg.segments;
+                let last = range.end.saturating_sub(1);
+                let limit = match segs.get(segs.partition_point(|s| s.end <= last)) {
+                    _ if segs.is_empty() => size,
+                    Some(s) if s.start <= last => s.end,
+                    _ => range.end,
+                };
+                let ahead = range.end..range.end.saturating_add(window).min(size).min(limit.max(range.end));
                 for m in self.cache.missing(ahead) {
                     for u in m.start / unit..=(m.end.max(m.start + 1) - 1) / unit {
                         if !inner.inflight.contains_key(&u) && !self.cache.contains(self.unit_range(u)) {
@@ -502,6 +513,10 @@ mod tests {
     const UNIT: u64 = 64 << 10;
 
     fn rig(behaviour: Behaviour, held: bool) -> Rig {
+        rig_with(behaviour, held, Vec::new())
+    }
+
+    fn rig_with(behaviour: Behaviour, held: bool, segments: Vec<Range<u64>>) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let size = 40 * UNIT + 1000;
         let data: Vec<u8> = (0..size).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
@@ -517,6 +532,7 @@ mod tests {
             max_request: 4 * UNIT,
             parallel: 4,
             retry: RetryPolicy { max_attempts: 1, deadline: Duration::from_secs(5), ..RetryPolicy::default() },
+            segments,
         };
         let scheduler = Scheduler::new(Arc::clone(&cache), blob.clone(), Arc::new(Stats::default()), cfg, rt.handle().clone());
         let (tx, rx) = mpsc::channel();
@@ -605,6 +621,27 @@ mod tests {
         let ranges = r.blob.ranges.lock().clone();
         assert_eq!(ranges[0], 0..UNIT);
         assert!(ranges[1].end > 2 * UNIT, "{ranges:?}");
+    }
+
+    #[test]
+    fn read_ahead_stays_in_its_segment() {
+        // Two blobs in one address space: a stream at the end of the first
+        // reads nothing of the second ahead.
+        let r = rig_with(Behaviour::Serve, false, vec![0..2 * UNIT, 2 * UNIT..40 * UNIT + 1000]);
+        r.submit(1, 0..4096);
+        assert_eq!(r.answers(1), vec![(1, Ok(()))]);
+        r.submit(2, UNIT..UNIT + 4096);
+        assert_eq!(r.answers(1), vec![(2, Ok(()))]);
+        let ranges = r.blob.ranges.lock().clone();
+        assert!(ranges.iter().all(|x| x.end <= 2 * UNIT), "{ranges:?}");
+        assert!(!r.cache.contains(2 * UNIT..2 * UNIT + 4096));
+        // A read ending in no segment reads nothing ahead either.
+        let r = rig_with(Behaviour::Serve, false, vec![0..UNIT, 3 * UNIT..40 * UNIT + 1000]);
+        r.submit(1, 0..4096);
+        assert_eq!(r.answers(1), vec![(1, Ok(()))]);
+        r.submit(2, UNIT..UNIT + 4096);
+        assert_eq!(r.answers(1), vec![(2, Ok(()))]);
+        assert_eq!(r.blob.ranges.lock().clone(), vec![0..UNIT, UNIT..2 * UNIT]);
     }
 
     #[test]

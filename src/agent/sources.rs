@@ -28,6 +28,18 @@ pub enum SourceSpec {
     S3(Box<crate::remote::s3::S3ObjectSpec>),
     /// An address space of several sources (DESIGN §7).
     Layout(Box<LayoutSpec>),
+    /// The EROFS layers of an image, mounted as one filesystem: merged, or
+    /// one multi-blob image (`agent::merge` decides, from their superblocks).
+    Layers(Box<LayersSpec>),
+}
+
+/// The layers of an image, in manifest order.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct LayersSpec {
+    /// What the image is, credential-free (its reference).
+    pub name: String,
+    /// One source per layer; each names its blob digest.
+    pub layers: Vec<SourceSpec>,
 }
 
 /// Where each region of an image's flat address space comes from.
@@ -64,6 +76,7 @@ impl SourceSpec {
             SourceSpec::Oci(spec) => spec.describe(),
             SourceSpec::S3(spec) => spec.describe(),
             SourceSpec::Layout(l) => l.name.clone(),
+            SourceSpec::Layers(l) => l.name.clone(),
         }
     }
 
@@ -72,7 +85,7 @@ impl SourceSpec {
         match self {
             SourceSpec::Url { url } => digest_from_url(url),
             SourceSpec::Oci(spec) => Some(spec.digest.clone()),
-            SourceSpec::S3(_) | SourceSpec::Layout(_) => None,
+            SourceSpec::S3(_) | SourceSpec::Layout(_) | SourceSpec::Layers(_) => None,
         }
     }
 
@@ -102,6 +115,18 @@ impl SourceSpec {
                 }
                 Ok(format!("layout-{}", &hex::encode(h.finalize())[..32]))
             }
+            (None, SourceSpec::Layers(l)) => {
+                // The ordered layer digests name the merged metadata (and
+                // the version of the merge that wrote it).
+                let mut h = Sha256::new();
+                h.update(b"erofs-fanotify merge v1\0");
+                for s in &l.layers {
+                    let d = s.digest().ok_or_else(|| format!("{}: a layer without a digest", l.name))?;
+                    h.update(d.as_bytes());
+                    h.update(b"\0");
+                }
+                Ok(format!("merged-{}", &hex::encode(h.finalize())[..32]))
+            }
         }
     }
 }
@@ -122,6 +147,7 @@ pub struct OpenError(pub String);
 /// one its first segment's source read when it opened (no second request).
 pub async fn open_source(spec: &SourceSpec, http: &ClientConfig) -> Result<OpenedSource, OpenError> {
     let (layout, first_probe) = match spec {
+        SourceSpec::Layers(l) => return Err(OpenError(format!("{}: internal: layers are opened by the merge", l.name))),
         SourceSpec::Layout(l) => {
             let mut segments = Vec::with_capacity(l.segments.len());
             let mut first_probe = None;
@@ -148,8 +174,8 @@ pub async fn open_source(spec: &SourceSpec, http: &ClientConfig) -> Result<Opene
     Ok(OpenedSource { source, layout, probe })
 }
 
-/// Opens one source (not a layout: layouts do not nest).
-fn open_one<'a>(spec: &'a SourceSpec, http: &'a ClientConfig) -> BoxFuture<'a, Result<(Arc<dyn RangeSource>, Bytes), OpenError>> {
+/// Opens one source (not a layout: layouts do not nest) and reads its first bytes.
+pub fn open_one<'a>(spec: &'a SourceSpec, http: &'a ClientConfig) -> BoxFuture<'a, Result<(Arc<dyn RangeSource>, Bytes), OpenError>> {
     Box::pin(async move {
         match spec {
             SourceSpec::Url { url } => {
@@ -161,6 +187,7 @@ fn open_one<'a>(spec: &'a SourceSpec, http: &'a ClientConfig) -> BoxFuture<'a, R
                 crate::remote::s3::open_object(object, http).await.map_err(|e| OpenError(e.to_string()))
             }
             SourceSpec::Layout(l) => Err(OpenError(format!("{}: a layout inside a layout", l.name))),
+            SourceSpec::Layers(l) => Err(OpenError(format!("{}: layers inside a layout", l.name))),
         }
     })
 }
@@ -188,6 +215,18 @@ mod tests {
         assert_eq!(digest_from_url("http://r/image.erofs"), None);
         assert_eq!(digest_from_url("http://r/v2/x/blobs/sha256:abc"), None);
         assert_eq!(digest_from_url(&format!("http://r/v2/x/blobs/sha256:{}", "A".repeat(64))), None);
+    }
+
+    #[test]
+    fn layers_are_keyed_by_their_ordered_digests() {
+        let url = |n: u8| SourceSpec::Url { url: format!("http://r/v2/x/blobs/sha256:{}", format!("{n:02x}").repeat(32)) };
+        let spec = |order: &[u8]| SourceSpec::Layers(Box::new(LayersSpec { name: "r/x:1".into(), layers: order.iter().map(|&n| url(n)).collect() }));
+        let a = spec(&[1, 2, 3]).cache_key().unwrap();
+        assert!(a.starts_with("merged-") && erofs_fanotify_state::validate_cache_key(&a).is_ok(), "{a}");
+        assert_eq!(a, spec(&[1, 2, 3]).cache_key().unwrap());
+        assert_ne!(a, spec(&[2, 1, 3]).cache_key().unwrap());
+        let no_digest = SourceSpec::Layers(Box::new(LayersSpec { name: "n".into(), layers: vec![SourceSpec::Url { url: "http://r/a".into() }] }));
+        assert!(no_digest.cache_key().is_err());
     }
 
     #[test]

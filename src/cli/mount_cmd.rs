@@ -327,7 +327,13 @@ fn resolve_source(source: &str, opts: &MountOptions) -> Result<SourceSpec, CliEr
             "s3.* options need an s3://BUCKET/KEY source or s3.endpoint=URL with BUCKET/KEY, not {source:?}"
         )));
     }
-    crate::oci::resolve_reference(source, &opts.oci).map(|spec| SourceSpec::Oci(Box::new(spec))).map_err(|e| CliError::new(e.to_string()))
+    match crate::oci::resolve_image(source, &opts.oci).map_err(|e| CliError::new(e.to_string()))? {
+        crate::oci::ResolvedImage::Blob(spec) => Ok(SourceSpec::Oci(Box::new(spec))),
+        crate::oci::ResolvedImage::Layers(layers) => Ok(SourceSpec::Layers(Box::new(crate::agent::sources::LayersSpec {
+            name: layers.first().map(|l| l.reference.clone()).unwrap_or_else(|| source.to_string()),
+            layers: layers.into_iter().map(|l| SourceSpec::Oci(Box::new(l))).collect(),
+        }))),
+    }
 }
 
 /// Reads `prefetch_trace=FILE` before anything is set up, so a bad file

@@ -76,10 +76,10 @@ const CHUNK_FORMAT_INDEXES: u16 = 0x0020;
 const CHUNK_FORMAT_48BIT: u16 = 0x0040;
 const CHUNK_FORMAT_ALL: u16 = (CHUNK_FORMAT_48BIT << 1) - 1;
 
-const LCLUSTER_TYPE_PLAIN: u8 = 0;
-const LCLUSTER_TYPE_HEAD1: u8 = 1;
-const LCLUSTER_TYPE_NONHEAD: u8 = 2;
-const LCLUSTER_TYPE_HEAD2: u8 = 3;
+pub const LCLUSTER_TYPE_PLAIN: u8 = 0;
+pub const LCLUSTER_TYPE_HEAD1: u8 = 1;
+pub const LCLUSTER_TYPE_NONHEAD: u8 = 2;
+pub const LCLUSTER_TYPE_HEAD2: u8 = 3;
 /// Set on the first NONHEAD lcluster: the low bits hold the pcluster's block count.
 const LI_D0_CBLKCNT: u32 = 1 << 11;
 
@@ -167,6 +167,10 @@ pub struct Superblock {
     pub xattr_prefix_count: u8,
     pub xattr_prefix_start: u32,
     pub packed_nid: u64,
+    /// `epoch` (build time): compact inodes' mtime is relative to it.
+    pub epoch: u64,
+    /// Nanoseconds of every compact inode's mtime.
+    pub fixed_nsec: u32,
 }
 
 impl Superblock {
@@ -214,6 +218,8 @@ impl Superblock {
             xattr_prefix_count: byte(91)?,
             xattr_prefix_start: f(92)?,
             packed_nid: f64_(96)?,
+            epoch: f64_(24)?,
+            fixed_nsec: f(32)?,
         };
         sbi.validate()?;
         Ok(sbi)
@@ -294,6 +300,17 @@ impl Superblock {
         Some(start..start + u64::from(self.extra_devices) * DEVICE_SLOT_SIZE)
     }
 
+    /// Parses the device table from `table` (the bytes of [`Self::device_table`]).
+    pub fn device_slots(&self, table: &[u8]) -> Result<Vec<DeviceSlot>, WalkError> {
+        let n = usize::from(self.extra_devices);
+        if table.len() < n * DEVICE_SLOT_SIZE as usize {
+            return Err(short("device table"));
+        }
+        (0..n)
+            .map(|i| DeviceSlot::parse(&table[i * DEVICE_SLOT_SIZE as usize..(i + 1) * DEVICE_SLOT_SIZE as usize]))
+            .collect()
+    }
+
     /// Checks the superblock checksum the kernel verifies at mount time
     /// (`erofs_superblock_csum_verify`). `first_block` must hold the whole
     /// first filesystem block; returns `Ok(false)` when it is too short to tell.
@@ -320,6 +337,48 @@ impl Superblock {
             )));
         }
         Ok(true)
+    }
+}
+
+/// One slot of the device table (`struct erofs_deviceslot`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceSlot {
+    /// What the device is (erofs-utils: a digest or a path; ours: the blob's hex digest).
+    pub tag: [u8; 64],
+    pub blocks_lo: u32,
+    /// First block in the flat address space (flatdev).
+    pub uniaddr_lo: u32,
+    pub blocks_hi: u16,
+    pub uniaddr_hi: u16,
+}
+
+impl DeviceSlot {
+    pub fn parse(b: &[u8]) -> Result<Self, WalkError> {
+        let mut tag = [0u8; 64];
+        tag.copy_from_slice(b.get(..64).ok_or_else(|| short("device slot"))?);
+        let f = |o| le32(b, o).ok_or_else(|| short("device slot"));
+        let h = |o| le16(b, o).ok_or_else(|| short("device slot"));
+        Ok(DeviceSlot { tag, blocks_lo: f(64)?, uniaddr_lo: f(68)?, blocks_hi: h(72)?, uniaddr_hi: h(74)? })
+    }
+
+    /// The tag as text when it is printable (up to its first NUL).
+    pub fn tag_text(&self) -> Option<&str> {
+        let end = self.tag.iter().position(|&c| c == 0).unwrap_or(self.tag.len());
+        std::str::from_utf8(&self.tag[..end]).ok().filter(|t| !t.is_empty())
+    }
+}
+
+/// The block of the flat address space a chunk target lands on (flatdev:
+/// device k's block b is flat block `uniaddr_k + b`; the primary device's
+/// addresses are flat already). `uniaddr[k - 1]` is device k's `uniaddr`.
+/// `None` for a hole, an unknown device or an overflow.
+pub fn flat_block(target: ChunkTarget, uniaddr: &[u64]) -> Option<u64> {
+    match target {
+        ChunkTarget::Hole => None,
+        ChunkTarget::Primary(b) => Some(b),
+        ChunkTarget::OtherDevice { device, blkaddr } => {
+            uniaddr.get(usize::from(device).checked_sub(1)?)?.checked_add(blkaddr)
+        }
     }
 }
 
@@ -647,7 +706,7 @@ pub struct Lcluster {
 }
 
 impl Lcluster {
-    fn is_head(&self) -> bool {
+    pub fn is_head(&self) -> bool {
         self.kind != LCLUSTER_TYPE_NONHEAD
     }
 }
@@ -753,6 +812,20 @@ impl ZIndexLayout {
     /// End of the index area (exclusive byte offset).
     pub fn index_end(&self) -> u64 {
         self.index_end
+    }
+
+    /// First byte of the lcluster indexes (compact: right after the map header;
+    /// full: after the header and 8 reserved bytes).
+    pub fn index_start(&self) -> u64 {
+        self.index_start
+    }
+
+    pub fn is_compact(&self) -> bool {
+        self.compact
+    }
+
+    pub fn lclusterbits(&self) -> u8 {
+        self.lclusterbits
     }
 
     /// Byte offset of lcluster `lcn`'s index, the start and size of its pack,

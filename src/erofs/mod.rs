@@ -33,6 +33,7 @@
 //! allocated from an unchecked size.
 
 pub mod format;
+pub mod reader;
 mod walker;
 pub mod writer;
 

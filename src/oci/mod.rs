@@ -159,7 +159,32 @@ const RESOLVE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const RESOLVE_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Resolves an image reference to one blob (front end side; blocking).
+/// An image of several layers needs `oci.layer`/`oci.blob` here; see
+/// [`resolve_image`] for mounting all of them.
 pub fn resolve_reference(reference: &str, o: &OciOptions) -> Result<OciBlobSpec, OciError> {
+    match resolve_image(reference, o)? {
+        ResolvedImage::Blob(b) => Ok(b),
+        ResolvedImage::Layers(layers) => {
+            let listing = layers.iter().enumerate().map(|(i, l)| format!("{i}: {} ({}, {} bytes)", l.digest, l.media_type, l.size)).collect::<Vec<_>>().join("; ");
+            Err(OciError::Layer(format!(
+                "image {} has several layers; choose one with oci.layer=N or oci.blob=DIGEST: {listing}",
+                layers.first().map(|l| l.reference.as_str()).unwrap_or(reference)
+            )))
+        }
+    }
+}
+
+/// What an image reference names: one blob (a one-layer image, or the layer
+/// `oci.layer`/`oci.blob` picked), or every layer of the image, in
+/// manifest order (to be mounted as one filesystem).
+#[derive(Debug, Clone)]
+pub enum ResolvedImage {
+    Blob(OciBlobSpec),
+    Layers(Vec<OciBlobSpec>),
+}
+
+/// Resolves an image reference (front end side; blocking).
+pub fn resolve_image(reference: &str, o: &OciOptions) -> Result<ResolvedImage, OciError> {
     let parsed = Reference::parse(reference).map_err(|e| OciError::BadReference(e.to_string()))?;
     let choice = match (&o.blob, o.layer) {
         (Some(_), Some(_)) => return Err(OciError::Config("oci.blob and oci.layer cannot be used together".into())),
@@ -221,34 +246,46 @@ pub fn resolve_reference(reference: &str, o: &OciOptions) -> Result<OciBlobSpec,
         false,
         Authenticator::new(&parsed.registry, &parsed.repository, creds.clone()),
     )?;
-    let layer = runtime.block_on(resolve_layer(&client, &ep, &parsed, &platform, &choice))?;
-    // Cache keys and blob URLs need sha256.
-    let digest = reference::parse_digest(&layer.digest().to_string())
-        .map_err(|e| OciError::Layer(format!("layer {} of {parsed}: {e}", layer.digest())))?;
-    Ok(OciBlobSpec {
-        reference: parsed.to_string(),
-        registry: parsed.registry.clone(),
-        endpoint,
-        repository: parsed.repository.clone(),
-        digest,
-        size: layer.size(),
-        media_type: layer.media_type().to_string(),
-        insecure: o.insecure,
-        ca_file: o.cafile.clone(),
-        mirrors: mirror_specs,
-        credentials: creds,
-        auth_handoff: ep.auth.export(),
-    })
+    let layers = runtime.block_on(resolve_layer(&client, &ep, &parsed, &platform, &choice))?;
+    let mut specs = Vec::with_capacity(layers.len());
+    for layer in &layers {
+        // Cache keys and blob URLs need sha256.
+        let digest = reference::parse_digest(&layer.digest().to_string())
+            .map_err(|e| OciError::Layer(format!("layer {} of {parsed}: {e}", layer.digest())))?;
+        specs.push(OciBlobSpec {
+            reference: parsed.to_string(),
+            registry: parsed.registry.clone(),
+            endpoint: endpoint.clone(),
+            repository: parsed.repository.clone(),
+            digest,
+            size: layer.size(),
+            media_type: layer.media_type().to_string(),
+            insecure: o.insecure,
+            ca_file: o.cafile.clone(),
+            mirrors: mirror_specs.clone(),
+            credentials: creds.clone(),
+            auth_handoff: ep.auth.export(),
+        });
+    }
+    match specs.len() {
+        1 => Ok(ResolvedImage::Blob(specs.remove(0))),
+        _ => Ok(ResolvedImage::Layers(specs)),
+    }
 }
 
-/// index -> platform -> manifest -> layer.
+/// Layers of one image a mount takes (a manifest is untrusted: every layer
+/// costs a probe request and a segment).
+pub const MAX_LAYERS: usize = 128;
+
+/// index -> platform -> manifest -> layer (or, with no choice and several
+/// layers, all of them).
 async fn resolve_layer(
     client: &reqwest::Client,
     ep: &Endpoint,
     r: &Reference,
     platform: &manifest::Platform,
     choice: &LayerChoice,
-) -> Result<manifest::Descriptor, OciError> {
+) -> Result<Vec<manifest::Descriptor>, OciError> {
     let image = r.to_string();
     let mut wanted_ref = r.manifest_ref().to_string();
     let mut by_digest = r.digest.is_some();
@@ -270,7 +307,16 @@ async fn resolve_layer(
                 by_digest = true;
             }
             Manifest::Image(m) => {
-                return manifest::select_layer(m.layers(), choice).cloned().map_err(|e| layer_error(&image, e));
+                if matches!(choice, LayerChoice::Only) && m.layers().len() > MAX_LAYERS {
+                    return Err(OciError::Layer(format!("image {image} has {} layers, more than the {MAX_LAYERS} a mount takes", m.layers().len())));
+                }
+                if matches!(choice, LayerChoice::Only) && m.layers().len() > 1 {
+                    if let Some(empty) = m.layers().iter().find(|l| l.size() == 0) {
+                        return Err(layer_error(&image, LayerError::BadSize { digest: empty.digest().to_string() }));
+                    }
+                    return Ok(m.layers().clone());
+                }
+                return manifest::select_layer(m.layers(), choice).map(|l| vec![l.clone()]).map_err(|e| layer_error(&image, e));
             }
         }
     }
@@ -336,6 +382,14 @@ async fn fetch_manifest(
 /// Opens the blob for the agent: the range source and its first bytes
 /// (4096, or the whole blob when smaller).
 pub async fn open_blob(spec: &OciBlobSpec, http: &ClientConfig) -> Result<(Arc<dyn RangeSource>, Bytes), OciError> {
+    let src = blob_source(spec, http)?;
+    let probe = src.fetch(0..PROBE_LEN.min(spec.size)).await.map_err(|e| OciError::Fetch(e.to_string()))?;
+    Ok((src, probe))
+}
+
+/// The blob's range source, without reading anything yet (a merge of layers
+/// may find the bytes in the local cache first).
+pub fn blob_source(spec: &OciBlobSpec, http: &ClientConfig) -> Result<Arc<dyn RangeSource>, OciError> {
     if spec.size == 0 {
         return Err(OciError::Layer(format!("blob {} of {} is empty", spec.digest, spec.reference)));
     }
@@ -353,8 +407,7 @@ pub async fn open_blob(spec: &OciBlobSpec, http: &ClientConfig) -> Result<(Arc<d
     }
     endpoints.push(source::EndpointState::new(Endpoint::new(&spec.endpoint, &spec.repository, false, auth)?));
     let src = source::OciSource::new(client, endpoints, spec.digest.clone(), spec.size, spec.reference.clone());
-    let probe = src.fetch(0..PROBE_LEN.min(spec.size)).await.map_err(|e| OciError::Fetch(e.to_string()))?;
-    Ok((Arc::new(src), probe))
+    Ok(Arc::new(src))
 }
 
 

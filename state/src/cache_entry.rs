@@ -43,6 +43,10 @@ pub struct EntryMeta {
     /// The image's metadata extents (`[start, end)` byte ranges) that must be local before
     /// mounting, so that a later mount of this blob needs no metadata walk.
     pub required: Option<Vec<[u64; 2]>>,
+    /// Where the blobs of a multi-blob address space sit (written by the agent, opaque here;
+    /// cleared whenever `blob` is recreated). Other entries read it to share a blob's bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<serde_json::Value>,
 }
 
 /// An opened cache entry. See the module doc.
@@ -208,6 +212,7 @@ impl CacheEntry {
         self.meta.created_unix = now;
         self.meta.last_used_unix = now;
         self.meta.required = None;
+        self.meta.layout = None;
         self.write_meta()
     }
 
@@ -280,6 +285,27 @@ impl CacheEntry {
         self.write_meta()
     }
 
+    /// The saved layout of the address space, if any.
+    pub fn layout(&self) -> Option<&serde_json::Value> {
+        self.meta.layout.as_ref()
+    }
+
+    /// Saves the layout of the address space (see [`EntryMeta::layout`]).
+    pub fn set_layout(&mut self, layout: serde_json::Value) -> Result<(), StateError> {
+        self.meta.layout = Some(layout);
+        self.write_meta()
+    }
+
+    /// Reads `entry.json` of the entry `key` without opening or checking its blob: for a
+    /// caller that must learn the recorded size before [`CacheEntry::open_or_create`] (which
+    /// checks everything), and for readers of other entries. `None` if absent or unreadable.
+    pub fn peek(cache: &CacheDir, key: &str) -> Option<EntryMeta> {
+        let dir = cache.entry_dir(key).ok()?;
+        let bytes = read_capped(&dir.join("entry.json"), MAX_META_BYTES).ok()??;
+        let meta: EntryMeta = serde_json::from_slice(&bytes).ok()?;
+        (meta.key == key).then_some(meta)
+    }
+
     /// Records a use now (for cache eviction by age).
     pub fn touch(&mut self) -> Result<(), StateError> {
         self.meta.last_used_unix = unix_now();
@@ -309,6 +335,7 @@ fn placeholder_meta(key: &str, blob_size: u64, source: &str, digest: Option<&str
         created_unix: 0,
         last_used_unix: 0,
         required: None,
+        layout: None,
     }
 }
 
@@ -435,6 +462,9 @@ mod tests {
         assert_eq!(e2.bitmap_identity(st.ino()).generation, e.generation());
 
         e2.set_required(&[0..4096, 8192..(2 << 30), 5..5]).unwrap();
+        e2.set_layout(serde_json::json!({"blobs": [1, 2]})).unwrap();
+        assert_eq!(CacheEntry::peek(&cache, &key()).unwrap().layout, Some(serde_json::json!({"blobs": [1, 2]})));
+        assert!(CacheEntry::peek(&cache, "other").is_none());
         let (e3, _) =
             CacheEntry::open_or_create(&cache, &key(), 1 << 30, "x", Some(DIGEST)).unwrap();
         assert_eq!(e3.required_ranges(), Some(vec![0..4096, 8192..(1 << 30)]));

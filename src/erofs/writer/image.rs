@@ -70,6 +70,11 @@ enum Body {
     },
     /// COMPRESSED_FULL.
     Compressed { extent_bytes: u64, extents: Vec<ExtentKind> },
+    /// FLAT_INLINE over external blocks (block address in `i_u`) with a
+    /// `tail`-byte tail in the record; becomes `Chunked` when it does not fit.
+    FlatTail { block: u64, tail: usize },
+    /// COMPRESSED_FULL with a map given whole (external pclusters).
+    Copied(std::sync::Arc<super::tree::CompressedData>),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -91,6 +96,9 @@ struct InodePlan {
     record_size: usize,
     /// Must not cross a block boundary (holds inline data).
     contained: bool,
+    /// The last this many bytes must not cross a block boundary (a
+    /// tail-packed pcluster after compression indexes).
+    tail_contained: usize,
     offset: u64,
     /// First block of the inode's blocks (in its area), if it has any.
     start_block: u64,
@@ -107,6 +115,9 @@ impl InodePlan {
 /// A fully computed layout; [`Plan::write`] writes it.
 pub struct Plan<'t> {
     tree: &'t Tree,
+    /// Largest pcluster (blocks) of the copied compression maps; 0: none.
+    copied_max_pcluster: u32,
+    copied_inline: bool,
     opts: WriterOptions,
     inodes: Vec<InodePlan>,
     /// `InodeId::index` → index into `inodes`.
@@ -150,6 +161,21 @@ struct Packer {
 }
 
 impl Packer {
+    /// Places a record whose last `tail` bytes must lie in one block.
+    fn place_tail(&mut self, size: u64, tail: u64) -> u64 {
+        let mut s = self.cursor.next_multiple_of(32);
+        let start = s;
+        let crosses = |s: u64| tail > 0 && (s + size - tail) / self.block != (s + size - 1) / self.block;
+        while crosses(s) {
+            s += 32;
+        }
+        if s - start >= 32 && (s - start) < self.block {
+            self.gaps.insert((s - start, start));
+        }
+        self.cursor = s + size;
+        s
+    }
+
     fn place(&mut self, size: u64, contained: bool) -> u64 {
         let need = size.next_multiple_of(32);
         if let Some(&(len, start)) = self.gaps.range((need, 0)..).next() {
@@ -279,6 +305,9 @@ pub fn plan_with_progress<'t>(
     let mut dirs: HashMap<InodeId, DirLayout<InodeId>> = HashMap::new();
     let mut inodes: Vec<InodePlan> = Vec::with_capacity(order.len());
     let use_indexes = !opts.devices.is_empty();
+    // Copied compression maps need the lz4 configuration in the superblock.
+    let mut copied_max_pcluster = 0u32;
+    let mut copied_inline = false;
 
     for (slot, id) in order.iter().enumerate() {
         let inode = tree.get(*id);
@@ -387,6 +416,24 @@ pub fn plan_with_progress<'t>(
                         i_u = *block as u32;
                         Body::External
                     }
+                    FileData::FlatTail { block, tail } => {
+                        let whole = size
+                            .checked_sub(tail.len() as u64)
+                            .filter(|w| w % bs == 0 && *w > 0 && !tail.is_empty())
+                            .ok_or_else(|| invalid("a flat file with a tail: the blocks must be whole and the tail non-empty"))?;
+                        if block.checked_add(whole / bs).is_none_or(|e| e > u64::from(u32::MAX)) {
+                            return Err(invalid("a flat address beyond 2^32 blocks"));
+                        }
+                        i_u = *block as u32;
+                        Body::FlatTail { block: *block, tail: tail.len() }
+                    }
+                    FileData::Compressed(c) => {
+                        check_copied(c, size, opts.block_bits)?;
+                        copied_max_pcluster = copied_max_pcluster.max(c.max_pcluster_blocks);
+                        copied_inline |= c.inline.is_some();
+                        i_u = c.compressed_blocks;
+                        Body::Copied(std::sync::Arc::clone(c))
+                    }
                 };
                 if size == 0 {
                     i_u = ondisk::NULL_ADDR_32;
@@ -437,11 +484,12 @@ pub fn plan_with_progress<'t>(
             body,
             record_size: 0,
             contained: false,
+            tail_contained: 0,
             offset: 0,
             start_block: 0,
             owned_blocks: 0,
         };
-        finish_record(&mut plan, bs, opts.inline_data);
+        finish_record(&mut plan, bs, opts, use_indexes)?;
         inodes.push(plan);
     }
 
@@ -452,7 +500,7 @@ pub fn plan_with_progress<'t>(
         gaps: Default::default(),
     };
     let mut cfgs_offset = None;
-    if opts.compression != Compression::None {
+    if opts.compression != Compression::None || copied_max_pcluster > 0 {
         cfgs_offset = Some(packer.cursor);
         packer.cursor += 16;
     }
@@ -482,7 +530,11 @@ pub fn plan_with_progress<'t>(
     // Contained records first, so that the others fill the gaps they leave.
     for contained in [true, false] {
         for p in inodes.iter_mut().skip(1).filter(|p| p.contained == contained) {
-            p.offset = packer.place(p.record_size as u64, p.contained);
+            p.offset = if p.tail_contained > 0 && !p.contained {
+                packer.place_tail(p.record_size as u64, p.tail_contained as u64)
+            } else {
+                packer.place(p.record_size as u64, p.contained)
+            };
         }
     }
     let records_end = packer.cursor;
@@ -556,6 +608,8 @@ pub fn plan_with_progress<'t>(
     summary.data_bytes = summary.image_size - metadata_end;
     Ok(Plan {
         tree,
+        copied_max_pcluster,
+        copied_inline,
         opts: opts.clone(),
         inodes,
         slot_of,
@@ -601,10 +655,77 @@ fn extent_lengths(extent_bytes: u64, size: u64) -> impl Iterator<Item = u64> {
     (0..size.div_ceil(extent_bytes)).map(move |i| extent_bytes.min(size - i * extent_bytes))
 }
 
+/// Checks a copied compression map against the file and the block size.
+fn check_copied(c: &super::tree::CompressedData, size: u64, block_bits: u8) -> Result<(), WriteError> {
+    let advise = u16::from_le_bytes([c.header[4], c.header[5]]);
+    if advise & 1 != 0 {
+        return Err(invalid("a copied compression map with compact-index or extent bits"));
+    }
+    let lclusterbits = u32::from(block_bits) + u32::from(c.header[7] & 0x0f);
+    if c.header[7] & 0x80 != 0 || lclusterbits > 30 {
+        return Err(invalid("a copied compression map of a fragment or with bogus lcluster bits"));
+    }
+    let n = size.div_ceil(1u64 << lclusterbits);
+    if c.indexes.len() as u64 != n {
+        return Err(invalid(format!("{} lcluster indexes for a file of {n} lclusters", c.indexes.len())));
+    }
+    let idata = usize::from(u16::from_le_bytes([c.header[2], c.header[3]]));
+    let inline_len = c.inline.as_ref().map_or(0, |i| i.len());
+    if idata != inline_len || (inline_len > 0 && advise & ondisk::Z_ADVISE_INLINE_PCLUSTER == 0) || inline_len as u64 >= 1u64 << block_bits {
+        return Err(invalid("a copied compression map whose inline pcluster does not match its header"));
+    }
+    if c.max_pcluster_blocks == 0 || c.max_pcluster_blocks > u32::from(u16::MAX) {
+        return Err(invalid("a copied compression map without a pcluster size"));
+    }
+    Ok(())
+}
+
+/// The chunk-based form of a flat file with a tail that cannot be inline:
+/// whole chunks over the external blocks, the tail's chunk(s) local.
+fn flat_tail_chunks(size: u64, block: u64, tail: u64, block_bits: u8, use_indexes: bool) -> Result<Body, WriteError> {
+    let bs = 1u64 << block_bits;
+    let whole = size - tail;
+    // The largest chunk that divides the external part (so the tail starts a chunk).
+    let mut bits = (whole.trailing_zeros() as u8).clamp(block_bits, block_bits + 31);
+    while size.div_ceil(1u64 << bits) > 1 << 20 && bits > block_bits {
+        bits -= 1;
+    }
+    if whole % (1u64 << bits) != 0 {
+        return Err(invalid("internal error: tail chunk alignment"));
+    }
+    let chunk = 1u64 << bits;
+    let mut chunks = Vec::new();
+    let mut offset_blocks = 0;
+    for i in 0..size.div_ceil(chunk) {
+        let start = i * chunk;
+        if start < whole {
+            let b = block
+                .checked_add(start / bs)
+                .filter(|b| *b < u64::from(u32::MAX))
+                .ok_or_else(|| invalid("a chunk block address beyond 2^32"))?;
+            chunks.push(ChunkPlan::External { device: 0, block: b });
+        } else {
+            let blocks = chunk.min(size - start).div_ceil(bs);
+            chunks.push(ChunkPlan::Local { offset_blocks, blocks });
+            offset_blocks += blocks;
+        }
+    }
+    Ok(Body::Chunked { chunk_bits: bits, unit: if use_indexes { 8 } else { 4 }, chunks })
+}
+
 /// Record size and inline decision.
-fn finish_record(p: &mut InodePlan, bs: u64, inline_data: bool) {
+fn finish_record(p: &mut InodePlan, bs: u64, opts: &WriterOptions, use_indexes: bool) -> Result<(), WriteError> {
     let base = p.fields.encoded_size() + p.xattr_size;
     let size = p.fields.size;
+    if let Body::FlatTail { block, tail } = p.body {
+        if tail as u64 >= bs || base + tail > bs as usize {
+            if opts.metadata_only {
+                return Err(invalid("metadata-only image with a file tail that does not fit its inode"));
+            }
+            p.body = flat_tail_chunks(size, block, tail as u64, opts.block_bits, use_indexes)?;
+        }
+    }
+    let inline_data = opts.inline_data;
     let (layout, extra, contained) = match &mut p.body {
         Body::None | Body::External => (ondisk::LAYOUT_FLAT_PLAIN, 0, false),
         Body::Flat { blocks, tail, .. } => {
@@ -626,10 +747,18 @@ fn finish_record(p: &mut InodePlan, bs: u64, inline_data: bool) {
             let lclusters = size.div_ceil(bs) as usize;
             (ondisk::LAYOUT_COMPRESSED_FULL, header - base + 16 + 8 * lclusters, false)
         }
+        Body::FlatTail { tail, .. } => (ondisk::LAYOUT_FLAT_INLINE, *tail, true),
+        Body::Copied(c) => {
+            let header = base.next_multiple_of(8);
+            let inline = c.inline.as_ref().map_or(0, |i| i.len());
+            p.tail_contained = inline;
+            (ondisk::LAYOUT_COMPRESSED_FULL, header - base + 16 + 8 * c.indexes.len() + inline, false)
+        }
     };
     p.fields.layout = layout;
     p.record_size = base + extra;
     p.contained = contained;
+    Ok(())
 }
 
 /// The chunk size bits for a sparse file: at most 64 Ki chunks.
@@ -824,6 +953,8 @@ struct ContentSource<'a> {
 
 enum SourceInner<'a> {
     Mem(&'a [u8]),
+    /// Only the bytes from `start` on (the tail of a file whose blocks are external).
+    Tail { start: u64, bytes: &'a [u8] },
     File { reader: Box<dyn super::ReadAt + 'a>, base: u64 },
     Owned(Vec<u8>),
 }
@@ -841,6 +972,7 @@ impl<'a> ContentSource<'a> {
                             .map_err(|e| WriteError::io(format!("cannot open {}", path.display()), e))?;
                         SourceInner::File { reader, base: *offset }
                     }
+                    FileData::FlatTail { tail, .. } => SourceInner::Tail { start: *size - tail.len() as u64, bytes: tail },
                     _ => SourceInner::Mem(&[]),
                 };
                 let what = match data {
@@ -874,6 +1006,13 @@ impl<'a> ContentSource<'a> {
             }
             SourceInner::Owned(b) => {
                 let s = b.get(pos as usize..end as usize).ok_or_else(|| WriteError::SourceChanged(self.what.clone()))?;
+                buf.copy_from_slice(s);
+            }
+            SourceInner::Tail { start, bytes } => {
+                let s = pos
+                    .checked_sub(*start)
+                    .and_then(|o| bytes.get(o as usize..(o + buf.len() as u64) as usize))
+                    .ok_or_else(|| invalid("internal error: a read outside a file's tail"))?;
                 buf.copy_from_slice(s);
             }
             SourceInner::File { reader, base } => {
@@ -1046,8 +1185,11 @@ impl<'t> Plan<'t> {
         let mut u1 = 0;
         if let Some(off) = self.cfgs_offset {
             incompat |= ondisk::FEATURE_INCOMPAT_ZERO_PADDING | ondisk::FEATURE_INCOMPAT_COMPR_CFGS;
+            if self.copied_inline {
+                incompat |= ondisk::FEATURE_INCOMPAT_ZTAILPACKING;
+            }
             u1 = 1 << ondisk::COMPRESSION_LZ4;
-            let blocks = compressed_extent_bytes(opts) / bs;
+            let blocks = (compressed_extent_bytes(opts) / bs).max(u64::from(self.copied_max_pcluster));
             let rec = ondisk::encode_lz4_cfgs(u16::MAX, blocks as u16);
             meta[off as usize..off as usize + 16].copy_from_slice(&rec);
         }
@@ -1106,6 +1248,22 @@ impl<'t> Plan<'t> {
                     let mut t = vec![0u8; *tail];
                     self.read_content(p, blocks * bs, &mut t, files)?;
                     rec.extend_from_slice(&t);
+                }
+                Body::FlatTail { tail, .. } => {
+                    let mut t = vec![0u8; *tail];
+                    self.read_content(p, p.fields.size - *tail as u64, &mut t, files)?;
+                    rec.extend_from_slice(&t);
+                }
+                Body::Copied(c) => {
+                    rec.resize(rec.len().next_multiple_of(8), 0);
+                    rec.extend_from_slice(&c.header);
+                    rec.extend_from_slice(&[0u8; 8]);
+                    for e in &c.indexes {
+                        rec.extend_from_slice(e);
+                    }
+                    if let Some(i) = &c.inline {
+                        rec.extend_from_slice(i);
+                    }
                 }
                 Body::Chunked { unit, chunks, .. } => {
                     rec.resize(rec.len().next_multiple_of(*unit), 0);

@@ -22,7 +22,11 @@
 //!   carry a device id and a block address (tar index: device 1 = the tar;
 //!   merged layers: device k = layer k) — or [`FileData::FlatAddress`] — a
 //!   flat-plain inode at any block address of the flat address space, also
-//!   beyond the image's own end (flatdev, DESIGN §7).
+//!   beyond the image's own end (flatdev, DESIGN §7) — or
+//!   [`FileData::FlatTail`] (external blocks + an inline tail) or
+//!   [`FileData::Compressed`] (an lz4 compression map copied from another
+//!   image, its block addresses moved into this one's flat space): what a
+//!   merge of layers makes of their files.
 //!
 //! [`WriterOptions`] add a device table ([`Device`]: tag, blocks, uniaddr —
 //! only the 32-bit halves count on Linux 6.18, so they are `u32`), the block
@@ -67,7 +71,7 @@ use std::path::Path;
 
 pub use image::{plan, plan_with_progress, write_image, ImageSummary, Plan, Progress};
 pub use tree::{
-    check_name, path_components, Chunk, ChunkedData, FileData, Inode, InodeId, Kind, Metadata,
+    check_name, path_components, Chunk, ChunkedData, CompressedData, FileData, Inode, InodeId, Kind, Metadata,
     Tree, NAME_MAX,
 };
 

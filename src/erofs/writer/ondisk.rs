@@ -16,6 +16,7 @@ pub const FEATURE_INCOMPAT_ZERO_PADDING: u32 = 0x1;
 pub const FEATURE_INCOMPAT_COMPR_CFGS: u32 = 0x2;
 pub const FEATURE_INCOMPAT_CHUNKED_FILE: u32 = 0x4;
 pub const FEATURE_INCOMPAT_DEVICE_TABLE: u32 = 0x8;
+pub const FEATURE_INCOMPAT_ZTAILPACKING: u32 = 0x10;
 
 pub const LAYOUT_FLAT_PLAIN: u16 = 0;
 pub const LAYOUT_COMPRESSED_FULL: u16 = 1;
@@ -33,6 +34,7 @@ pub const FT_SOCK: u8 = 6;
 pub const FT_SYMLINK: u8 = 7;
 
 pub const Z_ADVISE_BIG_PCLUSTER_1: u16 = 0x2;
+pub const Z_ADVISE_INLINE_PCLUSTER: u16 = 0x8;
 pub const LCLUSTER_TYPE_PLAIN: u16 = 0;
 pub const LCLUSTER_TYPE_HEAD1: u16 = 1;
 pub const LCLUSTER_TYPE_NONHEAD: u16 = 2;

@@ -127,6 +127,37 @@ pub enum FileData {
     /// External, flat: `ceil(size / block size)` blocks from block `block`
     /// of the flat address space (may lie beyond the image's own end).
     FlatAddress { block: u64 },
+    /// External whole blocks and a tail held here: the first
+    /// `size - tail.len()` bytes (a multiple of the block size) are the
+    /// blocks from flat block `block`, the rest is `tail` — what a
+    /// FLAT_INLINE file of another image becomes when its blocks stay where
+    /// they are. Written FLAT_INLINE (the tail in the inode record) when it
+    /// fits, else chunk-based with the tail in a local block (refused with
+    /// `metadata_only`).
+    FlatTail { block: u64, tail: Arc<[u8]> },
+    /// External, compressed: a compression map written as given (the data
+    /// stays where its block addresses point); see [`CompressedData`].
+    Compressed(Arc<CompressedData>),
+}
+
+/// A compressed file's map, ready to be written into an inode: lz4
+/// pclusters anywhere in the flat address space, described by full
+/// (8-byte) lcluster indexes whose block addresses are already this
+/// image's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompressedData {
+    /// `struct z_erofs_map_header` (advise bits, algorithm, lcluster bits,
+    /// inline size); the `COMPACTED_2B`/`EXTENTS` bit must be clear.
+    pub header: [u8; 8],
+    /// One `struct z_erofs_lcluster_index` per lcluster.
+    pub indexes: Vec<[u8; 8]>,
+    /// The tail-packed pcluster (`header`'s inline size bytes), kept after
+    /// the indexes in the inode record.
+    pub inline: Option<Arc<[u8]>>,
+    /// `i_u`: blocks of compressed data.
+    pub compressed_blocks: u32,
+    /// Largest pcluster, in blocks (the superblock's lz4 configuration).
+    pub max_pcluster_blocks: u32,
 }
 
 impl FileData {
