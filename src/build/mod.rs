@@ -5,6 +5,7 @@
 
 pub mod dir;
 pub mod input;
+pub mod layer;
 pub mod tar;
 
 use std::io;
