@@ -203,10 +203,27 @@ fn end_member(
         .map_err(|e| GzipError::SpanData { span: k, source: e })
 }
 
-/// The sha256 (lowercase hex) of each span's compressed input
-/// ([`Zinfo::span_input_range`]), what the index artifact's `spanSha256`
-/// holds. Reads the blob span by span (consecutive spans share a byte or
-/// two, hence the seeks).
+/// The digest of span `k` (lowercase hex), what the index artifact's
+/// `spanSha256` holds: sha256 of the span's checkpoint record (`in`, `out`,
+/// `bits` and the 32 KiB window, as stored in the zinfo) followed by its
+/// compressed input ([`Zinfo::span_input_range`]). Everything the span's
+/// output depends on is covered, so a window changed after the digests were
+/// made is noticed when the span is read, not only when the layer's diff_id
+/// is checked.
+pub fn span_digest(zinfo: &Zinfo, k: usize, compressed: &[u8]) -> Result<String, GzipError> {
+    use sha2::{Digest, Sha256};
+    let record = zinfo.checkpoint_record(k).ok_or(super::ZinfoError::NoSuchSpan {
+        span: k,
+        spans: zinfo.span_count(),
+    })?;
+    let mut h = Sha256::new();
+    h.update(record);
+    h.update(compressed);
+    Ok(hex::encode(h.finalize()))
+}
+
+/// [`span_digest`] of every span, reading the blob span by span
+/// (consecutive spans share a byte or two, hence the seeks).
 pub fn span_digests<R: std::io::Read + std::io::Seek>(
     zinfo: &Zinfo,
     blob: &mut R,
@@ -220,6 +237,7 @@ pub fn span_digests<R: std::io::Read + std::io::Seek>(
         let r = zinfo.span_input_range(k, blob_size)?;
         blob.seek(SeekFrom::Start(r.start))?;
         let mut h = Sha256::new();
+        h.update(zinfo.checkpoint_record(k).unwrap_or_default());
         let mut left = r.end - r.start;
         while left > 0 {
             let n = left.min(buf.len() as u64) as usize;

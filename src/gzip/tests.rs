@@ -138,10 +138,14 @@ fn check_case(gz: &[u8], raw: &[u8], span: u64) -> BuiltZinfo {
         );
     }
     assert_eq!(next, raw.len() as u64);
-    // Span digests read from a file-like source match the slices'.
+    // Span digests read from a file-like source match the slices': the
+    // checkpoint record, then the compressed input.
     let digests = span_digests(z, &mut std::io::Cursor::new(gz), gz.len() as u64).unwrap();
     for (k, d) in digests.iter().enumerate() {
-        assert_eq!(d, &hex::encode(Sha256::digest(span_bytes(z, k, gz))));
+        let mut whole = z.checkpoint_record(k).unwrap().to_vec();
+        whole.extend_from_slice(span_bytes(z, k, gz));
+        assert_eq!(d, &hex::encode(Sha256::digest(&whole)));
+        assert_eq!(d, &span_digest(z, k, span_bytes(z, k, gz)).unwrap());
     }
     built
 }
