@@ -15,6 +15,8 @@
 //! [`Layout`] is pure (validation and range arithmetic, unit-tested);
 //! [`SegmentedSource`] is the `RangeSource` over it.
 
+pub mod gzip;
+
 use std::ops::Range;
 use std::sync::Arc;
 
