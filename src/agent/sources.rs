@@ -28,6 +28,31 @@ pub enum SourceSpec {
     S3(Box<crate::remote::s3::S3ObjectSpec>),
     /// An address space of several sources (DESIGN §7).
     Layout(Box<LayoutSpec>),
+    /// A local file, pinned by its sha256 (a tar index named by `oci.tarindex=`).
+    LocalFile(LocalFileSpec),
+    /// The uncompressed tar of a gzip layer, served through its zinfo (issue 16).
+    GzipTar(Box<GzipTarSpec>),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LocalFileSpec {
+    pub path: std::path::PathBuf,
+    /// `sha256:<hex>` of the file when the front end read it: the agent
+    /// refuses a file that changed since (the cache key is made of it).
+    pub sha256: String,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+pub struct GzipTarSpec {
+    /// The compressed layer blob.
+    pub blob: SourceSpec,
+    pub zinfo: LocalFileSpec,
+    /// Size of the uncompressed tar; `None`: measured from the last span.
+    #[serde(default)]
+    pub tar_size: Option<u64>,
+    /// Per-span digests from an index artifact (`gzip::span_digest`).
+    #[serde(default)]
+    pub span_sha256: Option<Vec<String>>,
 }
 
 /// Where each region of an image's flat address space comes from.
@@ -64,6 +89,8 @@ impl SourceSpec {
             SourceSpec::Oci(spec) => spec.describe(),
             SourceSpec::S3(spec) => spec.describe(),
             SourceSpec::Layout(l) => l.name.clone(),
+            SourceSpec::LocalFile(f) => format!("file {}", f.path.display()),
+            SourceSpec::GzipTar(g) => format!("the tar of {}", g.blob.describe()),
         }
     }
 
@@ -72,7 +99,7 @@ impl SourceSpec {
         match self {
             SourceSpec::Url { url } => digest_from_url(url),
             SourceSpec::Oci(spec) => Some(spec.digest.clone()),
-            SourceSpec::S3(_) | SourceSpec::Layout(_) => None,
+            SourceSpec::S3(_) | SourceSpec::Layout(_) | SourceSpec::LocalFile(_) | SourceSpec::GzipTar(_) => None,
         }
     }
 
@@ -88,6 +115,15 @@ impl SourceSpec {
             (None, SourceSpec::Url { url }) => Ok(erofs_fanotify_state::cache_key_for_url(url)),
             (None, SourceSpec::Oci(_)) => Err("an OCI source without a digest".into()),
             (None, SourceSpec::S3(spec)) => Ok(spec.cache_key()),
+            (None, SourceSpec::LocalFile(f)) => Ok(format!("file-{}", short_hex(&f.sha256))),
+            (None, SourceSpec::GzipTar(g)) => {
+                // The blob and the zinfo that decodes it name the tar.
+                let mut h = Sha256::new();
+                h.update(g.blob.cache_key()?.as_bytes());
+                h.update(b"\0");
+                h.update(g.zinfo.sha256.as_bytes());
+                Ok(format!("gztar-{}", &hex::encode(h.finalize())[..32]))
+            }
             (None, SourceSpec::Layout(l)) => {
                 // The placement and the keys of the parts name the address space.
                 let mut h = Sha256::new();
@@ -161,8 +197,122 @@ fn open_one<'a>(spec: &'a SourceSpec, http: &'a ClientConfig) -> BoxFuture<'a, R
                 crate::remote::s3::open_object(object, http).await.map_err(|e| OpenError(e.to_string()))
             }
             SourceSpec::Layout(l) => Err(OpenError(format!("{}: a layout inside a layout", l.name))),
+            SourceSpec::LocalFile(f) => {
+                let source = open_local_file(f).await?;
+                let want = PROBE_LEN.min(source.size());
+                let probe = source.fetch(0..want).await.map_err(|e| OpenError(format!("{}: {e}", f.path.display())))?;
+                Ok((Arc::new(source) as Arc<dyn RangeSource>, probe))
+            }
+            SourceSpec::GzipTar(g) => open_gzip_tar(g, http).await,
         }
     })
+}
+
+fn short_hex(digest: &str) -> &str {
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+    &hex[..hex.len().min(32)]
+}
+
+fn sha256_of(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// Reads a local file whole, capped: index files and zinfos are metadata.
+fn read_capped(path: &std::path::Path, cap: u64) -> Result<Vec<u8>, OpenError> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| OpenError(format!("cannot open {}: {e}", path.display())))?;
+    let mut bytes = Vec::new();
+    file.take(cap + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| OpenError(format!("cannot read {}: {e}", path.display())))?;
+    if bytes.len() as u64 > cap {
+        return Err(OpenError(format!("{} is larger than {cap} bytes", path.display())));
+    }
+    Ok(bytes)
+}
+
+/// Largest tar index or zinfo read (a zinfo of 2^16 spans is 2 GiB; an
+/// index of millions of inodes a few hundred MiB).
+const MAX_LOCAL_FILE: u64 = 1 << 30;
+
+async fn open_local_file(f: &LocalFileSpec) -> Result<crate::remote::FileSource, OpenError> {
+    let path = f.path.clone();
+    let want = f.sha256.clone();
+    tokio::task::spawn_blocking(move || {
+        let source = crate::remote::FileSource::open(&path).map_err(|e| OpenError(format!("cannot open {}: {e}", path.display())))?;
+        let bytes = read_capped(&path, MAX_LOCAL_FILE)?;
+        if sha256_of(&bytes) != want || bytes.len() as u64 != source.size() {
+            return Err(OpenError(format!("{} changed since the mount began", path.display())));
+        }
+        Ok(source)
+    })
+    .await
+    .map_err(|e| OpenError(format!("reading a local file failed: {e}")))?
+}
+
+/// The blob, its zinfo checked and the tar's size (measured when not
+/// given): the uncompressed tar as a source.
+async fn open_gzip_tar(g: &GzipTarSpec, http: &ClientConfig) -> Result<(Arc<dyn RangeSource>, Bytes), OpenError> {
+    use crate::gzip::Zinfo;
+    use crate::segments::gzip::{GzipSpanConfig, GzipSpans};
+    let (blob, _) = open_one(&g.blob, http).await?;
+    let path = g.zinfo.path.clone();
+    let want = g.zinfo.sha256.clone();
+    let zinfo = tokio::task::spawn_blocking(move || {
+        let bytes = read_capped(&path, MAX_LOCAL_FILE)?;
+        if sha256_of(&bytes) != want {
+            return Err(OpenError(format!("{} changed since the mount began", path.display())));
+        }
+        Zinfo::parse(bytes).map_err(|e| OpenError(format!("{} is not a zinfo: {e}", path.display())))
+    })
+    .await
+    .map_err(|e| OpenError(format!("reading the zinfo failed: {e}")))??;
+    let label = g.blob.label();
+    let tar_size = match g.tar_size {
+        Some(n) => n,
+        None => GzipSpans::measure_tar_size(blob.as_ref(), &zinfo, &label).await.map_err(|e| OpenError(e.to_string()))?,
+    };
+    let mut cfg = GzipSpanConfig::new(label, tar_size);
+    cfg.span_sha256 = g.span_sha256.clone();
+    cfg.blob_digest = g.blob.digest();
+    let spans = GzipSpans::new(blob, zinfo, cfg).map_err(|e| OpenError(e.to_string()))?;
+    Ok((Arc::new(spans) as Arc<dyn RangeSource>, Bytes::new()))
+}
+
+/// The address space of a one-layer tar index mount (`-o oci.tarindex=,oci.zinfo=`):
+/// `[index | tar]`, the index from its local file, the tar from the layer
+/// (through its zinfo when the layer is gzip). Front end side: reads the
+/// index to place the tar, and pins both files by digest.
+pub fn tar_index_layout(
+    name: &str,
+    layer: SourceSpec,
+    index: &std::path::Path,
+    zinfo: Option<&std::path::Path>,
+) -> Result<SourceSpec, String> {
+    let index_bytes = read_capped(index, MAX_LOCAL_FILE).map_err(|e| e.0)?;
+    let placed = crate::segments::tar_index::placement(&index_bytes).map_err(|e| format!("{}: {e}", index.display()))?;
+    let index_spec = LocalFileSpec { path: index.to_path_buf(), sha256: sha256_of(&index_bytes) };
+    let tar = match zinfo {
+        Some(z) => {
+            let bytes = read_capped(z, MAX_LOCAL_FILE).map_err(|e| e.0)?;
+            crate::gzip::Zinfo::parse(bytes.clone()).map_err(|e| format!("{} is not a zinfo: {e}", z.display()))?;
+            SourceSpec::GzipTar(Box::new(GzipTarSpec {
+                blob: layer,
+                zinfo: LocalFileSpec { path: z.to_path_buf(), sha256: sha256_of(&bytes) },
+                tar_size: None,
+                span_sha256: None,
+            }))
+        }
+        None => layer,
+    };
+    Ok(SourceSpec::Layout(Box::new(LayoutSpec {
+        name: name.to_string(),
+        size: placed.size(),
+        segments: vec![
+            SegmentSpec { start: 0, len: placed.index_len, source_offset: 0, source: SourceSpec::LocalFile(index_spec) },
+            SegmentSpec { start: placed.tar_start, len: placed.tar_len, source_offset: 0, source: tar },
+        ],
+    })))
 }
 
 /// `…/blobs/sha256:<hex>` names its digest; other URLs have none we can trust.

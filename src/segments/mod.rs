@@ -16,6 +16,7 @@
 //! [`SegmentedSource`] is the `RangeSource` over it.
 
 pub mod gzip;
+pub mod tar_index;
 
 use std::ops::Range;
 use std::sync::Arc;
