@@ -95,7 +95,11 @@ pub(super) async fn prepare(cfg: &AgentConfig, ctx: &WorkerContext) -> Result<Pr
     let required = match entry.required_ranges() {
         Some(required) => required,
         None => {
-            let map = walk_metadata(&fetcher, size, &shown).await?;
+            // The metadata lives in the primary device, the segment at byte 0;
+            // what lies past it (a tar index's tar, flatdev blobs) is data of
+            // extra devices, never required.
+            let primary = layout.segment_at(0).map_or(size, |s| s.end().min(size));
+            let map = walk_metadata(&fetcher, primary, &shown).await?;
             if let Err(e) = entry.set_required(&map.required) {
                 tracing::warn!(error = %e, "cannot store the metadata map with the cache entry");
             }
