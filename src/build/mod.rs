@@ -6,6 +6,7 @@
 pub mod dir;
 pub mod input;
 pub mod layer;
+pub mod layer_store;
 pub mod tar;
 
 use std::io;
