@@ -279,28 +279,36 @@ async fn open_gzip_tar(g: &GzipTarSpec, http: &ClientConfig) -> Result<(Arc<dyn 
     Ok((Arc::new(spans) as Arc<dyn RangeSource>, Bytes::new()))
 }
 
+/// The files of a one-layer tar index mount and what is known about the tar.
+#[derive(Clone, Debug)]
+pub struct TarIndexFiles {
+    pub index: std::path::PathBuf,
+    /// Gzip layers: the zinfo (without it the layer blob is the tar itself).
+    pub zinfo: Option<std::path::PathBuf>,
+    /// The uncompressed tar's size when known (else measured by the agent).
+    pub tar_size: Option<u64>,
+    pub span_sha256: Option<Vec<String>>,
+}
+
 /// The address space of a one-layer tar index mount (`-o oci.tarindex=,oci.zinfo=`):
 /// `[index | tar]`, the index from its local file, the tar from the layer
 /// (through its zinfo when the layer is gzip). Front end side: reads the
 /// index to place the tar, and pins both files by digest.
-pub fn tar_index_layout(
-    name: &str,
-    layer: SourceSpec,
-    index: &std::path::Path,
-    zinfo: Option<&std::path::Path>,
-) -> Result<SourceSpec, String> {
+pub fn tar_index_layout(name: &str, layer: SourceSpec, files: &TarIndexFiles) -> Result<SourceSpec, String> {
+    let index = &files.index;
     let index_bytes = read_capped(index, MAX_LOCAL_FILE).map_err(|e| e.0)?;
     let placed = crate::segments::tar_index::placement(&index_bytes).map_err(|e| format!("{}: {e}", index.display()))?;
     let index_spec = LocalFileSpec { path: index.to_path_buf(), sha256: sha256_of(&index_bytes) };
-    let tar = match zinfo {
+    let tar = match &files.zinfo {
         Some(z) => {
             let bytes = read_capped(z, MAX_LOCAL_FILE).map_err(|e| e.0)?;
-            crate::gzip::Zinfo::parse(bytes.clone()).map_err(|e| format!("{} is not a zinfo: {e}", z.display()))?;
+            let sha256 = sha256_of(&bytes);
+            crate::gzip::Zinfo::parse(bytes).map_err(|e| format!("{} is not a zinfo: {e}", z.display()))?;
             SourceSpec::GzipTar(Box::new(GzipTarSpec {
                 blob: layer,
-                zinfo: LocalFileSpec { path: z.to_path_buf(), sha256: sha256_of(&bytes) },
-                tar_size: None,
-                span_sha256: None,
+                zinfo: LocalFileSpec { path: z.to_path_buf(), sha256 },
+                tar_size: files.tar_size,
+                span_sha256: files.span_sha256.clone(),
             }))
         }
         None => layer,

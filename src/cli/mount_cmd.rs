@@ -230,7 +230,7 @@ fn check_mountpoint(path: &Path) -> Result<PathBuf, CliError> {
     Ok(abs)
 }
 
-fn io_reason(e: &std::io::Error) -> String {
+pub(crate) fn io_reason(e: &std::io::Error) -> String {
     let s = e.to_string();
     s.split(" (os error").next().unwrap_or(&s).to_lowercase()
 }
@@ -327,38 +327,10 @@ fn resolve_source(source: &str, opts: &MountOptions) -> Result<SourceSpec, CliEr
             "s3.* options need an s3://BUCKET/KEY source or s3.endpoint=URL with BUCKET/KEY, not {source:?}"
         )));
     }
-    if opts.tar_index.is_some() || opts.zinfo.is_some() {
-        return resolve_tar_index(source, opts);
+    if opts.tar_index.is_some() || opts.tar_index_build || opts.zinfo.is_some() {
+        return super::tar_index_mount::resolve(source, opts);
     }
     crate::oci::resolve_reference(source, &opts.oci).map(|spec| SourceSpec::Oci(Box::new(spec))).map_err(|e| CliError::new(e.to_string()))
-}
-
-/// `-o oci.tarindex=PATH[,oci.zinfo=PATH]`: one tar (or tar+gzip) layer
-/// mounted through its tar index (erofs-utils' options).
-fn resolve_tar_index(source: &str, opts: &MountOptions) -> Result<SourceSpec, CliError> {
-    let Some(index) = &opts.tar_index else {
-        return Err(CliError::new("oci.zinfo= goes with oci.tarindex= (the layer's tar index)"));
-    };
-    let absolute = |p: &Path| std::fs::canonicalize(p).map_err(|e| CliError::new(format!("{}: {}", p.display(), io_reason(&e))));
-    let index = absolute(index)?;
-    let zinfo = opts.zinfo.as_deref().map(absolute).transpose()?;
-    let blob = match crate::oci::resolve_reference(source, &opts.oci) {
-        Ok(spec) => spec,
-        // The one layer is a tar, not EROFS: that is what the index is for.
-        Err(crate::oci::OciError::NotErofs { digest, media_type, .. }) if media_type.contains("tar") => {
-            let by_digest = crate::oci::OciOptions { blob: Some(digest), layer: None, ..opts.oci.clone() };
-            crate::oci::resolve_reference(source, &by_digest).map_err(|e| CliError::new(e.to_string()))?
-        }
-        Err(e) => return Err(CliError::new(e.to_string())),
-    };
-    if zinfo.is_none() && blob.media_type.contains("gzip") {
-        return Err(CliError::new(format!(
-            "layer {} is gzip-compressed ({}): give its zinfo with oci.zinfo=PATH",
-            blob.digest, blob.media_type
-        )));
-    }
-    let name = format!("{} (tar index {})", blob.reference, index.display());
-    crate::agent::sources::tar_index_layout(&name, SourceSpec::Oci(Box::new(blob)), &index, zinfo.as_deref()).map_err(CliError::new)
 }
 
 /// Reads `prefetch_trace=FILE` before anything is set up, so a bad file

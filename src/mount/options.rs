@@ -62,6 +62,9 @@ pub struct MountOptions {
     /// `oci.tarindex=PATH` (erofs-utils): the layer's EROFS tar index; the
     /// layer is mounted as `[index | tar]`.
     pub tar_index: Option<PathBuf>,
+    /// A bare `oci.tarindex`: make the tar index (and zinfo) at mount by
+    /// streaming the layer once; kept in the cache dir for later mounts.
+    pub tar_index_build: bool,
     /// `oci.zinfo=PATH` (erofs-utils): the gzip layer's zinfo, with `oci.tarindex`.
     pub zinfo: Option<PathBuf>,
     /// `s3.*`: the S3 source's own options (parsed by `remote::s3`).
@@ -85,6 +88,7 @@ impl Default for MountOptions {
             cache_max: None,
             oci: OciOptions::default(),
             tar_index: None,
+            tar_index_build: false,
             zinfo: None,
             s3: Default::default(),
         }
@@ -215,6 +219,7 @@ impl MountOptions {
                     }
                     o.oci.cafile = Some(PathBuf::from(v));
                 }
+                "oci.tarindex" if value.is_none() => o.tar_index_build = true,
                 "oci.tarindex" => o.tar_index = Some(PathBuf::from(need(value)?)),
                 "oci.zinfo" => o.zinfo = Some(PathBuf::from(need(value)?)),
                 k if k.starts_with("s3.") => o.s3.set(k, value).map_err(OptionError::from)?,
@@ -305,7 +310,9 @@ mod tests {
         let o = MountOptions::parse("oci.tarindex=/i/layer.erofs,oci.zinfo=rel/layer.zinfo").unwrap();
         assert_eq!(o.tar_index, Some(PathBuf::from("/i/layer.erofs")));
         assert_eq!(o.zinfo, Some(PathBuf::from("rel/layer.zinfo")));
-        assert!(matches!(MountOptions::parse("oci.tarindex"), Err(OptionError::MissingValue { .. })));
+        assert!(matches!(MountOptions::parse("oci.tarindex="), Err(OptionError::MissingValue { .. })));
+        let o = MountOptions::parse("oci.tarindex").unwrap();
+        assert!(o.tar_index_build && o.tar_index.is_none());
     }
 
     #[test]
