@@ -187,5 +187,35 @@ fn tar_gzip_layer_mounts_lazily_through_its_tar_index_and_zinfo() {
     let _ = tar_image;
     m.unmount().assert_success();
     env.assert_nothing_left_within(GONE_TIMEOUT, &[]);
+
+    // A bare oci.tarindex: the index is made at mount by streaming the layer once, and stored in the
+    // cache dir (with span digests and the tar's size) for the next mount.
+    let (gets0, bytes0) = counter.get();
+    let started = std::time::Instant::now();
+    let m = env.mount(&gz_ref, "mnt-auto", &["oci.tarindex"]);
+    let first_mount = started.elapsed();
+    let (gets, bytes) = (counter.get().0 - gets0, counter.get().1 - bytes0);
+    eprintln!("indexed at mount in {first_mount:.2?}: {gets} blob requests, {bytes} bytes of {gz_size}");
+    assert!(bytes >= gz_size && bytes < gz_size + (64 << 10), "one pass over the layer: {bytes} bytes");
+    let stored = env.cache_dir.join(".tar-indexes").join(gz_digest.trim_start_matches("sha256:"));
+    for f in ["index.erofs", "layer.zinfo", "layer.json"] {
+        assert!(stored.join(f).is_file(), "{} missing", stored.join(f).display());
+    }
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(stored.join("layer.json")).unwrap()).unwrap();
+    assert_eq!(meta["tar_size"].as_u64(), Some(std::fs::metadata(&tar).unwrap().len()), "{meta}");
+    assert!(meta["span_sha256"].as_array().is_some_and(|a| !a.is_empty()), "{meta}");
+    assert_same_tree(&expected, &m.mountpoint, checks);
+    assert_eq!(m.status().fetch_errors, 0);
+    m.unmount().assert_success();
+    env.assert_nothing_left_within(GONE_TIMEOUT, &[]);
+    // The next mount uses the stored index: no pass over the layer, not even the last span.
+    let (gets0, bytes0) = counter.get();
+    let m = env.mount(&gz_ref, "mnt-auto2", &["oci.tarindex"]);
+    let (gets, bytes) = (counter.get().0 - gets0, counter.get().1 - bytes0);
+    eprintln!("second mount with the stored index: {gets} blob requests, {bytes} bytes");
+    assert!(gets <= 1 && bytes <= 4096, "{gets} requests, {bytes} bytes");
+    assert_eq!(std::fs::read(m.path("usr/lib/big.so")).unwrap(), std::fs::read(expected.join("usr/lib/big.so")).unwrap());
+    m.unmount().assert_success();
+    env.assert_nothing_left_within(GONE_TIMEOUT, &[]);
     let _ = std::fs::remove_dir_all(Path::new(&work));
 }
