@@ -17,7 +17,7 @@ use common::erofs_tree::{assert_same_tree, Checks};
 use common::oci::{push_image, reference, LayerSpec, OciEnv, TAR_GZIP_LAYER};
 use common::http_server::{forward, HttpServer};
 use common::registry::Registry;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use common::{ready, GONE_TIMEOUT};
 
@@ -80,6 +80,8 @@ open(out_gz, "wb").write(gzip.compress(raw[:cut], 6, mtime=0) + gzip.compress(ra
 struct BlobCounter {
     gets: AtomicU64,
     bytes: AtomicU64,
+    /// While set, the proxy flips one byte in the middle of every ranged blob body (not the probe).
+    corrupt: AtomicBool,
 }
 
 impl BlobCounter {
@@ -95,8 +97,12 @@ fn counting_proxy(registry: &Registry, digest: &str) -> (HttpServer, Arc<BlobCou
     let c = counter.clone();
     let blob_path = format!("/blobs/{digest}");
     let proxy = HttpServer::start("tar-index-proxy", move |request| {
-        let reply = forward(&upstream, request);
+        let mut reply = forward(&upstream, request);
         if request.method == "GET" && request.path().contains(&blob_path) {
+            if c.corrupt.load(Ordering::SeqCst) && reply.status == 206 && reply.body.len() > 4096 {
+                let mid = reply.body.len() / 2;
+                reply.body[mid] ^= 0x20;
+            }
             c.gets.fetch_add(1, Ordering::SeqCst);
             c.bytes.fetch_add(reply.body.len() as u64, Ordering::SeqCst);
         }
@@ -208,6 +214,25 @@ fn tar_gzip_layer_mounts_lazily_through_its_tar_index_and_zinfo() {
     assert_eq!(m.status().fetch_errors, 0);
     m.unmount().assert_success();
     env.assert_nothing_left_within(GONE_TIMEOUT, &[]);
+    // A corrupt span (the proxy flips a byte): the read fails with EIO, never wrong bytes, and the span is
+    // not kept; once the proxy stops corrupting, the same read succeeds. A fresh cache entry (new cache
+    // dir, so the index is made again, before the corruption starts).
+    {
+        let env2 = OciEnv::new("tar-index-corrupt");
+        let m = env2.mount(&gz_ref, "mnt", &["oci.tarindex"]);
+        counter.corrupt.store(true, Ordering::SeqCst);
+        let err = std::fs::read(m.path("usr/lib/big.so")).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+        let status = m.status();
+        assert!(status.fetch_errors >= 1 && status.denied_events >= 1, "{status:?}");
+        counter.corrupt.store(false, Ordering::SeqCst);
+        let healed = std::fs::read(m.path("usr/lib/big.so")).unwrap();
+        assert!(healed == std::fs::read(expected.join("usr/lib/big.so")).unwrap(), "healed read differs");
+        assert_same_tree(&expected, &m.mountpoint, checks);
+        m.unmount().assert_success();
+        env2.assert_nothing_left_within(GONE_TIMEOUT, &[]);
+    }
+
     // The next mount uses the stored index: no pass over the layer, not even the last span.
     let (gets0, bytes0) = counter.get();
     let m = env.mount(&gz_ref, "mnt-auto2", &["oci.tarindex"]);
