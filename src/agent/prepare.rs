@@ -133,14 +133,19 @@ pub(super) async fn prepare(cfg: &AgentConfig, ctx: &WorkerContext) -> Result<Pr
     let required = match entry.required_ranges() {
         Some(required) => required,
         None => {
-            let map = walk_metadata(&fetcher, size, &shown).await?;
             // Several blobs: only the primary (the merged image, or a
             // multi-blob image's primary) holds metadata; the rest of the
             // blobs (devices' data, layers' own metadata, data of deleted
             // files) is never read without an event.
             let required = match metadata_end {
-                Some(len) => clip(&map.required, len),
-                None => map.required,
+                Some(len) => clip(&walk_metadata(&fetcher, size, &shown).await?.required, len),
+                None => {
+                    // One source: the metadata lives in the primary device, the segment at
+                    // byte 0; what lies past it (a tar index's tar, flatdev blobs) is data of
+                    // extra devices, never required.
+                    let primary = layout.segment_at(0).map_or(size, |s| s.end().min(size));
+                    walk_metadata(&fetcher, primary, &shown).await?.required
+                }
             };
             if let Err(e) = entry.set_required(&required) {
                 tracing::warn!(error = %e, "cannot store the metadata map with the cache entry");

@@ -31,6 +31,10 @@ pub enum SourceSpec {
     /// The EROFS layers of an image, mounted as one filesystem: merged, or
     /// one multi-blob image (`agent::merge` decides, from their superblocks).
     Layers(Box<LayersSpec>),
+    /// A local file, pinned by its sha256 (a tar index named by `oci.tarindex=`).
+    LocalFile(LocalFileSpec),
+    /// The uncompressed tar of a gzip layer, served through its zinfo (issue 16).
+    GzipTar(Box<GzipTarSpec>),
 }
 
 /// The layers of an image, in manifest order.
@@ -40,6 +44,27 @@ pub struct LayersSpec {
     pub name: String,
     /// One source per layer; each names its blob digest.
     pub layers: Vec<SourceSpec>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LocalFileSpec {
+    pub path: std::path::PathBuf,
+    /// `sha256:<hex>` of the file when the front end read it: the agent
+    /// refuses a file that changed since (the cache key is made of it).
+    pub sha256: String,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+pub struct GzipTarSpec {
+    /// The compressed layer blob.
+    pub blob: SourceSpec,
+    pub zinfo: LocalFileSpec,
+    /// Size of the uncompressed tar; `None`: measured from the last span.
+    #[serde(default)]
+    pub tar_size: Option<u64>,
+    /// Per-span digests from an index artifact (`gzip::span_digest`).
+    #[serde(default)]
+    pub span_sha256: Option<Vec<String>>,
 }
 
 /// Where each region of an image's flat address space comes from.
@@ -77,6 +102,8 @@ impl SourceSpec {
             SourceSpec::S3(spec) => spec.describe(),
             SourceSpec::Layout(l) => l.name.clone(),
             SourceSpec::Layers(l) => l.name.clone(),
+            SourceSpec::LocalFile(f) => format!("file {}", f.path.display()),
+            SourceSpec::GzipTar(g) => format!("the tar of {}", g.blob.describe()),
         }
     }
 
@@ -85,7 +112,7 @@ impl SourceSpec {
         match self {
             SourceSpec::Url { url } => digest_from_url(url),
             SourceSpec::Oci(spec) => Some(spec.digest.clone()),
-            SourceSpec::S3(_) | SourceSpec::Layout(_) | SourceSpec::Layers(_) => None,
+            SourceSpec::S3(_) | SourceSpec::Layout(_) | SourceSpec::Layers(_) | SourceSpec::LocalFile(_) | SourceSpec::GzipTar(_) => None,
         }
     }
 
@@ -101,6 +128,15 @@ impl SourceSpec {
             (None, SourceSpec::Url { url }) => Ok(erofs_fanotify_state::cache_key_for_url(url)),
             (None, SourceSpec::Oci(_)) => Err("an OCI source without a digest".into()),
             (None, SourceSpec::S3(spec)) => Ok(spec.cache_key()),
+            (None, SourceSpec::LocalFile(f)) => Ok(format!("file-{}", short_hex(&f.sha256))),
+            (None, SourceSpec::GzipTar(g)) => {
+                // The blob and the zinfo that decodes it name the tar.
+                let mut h = Sha256::new();
+                h.update(g.blob.cache_key()?.as_bytes());
+                h.update(b"\0");
+                h.update(g.zinfo.sha256.as_bytes());
+                Ok(format!("gztar-{}", &hex::encode(h.finalize())[..32]))
+            }
             (None, SourceSpec::Layout(l)) => {
                 // The placement and the keys of the parts name the address space.
                 let mut h = Sha256::new();
@@ -188,8 +224,130 @@ pub fn open_one<'a>(spec: &'a SourceSpec, http: &'a ClientConfig) -> BoxFuture<'
             }
             SourceSpec::Layout(l) => Err(OpenError(format!("{}: a layout inside a layout", l.name))),
             SourceSpec::Layers(l) => Err(OpenError(format!("{}: layers inside a layout", l.name))),
+            SourceSpec::LocalFile(f) => {
+                let source = open_local_file(f).await?;
+                let want = PROBE_LEN.min(source.size());
+                let probe = source.fetch(0..want).await.map_err(|e| OpenError(format!("{}: {e}", f.path.display())))?;
+                Ok((Arc::new(source) as Arc<dyn RangeSource>, probe))
+            }
+            SourceSpec::GzipTar(g) => open_gzip_tar(g, http).await,
         }
     })
+}
+
+fn short_hex(digest: &str) -> &str {
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+    &hex[..hex.len().min(32)]
+}
+
+fn sha256_of(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// Reads a local file whole, capped: index files and zinfos are metadata.
+fn read_capped(path: &std::path::Path, cap: u64) -> Result<Vec<u8>, OpenError> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| OpenError(format!("cannot open {}: {e}", path.display())))?;
+    let mut bytes = Vec::new();
+    file.take(cap + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| OpenError(format!("cannot read {}: {e}", path.display())))?;
+    if bytes.len() as u64 > cap {
+        return Err(OpenError(format!("{} is larger than {cap} bytes", path.display())));
+    }
+    Ok(bytes)
+}
+
+/// Largest tar index or zinfo read (a zinfo of 2^16 spans is 2 GiB; an
+/// index of millions of inodes a few hundred MiB).
+const MAX_LOCAL_FILE: u64 = 1 << 30;
+
+async fn open_local_file(f: &LocalFileSpec) -> Result<crate::remote::FileSource, OpenError> {
+    let path = f.path.clone();
+    let want = f.sha256.clone();
+    tokio::task::spawn_blocking(move || {
+        let source = crate::remote::FileSource::open(&path).map_err(|e| OpenError(format!("cannot open {}: {e}", path.display())))?;
+        let bytes = read_capped(&path, MAX_LOCAL_FILE)?;
+        if sha256_of(&bytes) != want || bytes.len() as u64 != source.size() {
+            return Err(OpenError(format!("{} changed since the mount began", path.display())));
+        }
+        Ok(source)
+    })
+    .await
+    .map_err(|e| OpenError(format!("reading a local file failed: {e}")))?
+}
+
+/// The blob, its zinfo checked and the tar's size (measured when not
+/// given): the uncompressed tar as a source.
+async fn open_gzip_tar(g: &GzipTarSpec, http: &ClientConfig) -> Result<(Arc<dyn RangeSource>, Bytes), OpenError> {
+    use crate::gzip::Zinfo;
+    use crate::segments::gzip::{GzipSpanConfig, GzipSpans};
+    let (blob, _) = open_one(&g.blob, http).await?;
+    let path = g.zinfo.path.clone();
+    let want = g.zinfo.sha256.clone();
+    let zinfo = tokio::task::spawn_blocking(move || {
+        let bytes = read_capped(&path, MAX_LOCAL_FILE)?;
+        if sha256_of(&bytes) != want {
+            return Err(OpenError(format!("{} changed since the mount began", path.display())));
+        }
+        Zinfo::parse(bytes).map_err(|e| OpenError(format!("{} is not a zinfo: {e}", path.display())))
+    })
+    .await
+    .map_err(|e| OpenError(format!("reading the zinfo failed: {e}")))??;
+    let label = g.blob.label();
+    let tar_size = match g.tar_size {
+        Some(n) => n,
+        None => GzipSpans::measure_tar_size(blob.as_ref(), &zinfo, &label).await.map_err(|e| OpenError(e.to_string()))?,
+    };
+    let mut cfg = GzipSpanConfig::new(label, tar_size);
+    cfg.span_sha256 = g.span_sha256.clone();
+    cfg.blob_digest = g.blob.digest();
+    let spans = GzipSpans::new(blob, zinfo, cfg).map_err(|e| OpenError(e.to_string()))?;
+    Ok((Arc::new(spans) as Arc<dyn RangeSource>, Bytes::new()))
+}
+
+/// The files of a one-layer tar index mount and what is known about the tar.
+#[derive(Clone, Debug)]
+pub struct TarIndexFiles {
+    pub index: std::path::PathBuf,
+    /// Gzip layers: the zinfo (without it the layer blob is the tar itself).
+    pub zinfo: Option<std::path::PathBuf>,
+    /// The uncompressed tar's size when known (else measured by the agent).
+    pub tar_size: Option<u64>,
+    pub span_sha256: Option<Vec<String>>,
+}
+
+/// The address space of a one-layer tar index mount (`-o oci.tarindex=,oci.zinfo=`):
+/// `[index | tar]`, the index from its local file, the tar from the layer
+/// (through its zinfo when the layer is gzip). Front end side: reads the
+/// index to place the tar, and pins both files by digest.
+pub fn tar_index_layout(name: &str, layer: SourceSpec, files: &TarIndexFiles) -> Result<SourceSpec, String> {
+    let index = &files.index;
+    let index_bytes = read_capped(index, MAX_LOCAL_FILE).map_err(|e| e.0)?;
+    let placed = crate::segments::tar_index::placement(&index_bytes).map_err(|e| format!("{}: {e}", index.display()))?;
+    let index_spec = LocalFileSpec { path: index.to_path_buf(), sha256: sha256_of(&index_bytes) };
+    let tar = match &files.zinfo {
+        Some(z) => {
+            let bytes = read_capped(z, MAX_LOCAL_FILE).map_err(|e| e.0)?;
+            let sha256 = sha256_of(&bytes);
+            crate::gzip::Zinfo::parse(bytes).map_err(|e| format!("{} is not a zinfo: {e}", z.display()))?;
+            SourceSpec::GzipTar(Box::new(GzipTarSpec {
+                blob: layer,
+                zinfo: LocalFileSpec { path: z.to_path_buf(), sha256 },
+                tar_size: files.tar_size,
+                span_sha256: files.span_sha256.clone(),
+            }))
+        }
+        None => layer,
+    };
+    Ok(SourceSpec::Layout(Box::new(LayoutSpec {
+        name: name.to_string(),
+        size: placed.size(),
+        segments: vec![
+            SegmentSpec { start: 0, len: placed.index_len, source_offset: 0, source: SourceSpec::LocalFile(index_spec) },
+            SegmentSpec { start: placed.tar_start, len: placed.tar_len, source_offset: 0, source: tar },
+        ],
+    })))
 }
 
 /// `…/blobs/sha256:<hex>` names its digest; other URLs have none we can trust.

@@ -104,6 +104,12 @@ enum Cmd {
         /// Uncompressed bytes per lz4 physical cluster (a multiple of 4096, up to 1 MiB)
         #[arg(long, value_name = "BYTES", hide = true)]
         pcluster_size: Option<u32>,
+        /// With --tar-index of a gzip layer: also write its zinfo (gzip random-access checkpoints)
+        #[arg(long, value_name = "FILE", requires = "tar_index")]
+        zinfo: Option<PathBuf>,
+        /// Uncompressed bytes between zinfo checkpoints (default 4M)
+        #[arg(long, value_name = "SIZE", requires = "zinfo")]
+        zinfo_span: Option<String>,
     },
     /// List or prune the local cache of blobs
     Cache {
@@ -201,9 +207,27 @@ fn main() {
             }
             .map(|_| 0)
         }
-        Cmd::Build { src, out, compress, order, reproducible, tar_index, pcluster_size } => {
+        Cmd::Build { src, out, compress, order, reproducible, tar_index, pcluster_size, zinfo, zinfo_span } => {
             cli::init_cli_logging();
-            cli::build_cmd::run(cli::build_cmd::BuildArgs { src, out, compress, order, reproducible, tar_index, pcluster_size })
+            let zinfo_span = match zinfo_span.as_deref().map(|v| (v, erofs_fanotify::mount::options::parse_size(v))) {
+                None => Ok(None),
+                Some((_, Some(n))) if n > 0 && n <= u64::from(u32::MAX) => Ok(Some(n)),
+                Some((v, _)) => Err(cli::CliError::new(format!("--zinfo-span {v:?}: expected a size like 4M, below 4G"))),
+            };
+            zinfo_span
+                .and_then(|zinfo_span| {
+                    cli::build_cmd::run(cli::build_cmd::BuildArgs {
+                        src,
+                        out,
+                        compress,
+                        order,
+                        reproducible,
+                        tar_index,
+                        pcluster_size,
+                        zinfo,
+                        zinfo_span,
+                    })
+                })
                 .map(|_| 0)
         }
         Cmd::Agent { foreground, adopt } => agent_cmd::run_supervisor(foreground, adopt),

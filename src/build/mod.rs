@@ -5,6 +5,8 @@
 
 pub mod dir;
 pub mod input;
+pub mod layer;
+pub mod layer_store;
 pub mod tar;
 
 use std::io;

@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::build::{self, tar::DataMode, BuildError, LocalFiles};
-use crate::erofs::writer::{self, Compression, Device, InodeId, Tree, WriterOptions};
+use crate::erofs::writer::{self, Compression, InodeId, Tree, WriterOptions};
 
 use super::CliError;
 
@@ -26,6 +26,10 @@ pub struct BuildArgs {
     pub tar_index: bool,
     /// Uncompressed bytes per lz4 pcluster.
     pub pcluster_size: Option<u32>,
+    /// `--zinfo FILE` (with `--tar-index` of a gzip layer): write its zinfo.
+    pub zinfo: Option<PathBuf>,
+    /// `--zinfo-span SIZE`: distance between zinfo checkpoints.
+    pub zinfo_span: Option<u64>,
 }
 
 fn err(e: impl std::fmt::Display) -> CliError {
@@ -120,6 +124,12 @@ fn is_tar_source(src: &Path) -> bool {
 }
 
 pub fn run(args: BuildArgs) -> Result<(), CliError> {
+    if args.tar_index {
+        return run_tar_index(args);
+    }
+    if args.zinfo.is_some() || args.zinfo_span.is_some() {
+        return Err(err("--zinfo and --zinfo-span go with --tar-index"));
+    }
     let started = Instant::now();
     let compression = match args.compress.as_deref() {
         None | Some("none") => Compression::None,
@@ -128,9 +138,6 @@ pub fn run(args: BuildArgs) -> Result<(), CliError> {
         },
         Some(other) => return Err(err(format!("unknown compression {other:?} (supported: lz4)"))),
     };
-    if args.tar_index && compression != Compression::None {
-        return Err(err("--tar-index images hold no data: --compress does not apply"));
-    }
     let out_dir = match args.out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -151,16 +158,13 @@ pub fn run(args: BuildArgs) -> Result<(), CliError> {
     // The tree (and a spool file for tar data that cannot be referenced in place).
     let tar = is_tar_source(&args.src);
     let mut spool: Option<tempfile::NamedTempFile> = None;
-    let mut tar_blocks = 0u64;
     let tree = if !tar {
         progress.line("reading the source tree...");
         build::dir::tree_from_dir(&args.src).map_err(err)?.0
     } else {
         progress.line("reading the tar stream...");
         let input = build::input::open_tar(&args.src, None).map_err(err)?;
-        let (tree, stats) = if args.tar_index {
-            build::tar::tree_from_tar(input.reader, DataMode::Index { block_bits: 9 })
-        } else if let Some(path) = input.seekable_path.clone() {
+        let (tree, _stats) = if let Some(path) = input.seekable_path.clone() {
             build::tar::tree_from_tar(input.reader, DataMode::InPlace(path))
         } else {
             let s = tempfile::Builder::new()
@@ -174,7 +178,6 @@ pub fn run(args: BuildArgs) -> Result<(), CliError> {
             build::tar::tree_from_tar(input.reader, DataMode::Spool { file: &mut file, path })
         }
         .map_err(|e: BuildError| err(format!("{}: {e}", args.src.display())))?;
-        tar_blocks = stats.device_blocks();
         tree
     };
 
@@ -188,22 +191,7 @@ pub fn run(args: BuildArgs) -> Result<(), CliError> {
         opts.data_order = read_order(order, &tree)?;
     }
     let files = LocalFiles;
-    let plan = if args.tar_index {
-        opts.block_bits = 9;
-        opts.metadata_only = true;
-        let blocks = u32::try_from(tar_blocks)
-            .map_err(|_| err("the tar is larger than 2^32 512-byte blocks"))?;
-        opts.devices = vec![Device { tag: [0; 64], blocks, uniaddr: 0 }];
-        // The device's place in the flat space is right after the index,
-        // whose size does not depend on it.
-        let first = writer::plan(&tree, &opts, &files).map_err(err)?;
-        opts.devices[0].uniaddr = u32::try_from(first.summary().image_size / 512)
-            .map_err(|_| err("the index is larger than 2^32 blocks"))?;
-        drop(first);
-        writer::plan(&tree, &opts, &files).map_err(err)?
-    } else {
-        writer::plan_with_progress(&tree, &opts, &files, &progress).map_err(err)?
-    };
+    let plan = writer::plan_with_progress(&tree, &opts, &files, &progress).map_err(err)?;
     let summary = plan
         .write_with_progress(tmp.as_file_mut(), &files, &progress)
         .map_err(|e| err(format!("{}: {e}", args.out.display())))?;
@@ -227,11 +215,105 @@ pub fn run(args: BuildArgs) -> Result<(), CliError> {
         summary.data_bytes,
         started.elapsed().as_secs_f64()
     );
-    if args.tar_index {
+    Ok(())
+}
+
+/// A temp file beside `out`, renamed into place by the caller.
+fn temp_beside(out: &Path, suffix: &str) -> Result<tempfile::NamedTempFile, CliError> {
+    let dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = out
+        .file_name()
+        .ok_or_else(|| err(format!("{} is not a file name", out.display())))?
+        .to_string_lossy()
+        .into_owned();
+    tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(suffix)
+        .tempfile_in(&dir)
+        .map_err(|e| err(format!("cannot create a file in {}: {e}", dir.display())))
+}
+
+fn persist(tmp: tempfile::NamedTempFile, out: &Path) -> Result<(), CliError> {
+    use std::os::unix::fs::PermissionsExt;
+    tmp.as_file()
+        .sync_all()
+        .map_err(|e| err(format!("cannot write {}: {e}", out.display())))?;
+    let _ = tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644));
+    tmp.persist(out)
+        .map_err(|e| err(format!("cannot rename to {}: {}", out.display(), e.error)))?;
+    Ok(())
+}
+
+/// `build --tar-index [--zinfo Z] LAYER OUT`: one pass over the layer (the
+/// zinfo builder inflates it, the tar reader reads what it yields); the
+/// index and the zinfo are both written or neither.
+fn run_tar_index(args: BuildArgs) -> Result<(), CliError> {
+    let started = Instant::now();
+    if args.compress.is_some() {
+        return Err(err("--tar-index images hold no data: --compress does not apply"));
+    }
+    if args.order.is_some() {
+        return Err(err("--tar-index images hold no data: --order does not apply"));
+    }
+    if !is_tar_source(&args.src) {
+        return Err(err(format!("{}: --tar-index needs a tar or tar.gz layer, not a directory", args.src.display())));
+    }
+    let raw: Box<dyn Read> = if args.src == Path::new("-") {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(
+            std::fs::File::open(&args.src).map_err(|e| err(format!("cannot open {}: {e}", args.src.display())))?,
+        )
+    };
+    let opts = build::layer::LayerOptions {
+        span_size: args.zinfo_span.unwrap_or(crate::gzip::DEFAULT_SPAN_SIZE),
+        uuid: if args.reproducible { None } else { Some(random_uuid()?) },
+    };
+    let mut tmp = temp_beside(&args.out, ".tmp")?;
+    let progress = TermProgress::new();
+    progress.line("reading the layer...");
+    let layer = build::layer::index_layer(raw, tmp.as_file_mut(), None, &opts)
+        .map_err(|e| err(format!("{}: {e}", args.src.display())))?;
+    progress.done();
+    let zinfo_tmp = match (&args.zinfo, &layer.zinfo) {
+        (Some(path), Some(built)) => {
+            let mut z = temp_beside(path, ".tmp")?;
+            z.as_file_mut()
+                .write_all(built.zinfo.as_bytes())
+                .map_err(|e| err(format!("cannot write {}: {e}", path.display())))?;
+            Some((z, path.clone()))
+        }
+        (Some(_), None) => {
+            return Err(err(format!("{} is not gzip: --zinfo applies to gzip layers only", args.src.display())))
+        }
+        (None, _) => None,
+    };
+    persist(tmp, &args.out)?;
+    if let Some((z, path)) = zinfo_tmp {
+        persist(z, &path)?;
+    }
+    println!(
+        "{}: tar index of {} inodes, {} bytes; device 1 = the tar ({} bytes, {} blocks of 512 at block {}: back it with [index | tar]); {:.2} s",
+        args.out.display(),
+        layer.inodes,
+        layer.index_size,
+        layer.tar_size,
+        layer.device_blocks,
+        layer.uniaddr,
+        started.elapsed().as_secs_f64()
+    );
+    if let (Some(path), Some(built)) = (&args.zinfo, &layer.zinfo) {
         println!(
-            "tar index: device 1 = the tar, {} blocks of 512 bytes at block {} (back it with [index | tar])",
-            opts.devices[0].blocks, opts.devices[0].uniaddr
+            "{}: zinfo of {} spans (span {} bytes), {} gzip member(s)",
+            path.display(),
+            built.zinfo.span_count(),
+            built.zinfo.span_size(),
+            built.members
         );
     }
+    println!("diff_id {} blob {} ({} bytes)", layer.diff_id, layer.blob_digest, layer.blob_size);
     Ok(())
 }

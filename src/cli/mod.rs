@@ -12,6 +12,7 @@ pub mod metrics_cmd;
 pub mod mount_cmd;
 pub mod prefetch_cmd;
 pub mod status_cmd;
+pub mod tar_index_mount;
 pub mod trace_cmd;
 pub mod umount_cmd;
 pub mod upgrade_cmd;

@@ -230,7 +230,7 @@ fn check_mountpoint(path: &Path) -> Result<PathBuf, CliError> {
     Ok(abs)
 }
 
-fn io_reason(e: &std::io::Error) -> String {
+pub(crate) fn io_reason(e: &std::io::Error) -> String {
     let s = e.to_string();
     s.split(" (os error").next().unwrap_or(&s).to_lowercase()
 }
@@ -326,6 +326,9 @@ fn resolve_source(source: &str, opts: &MountOptions) -> Result<SourceSpec, CliEr
         return Err(CliError::new(format!(
             "s3.* options need an s3://BUCKET/KEY source or s3.endpoint=URL with BUCKET/KEY, not {source:?}"
         )));
+    }
+    if opts.tar_index.is_some() || opts.tar_index_build || opts.zinfo.is_some() {
+        return super::tar_index_mount::resolve(source, opts);
     }
     match crate::oci::resolve_image(source, &opts.oci).map_err(|e| CliError::new(e.to_string()))? {
         crate::oci::ResolvedImage::Blob(spec) => Ok(SourceSpec::Oci(Box::new(spec))),

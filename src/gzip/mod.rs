@@ -22,7 +22,7 @@ pub mod zinfo;
 mod tests;
 
 pub use builder::{build_zinfo, BuilderOptions, BuiltZinfo, ZinfoBuilder};
-pub use span::{inflate_span, inflate_span_into, span_digests, MAX_SPAN_OUTPUT};
+pub use span::{inflate_last_span, inflate_span, inflate_span_into, span_digest, span_digests, MAX_SPAN_OUTPUT};
 pub use zinfo::{Checkpoint, Zinfo, CHECKPOINT_SIZE, DEFAULT_SPAN_SIZE, HEADER_SIZE, WINDOW_SIZE};
 
 use crate::sys::zlib::ZlibError;

@@ -167,6 +167,69 @@ pub fn inflate_span_into(
     }
 }
 
+/// The last span inflated to the stream's end, its length not known
+/// beforehand: a zinfo does not record the uncompressed size, so a mount
+/// with only erofs-utils' files learns the tar's size from this (`out` of
+/// the last checkpoint plus the length returned). The stream must end with
+/// the input (no trailing bytes), as [`inflate_span`] checks for the last
+/// span; more than `cap` bytes of output is an error.
+pub fn inflate_last_span(zinfo: &Zinfo, compressed: &[u8], cap: u64) -> Result<Vec<u8>, GzipError> {
+    let k = zinfo.span_count().checked_sub(1).ok_or(super::ZinfoError::Empty)?;
+    let cp = *zinfo
+        .checkpoint(k)
+        .ok_or(GzipError::Failed("checkpoint vanished".into()))?;
+    let window = zinfo
+        .window(k)
+        .ok_or(GzipError::Failed("window vanished".into()))?;
+    let zerr = |e| GzipError::SpanData { span: k, source: e };
+    let mut inf = Inflate::new(RAW).map_err(zerr)?;
+    let mut input = compressed;
+    if cp.bits > 0 {
+        let Some((&first, rest)) = input.split_first() else {
+            return Err(GzipError::ShortInput { span: k });
+        };
+        inf.prime(cp.bits, first >> (8 - cp.bits)).map_err(zerr)?;
+        input = rest;
+    }
+    inf.set_dictionary(window).map_err(zerr)?;
+    let mut raw = true;
+    let mut member_done = false;
+    let mut stalls = 0u32;
+    let mut out = Vec::new();
+    let mut chunk = vec![0u8; 1 << 16];
+    loop {
+        if member_done && input.is_empty() {
+            return Ok(out);
+        }
+        let step = inf.inflate(input, &mut chunk, Flush::None).map_err(zerr)?;
+        input = &input[step.consumed..];
+        let total = out.len() as u64 + step.produced as u64;
+        if total > cap {
+            return Err(GzipError::SpanTooLarge { span: k, bytes: total });
+        }
+        out.extend_from_slice(&chunk[..step.produced]);
+        match step.status {
+            Status::StreamEnd => {
+                end_member(&mut inf, &mut input, &mut raw, k)?;
+                member_done = true;
+            }
+            _ if step.consumed == 0 && step.produced == 0 => {
+                if input.is_empty() {
+                    return Err(GzipError::ShortInput { span: k });
+                }
+                stalls += 1;
+                if stalls > 2 {
+                    return Err(GzipError::Failed("inflate made no progress".into()));
+                }
+            }
+            _ => {
+                member_done = false;
+                stalls = 0;
+            }
+        }
+    }
+}
+
 /// After a member's deflate stream ended: skip the raw member's trailer (a
 /// gzip-mode inflate consumed and checked its own) and start the next member
 /// in gzip mode.
@@ -187,10 +250,27 @@ fn end_member(
         .map_err(|e| GzipError::SpanData { span: k, source: e })
 }
 
-/// The sha256 (lowercase hex) of each span's compressed input
-/// ([`Zinfo::span_input_range`]), what the index artifact's `spanSha256`
-/// holds. Reads the blob span by span (consecutive spans share a byte or
-/// two, hence the seeks).
+/// The digest of span `k` (lowercase hex), what the index artifact's
+/// `spanSha256` holds: sha256 of the span's checkpoint record (`in`, `out`,
+/// `bits` and the 32 KiB window, as stored in the zinfo) followed by its
+/// compressed input ([`Zinfo::span_input_range`]). Everything the span's
+/// output depends on is covered, so a window changed after the digests were
+/// made is noticed when the span is read, not only when the layer's diff_id
+/// is checked.
+pub fn span_digest(zinfo: &Zinfo, k: usize, compressed: &[u8]) -> Result<String, GzipError> {
+    use sha2::{Digest, Sha256};
+    let record = zinfo.checkpoint_record(k).ok_or(super::ZinfoError::NoSuchSpan {
+        span: k,
+        spans: zinfo.span_count(),
+    })?;
+    let mut h = Sha256::new();
+    h.update(record);
+    h.update(compressed);
+    Ok(hex::encode(h.finalize()))
+}
+
+/// [`span_digest`] of every span, reading the blob span by span
+/// (consecutive spans share a byte or two, hence the seeks).
 pub fn span_digests<R: std::io::Read + std::io::Seek>(
     zinfo: &Zinfo,
     blob: &mut R,
@@ -204,6 +284,7 @@ pub fn span_digests<R: std::io::Read + std::io::Seek>(
         let r = zinfo.span_input_range(k, blob_size)?;
         blob.seek(SeekFrom::Start(r.start))?;
         let mut h = Sha256::new();
+        h.update(zinfo.checkpoint_record(k).unwrap_or_default());
         let mut left = r.end - r.start;
         while left > 0 {
             let n = left.min(buf.len() as u64) as usize;

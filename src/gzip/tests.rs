@@ -138,10 +138,19 @@ fn check_case(gz: &[u8], raw: &[u8], span: u64) -> BuiltZinfo {
         );
     }
     assert_eq!(next, raw.len() as u64);
-    // Span digests read from a file-like source match the slices'.
+    // The last span inflated without knowing its length gives the stream's size.
+    let last = z.span_count() - 1;
+    let tail = inflate_last_span(z, span_bytes(z, last, gz), MAX_SPAN_OUTPUT).unwrap();
+    assert_eq!(z.checkpoint(last).unwrap().out_offset + tail.len() as u64, raw.len() as u64);
+    assert!(tail[..] == raw[raw.len() - tail.len()..]);
+    // Span digests read from a file-like source match the slices': the
+    // checkpoint record, then the compressed input.
     let digests = span_digests(z, &mut std::io::Cursor::new(gz), gz.len() as u64).unwrap();
     for (k, d) in digests.iter().enumerate() {
-        assert_eq!(d, &hex::encode(Sha256::digest(span_bytes(z, k, gz))));
+        let mut whole = z.checkpoint_record(k).unwrap().to_vec();
+        whole.extend_from_slice(span_bytes(z, k, gz));
+        assert_eq!(d, &hex::encode(Sha256::digest(&whole)));
+        assert_eq!(d, &span_digest(z, k, span_bytes(z, k, gz)).unwrap());
     }
     built
 }
@@ -269,6 +278,13 @@ fn span_errors_are_errors_never_zeros() {
     let mut longer = last.to_vec();
     longer.push(0x1f);
     assert!(inflate_span(z, n - 1, &longer, total).is_err());
+    // The same for the last span inflated to its end, and a cap it passes.
+    assert!(matches!(
+        inflate_last_span(z, &last[..last.len() - 3], MAX_SPAN_OUTPUT),
+        Err(GzipError::ShortInput { .. })
+    ));
+    assert!(inflate_last_span(z, &longer, MAX_SPAN_OUTPUT).is_err());
+    assert!(matches!(inflate_last_span(z, last, 1000), Err(GzipError::SpanTooLarge { .. })));
     assert!(inflate_span(z, n - 1, last, total + 1).is_err());
     assert!(matches!(
         inflate_span(z, n - 1, last, total - 1),

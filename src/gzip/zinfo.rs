@@ -181,6 +181,16 @@ impl Zinfo {
         self.bytes.get(start..start + WINDOW_SIZE)
     }
 
+    /// Checkpoint `k`'s record as stored in the file (`in`, `out`, `bits`,
+    /// window: [`CHECKPOINT_SIZE`] bytes), what a span digest covers.
+    pub fn checkpoint_record(&self, k: usize) -> Option<&[u8]> {
+        if k >= self.points.len() {
+            return None;
+        }
+        let start = HEADER_SIZE + k * CHECKPOINT_SIZE;
+        self.bytes.get(start..start + CHECKPOINT_SIZE)
+    }
+
     /// Checks the checkpoints against the compressed blob's size and the
     /// uncompressed stream's total size. Call once both are known.
     pub fn check_bounds(&self, blob_size: u64, total_out: u64) -> Result<(), ZinfoError> {

@@ -11,8 +11,9 @@
 //!   blob), `traces` (named access traces). **Ranges, never bytes**: every
 //!   byte still comes from the digest-addressed blob.
 //! * tar+gzip layers: `tarIndex` and `zinfo` (descriptors of separate blobs),
-//!   `tarSize` (the uncompressed size, which zinfo lacks), `spanSha256` (the
-//!   sha256 of each span's compressed input, `Zinfo::span_input_range`),
+//!   `tarSize` (the uncompressed size, which zinfo lacks), `spanSha256` (per
+//!   span, the sha256 of its zinfo checkpoint record followed by its
+//!   compressed input, `Zinfo::span_input_range`: `gzip::span_digest`),
 //!   `diffId`. `files` and `traces` are then offsets in the uncompressed tar.
 //!
 //! Plus an optional `merged` descriptor (merged metadata of all layers).
@@ -213,7 +214,8 @@ pub struct LayerIndex {
     /// tar+gzip: size of the uncompressed tar.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tar_size: Option<u64>,
-    /// tar+gzip: lowercase hex sha256 of each zinfo span's compressed input.
+    /// tar+gzip: per zinfo span, lowercase hex sha256 of its checkpoint
+    /// record and compressed input (`gzip::span_digest`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub span_sha256: Vec<String>,
     /// tar+gzip: the layer's diff_id (`sha256:<hex>` of the tar).

@@ -59,6 +59,14 @@ pub struct MountOptions {
     /// `cache_max=SIZE`: after mounting, prune unused cache entries (oldest first) down to SIZE on disk.
     pub cache_max: Option<u64>,
     pub oci: OciOptions,
+    /// `oci.tarindex=PATH` (erofs-utils): the layer's EROFS tar index; the
+    /// layer is mounted as `[index | tar]`.
+    pub tar_index: Option<PathBuf>,
+    /// A bare `oci.tarindex`: make the tar index (and zinfo) at mount by
+    /// streaming the layer once; kept in the cache dir for later mounts.
+    pub tar_index_build: bool,
+    /// `oci.zinfo=PATH` (erofs-utils): the gzip layer's zinfo, with `oci.tarindex`.
+    pub zinfo: Option<PathBuf>,
     /// `s3.*`: the S3 source's own options (parsed by `remote::s3`).
     pub s3: crate::remote::s3::S3Options,
 }
@@ -79,6 +87,9 @@ impl Default for MountOptions {
             prefetch_files: None,
             cache_max: None,
             oci: OciOptions::default(),
+            tar_index: None,
+            tar_index_build: false,
+            zinfo: None,
             s3: Default::default(),
         }
     }
@@ -208,6 +219,9 @@ impl MountOptions {
                     }
                     o.oci.cafile = Some(PathBuf::from(v));
                 }
+                "oci.tarindex" if value.is_none() => o.tar_index_build = true,
+                "oci.tarindex" => o.tar_index = Some(PathBuf::from(need(value)?)),
+                "oci.zinfo" => o.zinfo = Some(PathBuf::from(need(value)?)),
                 k if k.starts_with("s3.") => o.s3.set(k, value).map_err(OptionError::from)?,
                 k if is_generic_flag(k) => {}
                 _ => return Err(OptionError::Unknown(key.to_string())),
@@ -289,6 +303,16 @@ mod tests {
         assert_eq!(o.oci.cafile, Some(PathBuf::from("/etc/ca.pem")));
         assert!(MountOptions::parse("oci.cafile=ca.pem").is_err());
         assert!(MountOptions::parse("oci.mirror").is_err());
+    }
+
+    #[test]
+    fn tar_index_options_take_paths() {
+        let o = MountOptions::parse("oci.tarindex=/i/layer.erofs,oci.zinfo=rel/layer.zinfo").unwrap();
+        assert_eq!(o.tar_index, Some(PathBuf::from("/i/layer.erofs")));
+        assert_eq!(o.zinfo, Some(PathBuf::from("rel/layer.zinfo")));
+        assert!(matches!(MountOptions::parse("oci.tarindex="), Err(OptionError::MissingValue { .. })));
+        let o = MountOptions::parse("oci.tarindex").unwrap();
+        assert!(o.tar_index_build && o.tar_index.is_none());
     }
 
     #[test]

@@ -59,6 +59,18 @@ pub trait RangeSource: Send + Sync {
     fn size(&self) -> u64;
     /// Fetches exactly `range` (already clamped to the blob size by the caller).
     fn fetch(&self, range: Range<u64>) -> BoxFuture<'_, Result<Bytes, FetchError>>;
+    /// The range a fetch of `range` should be widened to, so the source
+    /// serves whole units of its own (a gzip span: decompression starts at a
+    /// checkpoint anyway). The scheduler rounds misses out to it and writes
+    /// the whole granule. Default: `range` unchanged.
+    fn granule(&self, range: Range<u64>) -> Range<u64> {
+        range
+    }
+    /// A check of the whole source once every byte of it was served (a gzip
+    /// layer's blob digest). `Ok(None)`: nothing to check.
+    fn verify_complete(&self) -> BoxFuture<'_, Result<Option<bool>, FetchError>> {
+        Box::pin(async { Ok(None) })
+    }
     /// A short, credential-free description for logs and status.
     fn describe(&self) -> String;
     /// Which endpoint (registry, mirror, CDN) served the last data, when the

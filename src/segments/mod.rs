@@ -15,6 +15,9 @@
 //! [`Layout`] is pure (validation and range arithmetic, unit-tested);
 //! [`SegmentedSource`] is the `RangeSource` over it.
 
+pub mod gzip;
+pub mod tar_index;
+
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -240,6 +243,37 @@ impl RangeSource for SegmentedSource {
         Box::pin(self.fetch_range(range))
     }
 
+    /// Each piece widened to its source's granule, mapped back to the flat
+    /// space and kept inside its segment.
+    fn granule(&self, range: Range<u64>) -> Range<u64> {
+        let mut out = range.clone();
+        for p in self.layout.split(range) {
+            let Some(i) = p.segment else { continue };
+            let s = &self.layout.segments[i];
+            let g = s.source.granule(p.source.clone());
+            let lo = g.start.max(s.source_offset).min(p.source.start);
+            let hi = g.end.min(s.source_offset + s.len).max(p.source.end);
+            out.start = out.start.min(s.start + (lo - s.source_offset));
+            out.end = out.end.max(s.start + (hi - s.source_offset));
+        }
+        out
+    }
+
+    /// Every segment's own whole-source check: a failure of any is a failure.
+    fn verify_complete(&self) -> BoxFuture<'_, Result<Option<bool>, FetchError>> {
+        Box::pin(async move {
+            let mut verdict = None;
+            for s in &self.layout.segments {
+                match s.source.verify_complete().await? {
+                    Some(false) => return Ok(Some(false)),
+                    Some(true) => verdict = Some(true),
+                    None => {}
+                }
+            }
+            Ok(verdict)
+        })
+    }
+
     fn describe(&self) -> String {
         match self.layout.segments.as_slice() {
             [one] => one.source.describe(),
@@ -319,6 +353,48 @@ mod tests {
         assert_eq!(l.segment_at(8191).map(|s| s.label.as_str()), Some("a"));
         assert!(l.segment_at(8192).is_none());
         assert_eq!(l.segment_at(16384).map(|s| s.label.as_str()), Some("b"));
+    }
+
+    /// Serves whole units of 10 000 bytes.
+    struct Chunky(Pattern);
+
+    impl RangeSource for Chunky {
+        fn size(&self) -> u64 {
+            self.0.size
+        }
+        fn fetch(&self, range: Range<u64>) -> BoxFuture<'_, Result<Bytes, FetchError>> {
+            self.0.fetch(range)
+        }
+        fn describe(&self) -> String {
+            "chunky".into()
+        }
+        fn granule(&self, r: Range<u64>) -> Range<u64> {
+            (r.start / 10_000 * 10_000)..(r.end.div_ceil(10_000) * 10_000).min(self.0.size)
+        }
+    }
+
+    #[test]
+    fn granules_map_back_to_the_flat_space_inside_their_segment() {
+        let chunky = Arc::new(Chunky(Pattern { size: 50_000, seed: 4 }));
+        // The segment starts 5000 bytes into its source and ends at 45 000.
+        let l = Layout::new(
+            vec![
+                seg("a", 0, 8192, 0, 8192, 1),
+                Segment { label: "c".into(), start: 8192, len: 40_000, source_offset: 5000, source: chunky },
+            ],
+            49_152,
+        )
+        .unwrap();
+        let src = SegmentedSource::new(l);
+        // Flat 20 000 = source 16 808: widened to source 10 000..20 000.
+        assert_eq!(src.granule(20_000..20_001), 13_192..23_192);
+        // At the segment's start the granule is cut at the segment (source 5000).
+        assert_eq!(src.granule(8192..8200), 8192..13_192);
+        // Pieces of other sources keep their range; a gap is kept as asked.
+        assert_eq!(src.granule(100..200), 100..200);
+        assert_eq!(src.granule(48_500..49_000), 48_500..49_000);
+        // At its end, cut at the segment's end (source 45 000).
+        assert_eq!(src.granule(48_000..48_100), 43_192..48_192);
     }
 
     #[tokio::test]
