@@ -13,6 +13,7 @@
 
 pub mod file;
 pub mod http;
+pub mod local;
 pub mod retry;
 pub mod s3;
 
