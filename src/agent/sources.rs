@@ -28,6 +28,10 @@ pub enum SourceSpec {
     S3(Box<crate::remote::s3::S3ObjectSpec>),
     /// An address space of several sources (DESIGN §7).
     Layout(Box<LayoutSpec>),
+    /// A local image file (one version of it).
+    File(Box<crate::remote::local::LocalFileSpec>),
+    /// A bucket image: the image, then each object it records at its flat address.
+    BucketImage(Box<crate::bucket::BucketImageSpec>),
 }
 
 /// Where each region of an image's flat address space comes from.
@@ -64,6 +68,8 @@ impl SourceSpec {
             SourceSpec::Oci(spec) => spec.describe(),
             SourceSpec::S3(spec) => spec.describe(),
             SourceSpec::Layout(l) => l.name.clone(),
+            SourceSpec::File(f) => f.describe(),
+            SourceSpec::BucketImage(b) => b.describe(),
         }
     }
 
@@ -72,7 +78,7 @@ impl SourceSpec {
         match self {
             SourceSpec::Url { url } => digest_from_url(url),
             SourceSpec::Oci(spec) => Some(spec.digest.clone()),
-            SourceSpec::S3(_) | SourceSpec::Layout(_) => None,
+            SourceSpec::S3(_) | SourceSpec::Layout(_) | SourceSpec::File(_) | SourceSpec::BucketImage(_) => None,
         }
     }
 
@@ -88,6 +94,8 @@ impl SourceSpec {
             (None, SourceSpec::Url { url }) => Ok(erofs_fanotify_state::cache_key_for_url(url)),
             (None, SourceSpec::Oci(_)) => Err("an OCI source without a digest".into()),
             (None, SourceSpec::S3(spec)) => Ok(spec.cache_key()),
+            (None, SourceSpec::File(f)) => Ok(f.cache_key()),
+            (None, SourceSpec::BucketImage(b)) => b.cache_key(),
             (None, SourceSpec::Layout(l)) => {
                 // The placement and the keys of the parts name the address space.
                 let mut h = Sha256::new();
@@ -134,6 +142,11 @@ pub async fn open_source(spec: &SourceSpec, http: &ClientConfig) -> Result<Opene
             }
             (Layout::new(segments, l.size).map_err(|e| OpenError(format!("{}: {e}", l.name)))?, first_probe)
         }
+        SourceSpec::BucketImage(b) => {
+            let (image, probe) = open_one(&b.image, http).await?;
+            let layout = crate::bucket::open::layout(b, image, &probe, b.image.label(), http).await.map_err(OpenError)?;
+            (layout, Some(probe))
+        }
         single => {
             let (source, probe) = open_one(single, http).await?;
             (Layout::single(single.label(), source), Some(probe))
@@ -160,7 +173,13 @@ fn open_one<'a>(spec: &'a SourceSpec, http: &'a ClientConfig) -> BoxFuture<'a, R
             SourceSpec::S3(object) => {
                 crate::remote::s3::open_object(object, http).await.map_err(|e| OpenError(e.to_string()))
             }
+            SourceSpec::File(f) => {
+                let source = crate::remote::local::LocalFileSource::open(f).map_err(OpenError)?;
+                let probe = source.fetch(0..PROBE_LEN.min(source.size())).await.map_err(|e| OpenError(e.to_string()))?;
+                Ok((Arc::new(source) as Arc<dyn RangeSource>, probe))
+            }
             SourceSpec::Layout(l) => Err(OpenError(format!("{}: a layout inside a layout", l.name))),
+            SourceSpec::BucketImage(b) => Err(OpenError(format!("{}: a bucket image inside a layout", b.describe()))),
         }
     })
 }
