@@ -192,7 +192,7 @@ impl Layout {
         let region_end = |i: usize| {
             let s = &self.segments[i];
             let next = self.segments.get(i + 1).map_or(self.size, |n| n.start);
-            s.end().next_multiple_of(ALIGN).min(next).min(self.size)
+            s.end().checked_next_multiple_of(ALIGN).unwrap_or(u64::MAX).min(next).min(self.size)
         };
         let after = self.segments.partition_point(|s| s.start <= offset);
         let Some(i) = after.checked_sub(1) else {
