@@ -85,7 +85,7 @@ enum Cmd {
     },
     /// Build an EROFS image made for lazy mounts (all metadata in one run after the superblock)
     Build {
-        /// A directory, a tar stream (.tar, .tar.gz) or - for stdin
+        /// A directory, a tar stream (.tar, .tar.gz) or - for stdin; with --s3, BUCKET[/PREFIX]
         src: PathBuf,
         /// The image to write (replaced atomically)
         out: PathBuf,
@@ -104,6 +104,12 @@ enum Cmd {
         /// Uncompressed bytes per lz4 physical cluster (a multiple of 4096, up to 1 MiB)
         #[arg(long, value_name = "BYTES", hide = true)]
         pcluster_size: Option<u32>,
+        /// Image a bucket: SRC is BUCKET[/PREFIX] at this S3 endpoint; every file reads from its object when mounted
+        #[arg(long, value_name = "ENDPOINT")]
+        s3: Option<String>,
+        /// With --s3: s3.* options as for mounting (s3.region=, s3.urlstyle=, s3.sig=, s3.passwd_file=, s3.profile=, s3.endpoint= mirrors)
+        #[arg(short = 'o', long = "options", value_name = "OPTS", requires = "s3")]
+        options: Vec<String>,
     },
     /// List or prune the local cache of blobs
     Cache {
@@ -201,10 +207,17 @@ fn main() {
             }
             .map(|_| 0)
         }
-        Cmd::Build { src, out, compress, order, reproducible, tar_index, pcluster_size } => {
+        Cmd::Build { src, out, compress, order, reproducible, tar_index, pcluster_size, s3, options } => {
             cli::init_cli_logging();
-            cli::build_cmd::run(cli::build_cmd::BuildArgs { src, out, compress, order, reproducible, tar_index, pcluster_size })
-                .map(|_| 0)
+            match s3 {
+                Some(endpoint) if compress.is_none() && order.is_none() && !tar_index && pcluster_size.is_none() => {
+                    let source = src.to_string_lossy().into_owned();
+                    cli::bucket_build_cmd::run(cli::bucket_build_cmd::BucketBuildArgs { endpoint, source, out, options, reproducible })
+                }
+                Some(_) => Err(cli::CliError::new("--s3 images hold no data: --compress, --order and --tar-index do not apply")),
+                None => cli::build_cmd::run(cli::build_cmd::BuildArgs { src, out, compress, order, reproducible, tar_index, pcluster_size }),
+            }
+            .map(|_| 0)
         }
         Cmd::Agent { foreground, adopt } => agent_cmd::run_supervisor(foreground, adopt),
         Cmd::Worker { resume } => agent_cmd::run_worker(resume),
