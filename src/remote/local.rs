@@ -30,12 +30,10 @@ pub struct LocalFileSpec {
     pub size: u64,
     pub dev: u64,
     pub ino: u64,
-    pub mtime_ns: i128,
-    pub ctime_ns: i128,
-}
-
-fn nanos(secs: i64, nsec: i64) -> i128 {
-    i128::from(secs) * 1_000_000_000 + i128::from(nsec)
+    /// Seconds and nanoseconds (apart: the spec travels as JSON inside a tagged enum, which
+    /// carries no i128).
+    pub mtime: (i64, i64),
+    pub ctime: (i64, i64),
 }
 
 impl LocalFileSpec {
@@ -56,8 +54,8 @@ impl LocalFileSpec {
             size: m.len(),
             dev: m.dev(),
             ino: m.ino(),
-            mtime_ns: nanos(m.mtime(), m.mtime_nsec()),
-            ctime_ns: nanos(m.ctime(), m.ctime_nsec()),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
         }
     }
 
@@ -79,8 +77,9 @@ impl LocalFileSpec {
         for n in [self.dev, self.ino, self.size] {
             h.update(n.to_le_bytes());
         }
-        h.update(self.mtime_ns.to_le_bytes());
-        h.update(self.ctime_ns.to_le_bytes());
+        for n in [self.mtime.0, self.mtime.1, self.ctime.0, self.ctime.1] {
+            h.update(n.to_le_bytes());
+        }
         format!("file-{}", &hex::encode(h.finalize())[..32])
     }
 }
@@ -155,6 +154,12 @@ mod tests {
         std::fs::write(&path, b"0123456789").unwrap();
         let spec = LocalFileSpec::of(&path).unwrap();
         assert!(spec.path.is_absolute());
+        // It reaches the agent as JSON inside the source spec.
+        let json = serde_json::to_string(&crate::agent::sources::SourceSpec::File(Box::new(spec.clone()))).unwrap();
+        match serde_json::from_str::<crate::agent::sources::SourceSpec>(&json).unwrap() {
+            crate::agent::sources::SourceSpec::File(back) => assert_eq!(*back, spec),
+            _ => panic!("not a file spec: {json}"),
+        }
         assert!(spec.cache_key().starts_with("file-") && spec.cache_key().len() == 37);
         erofs_fanotify_state::validate_cache_key(&spec.cache_key()).unwrap();
         let src = LocalFileSource::open(&spec).unwrap();
