@@ -249,6 +249,29 @@ mod tests {
     }
 
     #[test]
+    fn ten_thousand_objects_make_one_small_image() {
+        let listing: Vec<ListedObject> = (0..10_000).map(|i| obj(&format!("d{:02}/sub {}/o{i:05} ü%.bin", i % 100, i % 7), 1 + i as u64 * 3)).collect();
+        let planned = plan_tree("", &listing);
+        assert!(planned.skipped.is_empty());
+        let mut f = tempfile::tempfile().unwrap();
+        let report = write_bucket_image(&mut f, &header(), &listing, &planned, &BuildOptions { uuid: None }).unwrap();
+        assert_eq!((report.files, report.objects), (10_000, 10_000));
+        assert_eq!(report.directories, 1 + 100 + 700);
+        // Metadata and table stay small (a few hundred bytes an object).
+        assert!(report.image_bytes < 10_000 * 400, "{report:?}");
+        let mut bytes = Vec::new();
+        use std::io::Read;
+        f.seek(SeekFrom::Start(0)).unwrap();
+        f.read_to_end(&mut bytes).unwrap();
+        let (_, _, table) = read::tests::locate_bytes(&bytes).unwrap();
+        let table = table.unwrap();
+        assert_eq!(table.entries.len(), 10_000);
+        let keys: Vec<&str> = listing.iter().map(|o| o.key.as_str()).collect();
+        let got: Vec<&str> = table.entries.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(got, keys, "every object recorded once, in the listing's order");
+    }
+
+    #[test]
     fn an_object_without_etag_is_refused() {
         let mut listing = vec![obj("x", 1)];
         listing[0].etag = None;

@@ -93,7 +93,7 @@ impl Locator {
             table_len: u64_at(24)?,
             table_sha256: value[32..64].try_into().map_err(|_| err("short record"))?,
         };
-        if loc.table_offset % BLOCK != 0 || loc.table_len < TABLE_FIXED as u64 || loc.table_len > MAX_TABLE_LEN {
+        if !loc.table_offset.is_multiple_of(BLOCK) || loc.table_len < TABLE_FIXED as u64 || loc.table_len > MAX_TABLE_LEN {
             return Err(err(format!("its object table at {} ({} bytes) is misplaced", loc.table_offset, loc.table_len)));
         }
         loc.table_offset.checked_add(loc.table_len).ok_or_else(|| err("its object table ends past 2^64"))?;
@@ -267,7 +267,7 @@ impl Table {
             if e.size == 0 {
                 return Err(err(format!("its object table lists an empty object ({})", shown())));
             }
-            if e.flat_start % BLOCK != 0 || e.flat_start < next {
+            if !e.flat_start.is_multiple_of(BLOCK) || e.flat_start < next {
                 return Err(err(format!("its object table places {} where it overlaps or is unaligned", shown())));
             }
             match e.size.checked_next_multiple_of(BLOCK).and_then(|len| e.flat_start.checked_add(len)) {
@@ -437,7 +437,8 @@ mod tests {
         assert!(Table::decode(&t.encode().unwrap()).is_err());
         // Placements that overlap, go backwards, are unaligned, empty, before the objects' area,
         // or past 2^32 blocks; duplicate keys.
-        let cases: Vec<Box<dyn Fn(&mut Table)>> = vec![
+        type Case = Box<dyn Fn(&mut Table)>;
+        let cases: Vec<Case> = vec![
             Box::new(|t| t.entries[1].flat_start = t.entries[0].flat_start),
             Box::new(|t| t.entries[1].flat_start = t.entries[0].flat_start - 4096),
             Box::new(|t| t.entries[0].flat_start += 1),
