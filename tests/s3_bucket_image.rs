@@ -285,3 +285,41 @@ fn prefixes_and_keys_that_are_no_paths_follow_the_rule() {
     m.unmount().assert_success();
     s.assert_nothing_left_within(GONE_TIMEOUT, &[]);
 }
+
+#[test]
+#[ignore = "needs root + kernel"]
+fn a_plain_local_image_file_mounts_and_a_rewritten_one_gives_eio() {
+    if !common::ready() {
+        return;
+    }
+    let fx = common::fixtures::small();
+    let env = TestEnv::new("local-image");
+    // A copy: the test rewrites it.
+    let image = env.root.join("small.erofs");
+    std::fs::copy(&fx.lz4.path, &image).expect("copy the fixture");
+    let source = image.to_str().expect("utf-8 path").to_string();
+
+    // Rewritten in place while mounted: data not read yet gives EIO, never the new bytes.
+    let m = env.mount(&source, "mnt", &[]);
+    let status = m.status();
+    assert_eq!(status.source, source);
+    assert_eq!(status.blob_size, fx.lz4.size);
+    assert_eq!(status.segments.len(), 1);
+    let file = std::fs::OpenOptions::new().write(true).open(&image).expect("open the image for writing");
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(b"x", fx.lz4.size).expect("append a byte");
+    drop(file);
+    let err = std::fs::read(m.path("big/random-3m")).expect_err("a read of the rewritten image succeeded");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "big/random-3m: {err}");
+    assert!(m.status().fetch_errors > 0);
+    m.unmount().assert_success();
+    env.assert_nothing_left_within(GONE_TIMEOUT, &[]);
+
+    // The new version is a new cache entry, read whole from the file.
+    let m = env.mount(&source, "mnt", &[]);
+    assert_eq!(m.status().blob_size, fx.lz4.size + 1);
+    common::tree::assert_tree_identical(&fx.tree, &m.mountpoint);
+    assert_eq!(m.status().fetch_errors, 0);
+    m.unmount().assert_success();
+    env.assert_nothing_left_within(GONE_TIMEOUT, &[]);
+}
