@@ -9,6 +9,7 @@
 #![deny(unsafe_code)]
 
 pub mod agent;
+pub mod bucket;
 pub mod build;
 pub mod cache;
 pub mod cli;

@@ -58,7 +58,6 @@ pub(super) async fn go_live(cfg: &AgentConfig, ctx: &WorkerContext, p: Prepared)
             max_request: (4 * cfg.fetch_unit).max(4 << 20),
             parallel: cfg.fetch_parallel,
             retry: p.retry.clone(),
-            segments: p.layout.segments().iter().map(|s| s.start..s.end()).collect(),
         },
         tokio::runtime::Handle::current(),
     );

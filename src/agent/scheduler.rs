@@ -1,7 +1,11 @@
 //! The fetch scheduler: turns pre-access events for missing ranges into as
 //! few range requests as possible, and answers each event exactly once.
 //!
-//! Missing bytes are rounded out to fetch units. A unit already in flight
+//! Missing bytes are rounded out to fetch units. Units and read-ahead stop at
+//! the ends of the source's regions ([`RangeSource::region`]: the segments of
+//! a layout), so a read of one segment never asks another segment's source
+//! (reading one file of a bucket image fetches only that object). A unit is
+//! named by its first byte. A unit already in flight
 //! gets the event added as a waiter instead of a second request; adjacent new
 //! units are coalesced into one request (up to `max_request` bytes). Data is
 //! written through the cache fd opened before the mark, marked present only
@@ -54,10 +58,6 @@ pub struct SchedulerConfig {
     pub max_request: u64,
     pub parallel: usize,
     pub retry: RetryPolicy,
-    /// The address space's segments (sorted, disjoint; empty: one source).
-    /// Read-ahead stays inside the segment the read ends in: another segment
-    /// is another blob.
-    pub segments: Vec<Range<u64>>,
 }
 
 pub struct Scheduler<W: Waiter> {
@@ -79,7 +79,7 @@ pub struct Scheduler<W: Waiter> {
 const DEGRADED_FOR: Duration = Duration::from_secs(60);
 
 struct Inner<W> {
-    /// Fetch unit index -> waiters (ids) for it.
+    /// Fetch unit (its first byte) -> waiters (ids) for it.
     inflight: HashMap<u64, Vec<u64>>,
     waiters: HashMap<u64, Waiting<W>>,
     next_id: u64,
@@ -133,6 +133,7 @@ struct Waiting<W> {
 /// or as failed when the task panics or is dropped before finishing.
 struct UnitsGuard<W: Waiter> {
     scheduler: Arc<Scheduler<W>>,
+    /// The bytes of whole, adjacent units.
     units: Option<Range<u64>>,
 }
 
@@ -182,9 +183,9 @@ impl<W: Waiter> Scheduler<W> {
         let unit = self.cfg.fetch_unit;
         let mut units = BTreeSet::new();
         for m in self.cache.missing(range.clone()) {
-            if m.start < m.end {
-                units.extend(m.start / unit..=(m.end - 1) / unit);
-            }
+            self.for_each_unit(m, |u| {
+                units.insert(u.start);
+            });
         }
         let mut to_start = Vec::new();
         let waiting = {
@@ -201,7 +202,7 @@ impl<W: Waiter> Scheduler<W> {
                 }
                 // Re-check under the lock: a fetch that completed since
                 // `missing()` marks present before it takes the lock.
-                let needed = self.unit_range(u);
+                let needed = self.unit_at(u);
                 let needed = needed.start.max(range.start)..needed.end.min(range.end);
                 if self.cache.contains(needed) {
                     continue;
@@ -213,22 +214,16 @@ impl<W: Waiter> Scheduler<W> {
             // Read-ahead units of a sequential stream: fetched in the same
             // requests, waited on by nobody yet.
             if window > 0 {
-                let size = self.cache.blob_size();
-                let segs = &self.cfg.segments;
-                let last = range.end.saturating_sub(1);
-                let limit = match segs.get(segs.partition_point(|s| s.end <= last)) {
-                    _ if segs.is_empty() => size,
-                    Some(s) if s.start <= last => s.end,
-                    _ => range.end,
-                };
-                let ahead = range.end..range.end.saturating_add(window).min(size).min(limit.max(range.end));
+                // Not past the region of the last byte asked for.
+                let stop = self.region_of(range.end.saturating_sub(1)).end;
+                let ahead = range.end..range.end.saturating_add(window).min(stop);
                 for m in self.cache.missing(ahead) {
-                    for u in m.start / unit..=(m.end.max(m.start + 1) - 1) / unit {
-                        if !inner.inflight.contains_key(&u) && !self.cache.contains(self.unit_range(u)) {
-                            inner.inflight.insert(u, Vec::new());
-                            to_start.push(u);
+                    self.for_each_unit(m, |u| {
+                        if !inner.inflight.contains_key(&u.start) && !self.cache.contains(u.clone()) {
+                            inner.inflight.insert(u.start, Vec::new());
+                            to_start.push(u.start);
                         }
-                    }
+                    });
                 }
                 to_start.sort_unstable();
                 to_start.dedup();
@@ -244,7 +239,7 @@ impl<W: Waiter> Scheduler<W> {
             Stats::add(&self.stats.fast_path_events, 1);
             waiter.allow();
         }
-        for run in runs(&to_start, (self.cfg.max_request / unit).max(1)) {
+        for run in runs(&to_start, (self.cfg.max_request / unit).max(1), |u| self.unit_at(u).end) {
             let guard = UnitsGuard { scheduler: Arc::clone(self), units: Some(run.clone()) };
             let this = Arc::clone(self);
             self.runtime.spawn(async move { this.fetch_units(run, guard).await });
@@ -271,26 +266,28 @@ impl<W: Waiter> Scheduler<W> {
             if r.is_empty() {
                 continue;
             }
-            let mut u = r.start / unit;
-            let last = (r.end - 1) / unit;
-            while u <= last {
+            let mut pos = r.start;
+            while pos < r.end {
                 while self.waiting() > 0 {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                let batch_end = (u + per_request).min(last + 1);
                 let claimed: Vec<u64> = {
                     let mut inner = self.inner.lock();
                     let mut claimed = Vec::new();
-                    for x in u..batch_end {
-                        if !inner.inflight.contains_key(&x) && !self.cache.contains(self.unit_range(x)) {
-                            inner.inflight.insert(x, Vec::new());
-                            claimed.push(x);
+                    let mut batch = 0;
+                    while pos < r.end && batch < per_request {
+                        let u = self.unit_at(pos);
+                        if !inner.inflight.contains_key(&u.start) && !self.cache.contains(u.clone()) {
+                            inner.inflight.insert(u.start, Vec::new());
+                            claimed.push(u.start);
                         }
+                        pos = u.end;
+                        batch += 1;
                     }
                     claimed
                 };
-                for run in runs(&claimed, per_request) {
-                    let bytes = self.unit_range(run.end - 1).end - self.unit_range(run.start).start;
+                for run in runs(&claimed, per_request, |u| self.unit_at(u).end) {
+                    let bytes = run.end - run.start;
                     let guard = UnitsGuard { scheduler: Arc::clone(self), units: Some(run.clone()) };
                     Arc::clone(self).fetch_units(run, guard).await;
                     sent += bytes;
@@ -302,22 +299,49 @@ impl<W: Waiter> Scheduler<W> {
                         }
                     }
                 }
-                u = batch_end;
             }
         }
         tracing::info!(bytes = sent, "prefetch done");
     }
 
-    fn unit_range(&self, u: u64) -> Range<u64> {
+    /// The region of the source holding byte `offset` (clamped to the blob; the whole blob if the
+    /// source answers a region that does not hold it).
+    fn region_of(&self, offset: u64) -> Range<u64> {
         let size = self.cache.blob_size();
-        let start = u.saturating_mul(self.cfg.fetch_unit).min(size);
-        start..start.saturating_add(self.cfg.fetch_unit).min(size)
+        let r = self.source.region(offset);
+        let r = r.start..r.end.min(size);
+        if r.start <= offset && offset < r.end {
+            r
+        } else {
+            0..size
+        }
+    }
+
+    /// The fetch unit holding byte `offset`: its fetch-unit-aligned window, cut at the ends of
+    /// its region. Named by its first byte.
+    fn unit_at(&self, offset: u64) -> Range<u64> {
+        let unit = self.cfg.fetch_unit.max(1);
+        let region = self.region_of(offset);
+        let base = offset - offset % unit;
+        base.max(region.start)..base.saturating_add(unit).min(region.end)
+    }
+
+    /// Calls `f` with each unit that holds a byte of `range`, in order.
+    fn for_each_unit(&self, range: Range<u64>, mut f: impl FnMut(Range<u64>)) {
+        let mut pos = range.start;
+        while pos < range.end.min(self.cache.blob_size()) {
+            let u = self.unit_at(pos);
+            if u.end <= pos {
+                break;
+            }
+            pos = u.end;
+            f(u);
+        }
     }
 
     async fn fetch_units(self: Arc<Self>, units: Range<u64>, guard: UnitsGuard<W>) {
-        let span = self.unit_range(units.start).start..self.unit_range(units.end - 1).end;
         // Fetch only from the first to the last missing byte of the run.
-        let missing = self.cache.missing(span);
+        let missing = self.cache.missing(units);
         let ok = match (missing.first(), missing.last()) {
             (Some(first), Some(last)) => self.fetch_and_write(first.start..last.end).await,
             _ => true,
@@ -373,7 +397,9 @@ impl<W: Waiter> Scheduler<W> {
         let mut failed = Vec::new();
         {
             let mut inner = self.inner.lock();
-            for u in units {
+            let mut starts = Vec::new();
+            self.for_each_unit(units, |u| starts.push(u.start));
+            for u in starts {
                 for id in inner.inflight.remove(&u).unwrap_or_default() {
                     if ok {
                         if let Some(w) = inner.waiters.get_mut(&id) {
@@ -425,16 +451,20 @@ impl<W: Waiter> Scheduler<W> {
     }
 }
 
-/// Splits sorted unit indices into runs of consecutive indices, each at most `max` long.
-fn runs(units: &[u64], max: u64) -> Vec<Range<u64>> {
-    let mut out: Vec<Range<u64>> = Vec::new();
+/// Splits sorted units (first bytes; `end_of` gives each one's end) into runs of adjacent units,
+/// each at most `max` units long, as byte ranges.
+fn runs(units: &[u64], max: u64, end_of: impl Fn(u64) -> u64) -> Vec<Range<u64>> {
+    let mut out: Vec<(Range<u64>, u64)> = Vec::new();
     for &u in units {
         match out.last_mut() {
-            Some(r) if r.end == u && r.end - r.start < max => r.end += 1,
-            _ => out.push(u..u + 1),
+            Some((r, n)) if r.end == u && *n < max => {
+                r.end = end_of(u);
+                *n += 1;
+            }
+            _ => out.push((u..end_of(u), 1)),
         }
     }
-    out
+    out.into_iter().map(|(r, _)| r).collect()
 }
 
 #[cfg(test)]
@@ -476,6 +506,8 @@ mod tests {
         ranges: Mutex<Vec<Range<u64>>>,
         behaviour: Behaviour,
         gate: tokio::sync::Semaphore,
+        /// Regions end here (as two segments of a layout would).
+        split: Option<u64>,
     }
 
     impl RangeSource for Blob {
@@ -498,6 +530,13 @@ mod tests {
         fn describe(&self) -> String {
             "test blob".into()
         }
+        fn region(&self, offset: u64) -> Range<u64> {
+            match self.split {
+                Some(s) if offset < s => 0..s,
+                Some(s) => s..self.size(),
+                None => 0..self.size(),
+            }
+        }
     }
 
     struct Rig {
@@ -513,10 +552,10 @@ mod tests {
     const UNIT: u64 = 64 << 10;
 
     fn rig(behaviour: Behaviour, held: bool) -> Rig {
-        rig_with(behaviour, held, Vec::new())
+        rig_split(behaviour, held, None)
     }
 
-    fn rig_with(behaviour: Behaviour, held: bool, segments: Vec<Range<u64>>) -> Rig {
+    fn rig_split(behaviour: Behaviour, held: bool, split: Option<u64>) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let size = 40 * UNIT + 1000;
         let data: Vec<u8> = (0..size).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
@@ -524,7 +563,7 @@ mod tests {
         std::fs::File::create(&path).unwrap().set_len(size).unwrap();
         let cache = Arc::new(CacheFile::open(&path, size).unwrap());
         let gate = tokio::sync::Semaphore::new(if held { 0 } else { tokio::sync::Semaphore::MAX_PERMITS });
-        let blob = Arc::new(Blob { data, requests: AtomicU64::new(0), ranges: Mutex::new(Vec::new()), behaviour, gate });
+        let blob = Arc::new(Blob { data, requests: AtomicU64::new(0), ranges: Mutex::new(Vec::new()), behaviour, gate, split });
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let cfg = SchedulerConfig {
             fetch_unit: UNIT,
@@ -532,7 +571,6 @@ mod tests {
             max_request: 4 * UNIT,
             parallel: 4,
             retry: RetryPolicy { max_attempts: 1, deadline: Duration::from_secs(5), ..RetryPolicy::default() },
-            segments,
         };
         let scheduler = Scheduler::new(Arc::clone(&cache), blob.clone(), Arc::new(Stats::default()), cfg, rt.handle().clone());
         let (tx, rx) = mpsc::channel();
@@ -624,24 +662,44 @@ mod tests {
     }
 
     #[test]
-    fn read_ahead_stays_in_its_segment() {
-        // Two blobs in one address space: a stream at the end of the first
-        // reads nothing of the second ahead.
-        let r = rig_with(Behaviour::Serve, false, vec![0..2 * UNIT, 2 * UNIT..40 * UNIT + 1000]);
-        r.submit(1, 0..4096);
-        assert_eq!(r.answers(1), vec![(1, Ok(()))]);
-        r.submit(2, UNIT..UNIT + 4096);
-        assert_eq!(r.answers(1), vec![(2, Ok(()))]);
+    fn units_and_read_ahead_stop_at_a_region_end() {
+        // Regions 0..split and split..end, split inside a unit.
+        let split = 5 * UNIT + 8192;
+        let r = rig_split(Behaviour::Serve, false, Some(split));
+        // A sequential stream up to the region's end: read-ahead stops there.
+        r.submit(1, 3 * UNIT..3 * UNIT + 4096);
+        r.submit(2, 4 * UNIT..4 * UNIT + 4096);
+        r.submit(3, 5 * UNIT..split);
+        assert_eq!(r.answers(3), vec![(1, Ok(())), (2, Ok(())), (3, Ok(()))]);
         let ranges = r.blob.ranges.lock().clone();
-        assert!(ranges.iter().all(|x| x.end <= 2 * UNIT), "{ranges:?}");
-        assert!(!r.cache.contains(2 * UNIT..2 * UNIT + 4096));
-        // A read ending in no segment reads nothing ahead either.
-        let r = rig_with(Behaviour::Serve, false, vec![0..UNIT, 3 * UNIT..40 * UNIT + 1000]);
-        r.submit(1, 0..4096);
-        assert_eq!(r.answers(1), vec![(1, Ok(()))]);
-        r.submit(2, UNIT..UNIT + 4096);
-        assert_eq!(r.answers(1), vec![(2, Ok(()))]);
-        assert_eq!(r.blob.ranges.lock().clone(), vec![0..UNIT, UNIT..2 * UNIT]);
+        assert!(ranges.iter().all(|f| f.end <= split), "a fetch crossed the region end: {ranges:?}");
+        assert!(!r.cache.contains(split..split + 1));
+        // The next region's first unit is cut at its start: only its own bytes are fetched.
+        r.submit(4, split..split + 100);
+        assert_eq!(r.answers(1), vec![(4, Ok(()))]);
+        assert_eq!(r.blob.ranges.lock().last().cloned(), Some(split..6 * UNIT));
+        // A range across the boundary is both regions' units, in one request.
+        r.submit(5, 10 * UNIT..10 * UNIT + 10);
+        assert_eq!(r.answers(1), vec![(5, Ok(()))]);
+    }
+
+    #[test]
+    fn a_unit_cut_by_a_region_is_found_again_by_its_first_byte() {
+        let split = 2 * UNIT + 4096;
+        let r = rig_split(Behaviour::Serve, true, Some(split));
+        r.submit(1, split - 4096..split);
+        r.submit(2, split - 100..split);
+        r.submit(3, split..split + 4096);
+        assert_eq!(r.scheduler.waiting(), 3);
+        r.release();
+        assert_eq!(r.answers(3), vec![(1, Ok(())), (2, Ok(())), (3, Ok(()))]);
+        let mut ranges = r.blob.ranges.lock().clone();
+        ranges.sort_by_key(|f| f.start);
+        // One request per region (the second one continues the stream: read-ahead in its region).
+        assert_eq!(ranges.len(), 2, "{ranges:?}");
+        assert_eq!(ranges[0], 2 * UNIT..split);
+        assert_eq!(ranges[1].start, split);
+        assert!(r.scheduler.inner.lock().inflight.is_empty());
     }
 
     #[test]
@@ -663,8 +721,12 @@ mod tests {
 
     #[test]
     fn runs_split_on_gaps_and_length() {
-        assert_eq!(runs(&[1, 2, 3, 5, 6, 9], 8), vec![1..4, 5..7, 9..10]);
-        assert_eq!(runs(&[0, 1, 2, 3, 4], 2), vec![0..2, 2..4, 4..5]);
-        assert!(runs(&[], 4).is_empty());
+        let end = |u: u64| u + 10;
+        assert_eq!(runs(&[10, 20, 30, 50, 60, 90], 8, end), vec![10..40, 50..70, 90..100]);
+        assert_eq!(runs(&[0, 10, 20, 30, 40], 2, end), vec![0..20, 20..40, 40..50]);
+        assert!(runs(&[], 4, end).is_empty());
+        // Units cut short at a region's end are still adjacent to the next region's first.
+        let cut = |u: u64| if u == 0 { 7 } else { u + 10 };
+        assert_eq!(runs(&[0, 7, 17], 8, cut), vec![0..27]);
     }
 }

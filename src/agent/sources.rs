@@ -35,6 +35,10 @@ pub enum SourceSpec {
     LocalFile(LocalFileSpec),
     /// The uncompressed tar of a gzip layer, served through its zinfo (issue 16).
     GzipTar(Box<GzipTarSpec>),
+    /// A local image file (one version of it).
+    File(Box<crate::remote::local::LocalFileSpec>),
+    /// A bucket image: the image, then each object it records at its flat address.
+    BucketImage(Box<crate::bucket::BucketImageSpec>),
 }
 
 /// The layers of an image, in manifest order.
@@ -104,6 +108,8 @@ impl SourceSpec {
             SourceSpec::Layers(l) => l.name.clone(),
             SourceSpec::LocalFile(f) => format!("file {}", f.path.display()),
             SourceSpec::GzipTar(g) => format!("the tar of {}", g.blob.describe()),
+            SourceSpec::File(f) => f.describe(),
+            SourceSpec::BucketImage(b) => b.describe(),
         }
     }
 
@@ -112,7 +118,13 @@ impl SourceSpec {
         match self {
             SourceSpec::Url { url } => digest_from_url(url),
             SourceSpec::Oci(spec) => Some(spec.digest.clone()),
-            SourceSpec::S3(_) | SourceSpec::Layout(_) | SourceSpec::Layers(_) | SourceSpec::LocalFile(_) | SourceSpec::GzipTar(_) => None,
+            SourceSpec::S3(_)
+            | SourceSpec::Layout(_)
+            | SourceSpec::Layers(_)
+            | SourceSpec::LocalFile(_)
+            | SourceSpec::GzipTar(_)
+            | SourceSpec::File(_)
+            | SourceSpec::BucketImage(_) => None,
         }
     }
 
@@ -137,6 +149,8 @@ impl SourceSpec {
                 h.update(g.zinfo.sha256.as_bytes());
                 Ok(format!("gztar-{}", &hex::encode(h.finalize())[..32]))
             }
+            (None, SourceSpec::File(f)) => Ok(f.cache_key()),
+            (None, SourceSpec::BucketImage(b)) => b.cache_key(),
             (None, SourceSpec::Layout(l)) => {
                 // The placement and the keys of the parts name the address space.
                 let mut h = Sha256::new();
@@ -196,6 +210,11 @@ pub async fn open_source(spec: &SourceSpec, http: &ClientConfig) -> Result<Opene
             }
             (Layout::new(segments, l.size).map_err(|e| OpenError(format!("{}: {e}", l.name)))?, first_probe)
         }
+        SourceSpec::BucketImage(b) => {
+            let (image, probe) = open_one(&b.image, http).await?;
+            let layout = crate::bucket::open::layout(b, image, &probe, b.image.label(), http).await.map_err(OpenError)?;
+            (layout, Some(probe))
+        }
         single => {
             let (source, probe) = open_one(single, http).await?;
             (Layout::single(single.label(), source), Some(probe))
@@ -222,6 +241,11 @@ pub fn open_one<'a>(spec: &'a SourceSpec, http: &'a ClientConfig) -> BoxFuture<'
             SourceSpec::S3(object) => {
                 crate::remote::s3::open_object(object, http).await.map_err(|e| OpenError(e.to_string()))
             }
+            SourceSpec::File(f) => {
+                let source = crate::remote::local::LocalFileSource::open(f).map_err(OpenError)?;
+                let probe = source.fetch(0..PROBE_LEN.min(source.size())).await.map_err(|e| OpenError(e.to_string()))?;
+                Ok((Arc::new(source) as Arc<dyn RangeSource>, probe))
+            }
             SourceSpec::Layout(l) => Err(OpenError(format!("{}: a layout inside a layout", l.name))),
             SourceSpec::Layers(l) => Err(OpenError(format!("{}: layers inside a layout", l.name))),
             SourceSpec::LocalFile(f) => {
@@ -231,6 +255,7 @@ pub fn open_one<'a>(spec: &'a SourceSpec, http: &'a ClientConfig) -> BoxFuture<'
                 Ok((Arc::new(source) as Arc<dyn RangeSource>, probe))
             }
             SourceSpec::GzipTar(g) => open_gzip_tar(g, http).await,
+            SourceSpec::BucketImage(b) => Err(OpenError(format!("{}: a bucket image inside a layout", b.describe()))),
         }
     })
 }

@@ -85,7 +85,7 @@ enum Cmd {
     },
     /// Build an EROFS image made for lazy mounts (all metadata in one run after the superblock)
     Build {
-        /// A directory, a tar stream (.tar, .tar.gz) or - for stdin
+        /// A directory, a tar stream (.tar, .tar.gz) or - for stdin; with --s3, BUCKET[/PREFIX]
         src: PathBuf,
         /// The image to write (replaced atomically)
         out: PathBuf,
@@ -110,6 +110,12 @@ enum Cmd {
         /// Uncompressed bytes between zinfo checkpoints (default 4M)
         #[arg(long, value_name = "SIZE", requires = "zinfo")]
         zinfo_span: Option<String>,
+        /// Image a bucket: SRC is BUCKET[/PREFIX] at this S3 endpoint; every file reads from its object when mounted
+        #[arg(long, value_name = "ENDPOINT")]
+        s3: Option<String>,
+        /// With --s3: s3.* options as for mounting (s3.region=, s3.urlstyle=, s3.sig=, s3.passwd_file=, s3.profile=, s3.endpoint= mirrors)
+        #[arg(short = 'o', long = "options", value_name = "OPTS", requires = "s3")]
+        options: Vec<String>,
     },
     /// List or prune the local cache of blobs
     Cache {
@@ -207,14 +213,21 @@ fn main() {
             }
             .map(|_| 0)
         }
-        Cmd::Build { src, out, compress, order, reproducible, tar_index, pcluster_size, zinfo, zinfo_span } => {
+        Cmd::Build { src, out, compress, order, reproducible, tar_index, pcluster_size, zinfo, zinfo_span, s3, options } => {
             cli::init_cli_logging();
-            let zinfo_span = match zinfo_span.as_deref().map(|v| (v, erofs_fanotify::mount::options::parse_size(v))) {
-                None => Ok(None),
-                Some((_, Some(n))) if n > 0 && n <= u64::from(u32::MAX) => Ok(Some(n)),
-                Some((v, _)) => Err(cli::CliError::new(format!("--zinfo-span {v:?}: expected a size like 4M, below 4G"))),
-            };
-            zinfo_span
+            match s3 {
+                Some(endpoint)
+                    if compress.is_none() && order.is_none() && !tar_index && pcluster_size.is_none() && zinfo.is_none() =>
+                {
+                    let source = src.to_string_lossy().into_owned();
+                    cli::bucket_build_cmd::run(cli::bucket_build_cmd::BucketBuildArgs { endpoint, source, out, options, reproducible })
+                }
+                Some(_) => Err(cli::CliError::new("--s3 images hold no data: --compress, --order, --tar-index and --zinfo do not apply")),
+                None => match zinfo_span.as_deref().map(|v| (v, erofs_fanotify::mount::options::parse_size(v))) {
+                    None => Ok(None),
+                    Some((_, Some(n))) if n > 0 && n <= u64::from(u32::MAX) => Ok(Some(n)),
+                    Some((v, _)) => Err(cli::CliError::new(format!("--zinfo-span {v:?}: expected a size like 4M, below 4G"))),
+                }
                 .and_then(|zinfo_span| {
                     cli::build_cmd::run(cli::build_cmd::BuildArgs {
                         src,
@@ -227,8 +240,9 @@ fn main() {
                         zinfo,
                         zinfo_span,
                     })
-                })
-                .map(|_| 0)
+                }),
+            }
+            .map(|_| 0)
         }
         Cmd::Agent { foreground, adopt } => agent_cmd::run_supervisor(foreground, adopt),
         Cmd::Worker { resume } => agent_cmd::run_worker(resume),

@@ -101,7 +101,7 @@ fn read_order(path: &Path, tree: &Tree) -> Result<Vec<InodeId>, CliError> {
     Ok(out)
 }
 
-fn random_uuid() -> Result<[u8; 16], CliError> {
+pub(crate) fn random_uuid() -> Result<[u8; 16], CliError> {
     let mut u = [0u8; 16];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut u))

@@ -2,6 +2,7 @@
 //! sentence on stderr (`error_line`) and details go to the agent's log.
 
 pub mod agent_cmd;
+pub mod bucket_build_cmd;
 pub mod build_cmd;
 pub mod cache_cmd;
 pub mod client;

@@ -36,7 +36,7 @@ pub struct MountArgs {
     /// Keep the agent in the foreground, logging to stderr, until the mount is gone
     #[arg(long)]
     pub foreground: bool,
-    /// Image source: an image reference, an http(s) URL of a Range-capable blob, s3://BUCKET/KEY, or BUCKET/KEY with -o s3.endpoint=URL
+    /// Image source: an image reference, an http(s) URL of a Range-capable blob, s3://BUCKET/KEY, BUCKET/KEY with -o s3.endpoint=URL, or a local image file (/abs/path)
     pub source: String,
     /// Directory to mount on
     pub mountpoint: PathBuf,
@@ -311,16 +311,20 @@ pub fn agent_log_path(state_dir: &StateDir, key: &str) -> PathBuf {
     state_dir.agents_dir().join(format!("{key}.log"))
 }
 
-/// An http(s) URL is used as is; `s3://BUCKET/KEY`, or `BUCKET/KEY` with `s3.endpoint=`, is an S3
-/// object; anything else is an image reference.
+/// An http(s) URL is used as is; a local path (`/…`, `./…`, `../…`) is an image file; `s3://BUCKET/KEY`,
+/// or `BUCKET/KEY` with `s3.endpoint=`, is an S3 object; anything else is an image reference. An
+/// image file or S3 object that is a bucket image (`build --s3`) mounts with its objects.
 fn resolve_source(source: &str, opts: &MountOptions) -> Result<SourceSpec, CliError> {
     if source.starts_with("http://") || source.starts_with("https://") {
         return Ok(SourceSpec::Url { url: source.to_string() });
     }
+    let env = crate::remote::s3::AwsEnvironment::from_env();
+    if crate::bucket::resolve::is_local_path(source) {
+        return crate::bucket::resolve::resolve_local(source, &opts.s3, &env).map_err(CliError::new);
+    }
     if crate::remote::s3::is_s3_source(source, &opts.s3) {
-        return crate::remote::s3::resolve_object(source, &opts.s3)
-            .map(|spec| SourceSpec::S3(Box::new(spec)))
-            .map_err(|e| CliError::new(e.to_string()));
+        let spec = crate::remote::s3::resolve_object_in(source, &opts.s3, &env).map_err(|e| CliError::new(e.to_string()))?;
+        return crate::bucket::resolve::detect_in_s3(spec, &opts.s3, &env).map_err(CliError::new);
     }
     if opts.s3.is_set() {
         return Err(CliError::new(format!(

@@ -13,6 +13,7 @@
 
 pub mod file;
 pub mod http;
+pub mod local;
 pub mod retry;
 pub mod s3;
 
@@ -77,6 +78,13 @@ pub trait RangeSource: Send + Sync {
     /// source has several; credential-free.
     fn served_by(&self) -> Option<String> {
         None
+    }
+    /// The region around byte `offset` whose bytes come from one source: the fetch scheduler's
+    /// units and read-ahead stop at its ends, so reading one part of an address space made of
+    /// several sources never asks the others. Default: the whole blob.
+    fn region(&self, offset: u64) -> Range<u64> {
+        let _ = offset;
+        0..self.size()
     }
 }
 

@@ -186,6 +186,27 @@ impl Layout {
         let i = self.segments.partition_point(|s| s.end() <= offset);
         self.segments.get(i).filter(|s| s.start <= offset)
     }
+
+    /// The region holding `offset` (clamped to the space): a segment with the rest of its last
+    /// 4 KiB block (the page a reader of its end asks for), or the gap between two of them.
+    pub fn region(&self, offset: u64) -> Range<u64> {
+        // The ends of segment i's region: its start, and its end rounded up to a block, short of
+        // the next segment and the space's end.
+        let region_end = |i: usize| {
+            let s = &self.segments[i];
+            let next = self.segments.get(i + 1).map_or(self.size, |n| n.start);
+            s.end().checked_next_multiple_of(ALIGN).unwrap_or(u64::MAX).min(next).min(self.size)
+        };
+        let after = self.segments.partition_point(|s| s.start <= offset);
+        let Some(i) = after.checked_sub(1) else {
+            return 0..self.segments.first().map_or(self.size, |s| s.start);
+        };
+        let end = region_end(i);
+        if offset < end {
+            return self.segments[i].start..end;
+        }
+        end..self.segments.get(i + 1).map_or(self.size, |n| n.start)
+    }
 }
 
 /// The `RangeSource` over a [`Layout`]: each piece of a request goes to its
@@ -279,6 +300,10 @@ impl RangeSource for SegmentedSource {
             [one] => one.source.describe(),
             many => format!("{} segments", many.len()),
         }
+    }
+
+    fn region(&self, offset: u64) -> Range<u64> {
+        self.layout.region(offset)
     }
 
     fn served_by(&self) -> Option<String> {
@@ -395,6 +420,29 @@ mod tests {
         assert_eq!(src.granule(48_500..49_000), 48_500..49_000);
         // At its end, cut at the segment's end (source 45 000).
         assert_eq!(src.granule(48_000..48_100), 43_192..48_192);
+    }
+
+    #[test]
+    fn regions_are_segments_with_their_last_block_and_the_gaps_between() {
+        // a: 0..5000 (its region runs to 8192); b: 8192..12288; c: 20480..21000; space 32768.
+        let l = Layout::new(
+            vec![seg("a", 0, 5000, 0, 5000, 1), seg("b", 8192, 4096, 0, 4096, 2), seg("c", 20480, 520, 0, 520, 3)],
+            32768,
+        )
+        .unwrap();
+        assert_eq!(l.region(0), 0..8192);
+        assert_eq!(l.region(4999), 0..8192);
+        assert_eq!(l.region(5000), 0..8192, "the rest of a's last block");
+        assert_eq!(l.region(8192), 8192..12288);
+        assert_eq!(l.region(12288), 12288..20480, "a gap");
+        assert_eq!(l.region(20479), 12288..20480);
+        assert_eq!(l.region(20480), 20480..24576);
+        assert_eq!(l.region(24576), 24576..32768);
+        assert_eq!(l.region(40000), 24576..32768, "past the end: the last region");
+        let late = Layout::new(vec![seg("x", 8192, 4096, 0, 4096, 1)], 16384).unwrap();
+        assert_eq!(late.region(100), 0..8192, "a gap before the first segment");
+        let src = SegmentedSource::new(late);
+        assert_eq!(RangeSource::region(&src, 9000), 8192..12288);
     }
 
     #[tokio::test]
