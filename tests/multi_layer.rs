@@ -161,6 +161,26 @@ fn fanotify_marks(pid: i32) -> Vec<String> {
     marks
 }
 
+/// The three layers built, pushed as `test/merged:v1`, and the tree they make: (reference, layer
+/// descriptors, expected tree, work dir).
+fn push_three_layers(registry: &Registry, env: &OciEnv) -> (String, common::oci::PushedImage, PathBuf, PathBuf) {
+    let work = env.root.join("layers");
+    let dirs = make_layers(&work);
+    let images: Vec<PathBuf> = (0..3).map(|i| work.join(format!("l{i}.erofs"))).collect();
+    build(&dirs[0], &images[0], &[]);
+    build(&dirs[1], &images[1], &["--compress", "lz4"]);
+    build(&dirs[2], &images[2], &[]);
+    let specs: Vec<LayerSpec> = images.iter().map(|p| LayerSpec { path: p, media_type: ERFS_MEDIA_TYPE }).collect();
+    let pushed = push_image(registry, "test/merged", "v1", &specs, "linux", "amd64");
+    let expected = work.join("expected");
+    std::fs::create_dir_all(&expected).unwrap();
+    for d in &dirs {
+        apply(d, &expected);
+    }
+    assert!(!expected.join("etc/gone").exists() && !expected.join("opt/old/x").exists() && !expected.join("data/big").exists());
+    (reference(&registry.host(), "test/merged", "v1"), pushed, expected, work)
+}
+
 #[test]
 #[ignore = "needs root + kernel (fanotify pre-content, EROFS) + docker-registry"]
 fn three_layers_mount_merged_by_overlay_rules() {
@@ -169,23 +189,8 @@ fn three_layers_mount_merged_by_overlay_rules() {
     }
     let registry = Registry::start_with(&RegistryConfig { access_log: true, ..Default::default() });
     let env = OciEnv::new("multi-layer");
-    let work = env.root.join("layers");
-    let dirs = make_layers(&work);
-    let images: Vec<PathBuf> = (0..3).map(|i| work.join(format!("l{i}.erofs"))).collect();
-    build(&dirs[0], &images[0], &[]);
-    build(&dirs[1], &images[1], &["--compress", "lz4"]);
-    build(&dirs[2], &images[2], &[]);
-    let specs: Vec<LayerSpec> = images.iter().map(|p| LayerSpec { path: p, media_type: ERFS_MEDIA_TYPE }).collect();
-    let pushed = push_image(&registry, "test/merged", "v1", &specs, "linux", "amd64");
+    let (by_tag, pushed, expected, work) = push_three_layers(&registry, &env);
     let digests: Vec<String> = pushed.layers.iter().map(|l| l.digest.clone()).collect();
-    let expected = work.join("expected");
-    std::fs::create_dir_all(&expected).unwrap();
-    for d in &dirs {
-        apply(d, &expected);
-    }
-    assert!(!expected.join("etc/gone").exists() && !expected.join("opt/old/x").exists() && !expected.join("data/big").exists());
-
-    let by_tag = reference(&registry.host(), "test/merged", "v1");
     let before_mount = blob_gets(&registry);
     let m = env.mount(&by_tag, "mnt", &[]);
     let mounted = blob_gets(&registry);
@@ -352,4 +357,68 @@ fn a_multi_blob_image_mounts_flatdev_and_bad_device_tables_are_refused() {
         let line = env.assert_mount_fails(&r, &[], keywords);
         assert!(line.contains("device"), "{tag}: {line}");
     }
+}
+
+/// Every regular file under `root` (relative paths).
+fn files_under(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        for e in std::fs::read_dir(root.join(&rel)).unwrap().flatten() {
+            let r = rel.join(e.file_name());
+            let t = e.file_type().unwrap();
+            if t.is_dir() {
+                stack.push(r);
+            } else if t.is_file() {
+                out.push(r);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + docker-registry"]
+fn killing_the_worker_of_a_merged_mount_loses_nothing() {
+    if !ready() {
+        return;
+    }
+    let registry = Registry::start();
+    let env = OciEnv::new("multi-layer-kill");
+    let (by_tag, _, expected, _) = push_three_layers(&registry, &env);
+    let m = env.mount(&by_tag, "mnt", &["fetch_unit=64K"]);
+    let worker = m.status().agent_pid;
+    let files = files_under(&expected);
+    // Readers over the cold merged mount; the worker dies while they read.
+    let readers: Vec<_> = (0..4)
+        .map(|i| {
+            let (files, root, expected) = (files.clone(), m.mountpoint.clone(), expected.clone());
+            std::thread::spawn(move || {
+                let mut wrong = Vec::new();
+                for k in 0..files.len() {
+                    let rel = &files[(k + i * 3) % files.len()];
+                    match std::fs::read(root.join(rel)) {
+                        Ok(d) if d == std::fs::read(expected.join(rel)).unwrap() => {}
+                        Ok(_) => wrong.push(format!("{}: wrong bytes", rel.display())),
+                        Err(e) => wrong.push(format!("{}: {e}", rel.display())),
+                    }
+                }
+                wrong
+            })
+        })
+        .collect();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(worker), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let failures: Vec<String> = readers.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    assert!(failures.is_empty(), "reads during the worker's death: {failures:?}");
+    // A successor serves the mount (it reuses the recorded merge) and the tree is whole.
+    let successor = common::wait::wait_for(GONE_TIMEOUT, "a successor worker", || {
+        let s = env.status().into_iter().find(|s| Path::new(&s.mountpoint) == m.mountpoint)?;
+        (s.agent_pid != worker && s.agent_pid > 0).then_some(s)
+    });
+    assert_eq!(successor.segments.len(), 4, "{successor:?}");
+    assert_eq!(successor.segments[0].label, "merged");
+    assert_tree_identical(&expected, &m.mountpoint);
+    m.unmount().assert_success();
+    env.assert_nothing_left_within(GONE_TIMEOUT, &[]);
 }
