@@ -40,7 +40,7 @@ pub fn run(args: MergeArgs) -> Result<(), CliError> {
         .build()
         .map_err(|e| CliError::new(format!("cannot start the async runtime: {e}")))?;
     let opened = rt
-        .block_on(crate::agent::merge::open_layers(&spec, &ClientConfig::default(), &RetryPolicy::default(), opts.fetch_unit, None))
+        .block_on(crate::agent::merge::open_layers(&spec, &ClientConfig::default(), &RetryPolicy::default(), opts.fetch_unit, None, None))
         .map_err(|e| CliError::new(e.to_string()))?;
     let (Some(image), Some(stats)) = (opened.head.filter(|_| opened.merged_len.is_some()), opened.stats) else {
         return Err(CliError::new(format!(
