@@ -422,3 +422,52 @@ fn killing_the_worker_of_a_merged_mount_loses_nothing() {
     m.unmount().assert_success();
     env.assert_nothing_left_within(GONE_TIMEOUT, &[]);
 }
+
+#[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + docker-registry"]
+fn a_second_image_takes_its_shared_layers_from_the_cache() {
+    if !ready() {
+        return;
+    }
+    let registry = Registry::start_with(&RegistryConfig { access_log: true, ..Default::default() });
+    let env = OciEnv::new("multi-layer-share");
+    let (ref_a, pushed_a, expected_a, work) = push_three_layers(&registry, &env);
+    // Image B: A's first two layers and one of its own (A's top layer plus a file).
+    let l3 = work.join("l3");
+    run_ok(Command::new("cp").arg("-a").arg(work.join("l2")).arg(&l3));
+    write(&l3, "b-only", &random_bytes(11, 200_000));
+    build(&l3, &work.join("l3.erofs"), &[]);
+    let paths: Vec<PathBuf> = ["l0.erofs", "l1.erofs", "l3.erofs"].iter().map(|n| work.join(n)).collect();
+    let specs: Vec<LayerSpec> = paths.iter().map(|p| LayerSpec { path: p, media_type: ERFS_MEDIA_TYPE }).collect();
+    let pushed_b = push_image(&registry, "test/merged", "b", &specs, "linux", "amd64");
+    let ref_b = reference(&registry.host(), "test/merged", "b");
+    let expected_b = work.join("expected-b");
+    run_ok(Command::new("cp").arg("-a").arg(&expected_a).arg(&expected_b));
+    std::fs::copy(l3.join("b-only"), expected_b.join("b-only")).unwrap();
+
+    // A, read whole: its entry holds every visible byte of the two shared layers.
+    let m = env.mount(&ref_a, "mnt", &[]);
+    assert_tree_identical(&expected_a, &m.mountpoint);
+    m.unmount().assert_success();
+    env.assert_nothing_left_within(GONE_TIMEOUT, &[]);
+
+    let before = blob_gets(&registry);
+    let m = env.mount(&ref_b, "mnt", &[]);
+    assert_tree_identical(&expected_b, &m.mountpoint);
+    let after = blob_gets(&registry);
+    let gets = |d: &str| after.get(d).copied().unwrap_or(0) - before.get(d).copied().unwrap_or(0);
+    for shared in &pushed_a.layers[..2] {
+        assert_eq!(pushed_b.layers.iter().filter(|l| l.digest == shared.digest).count(), 1);
+        // Only the 4 KiB probe that opens the layer goes to the registry; its metadata and data are local.
+        assert_eq!(gets(&shared.digest), 1, "GETs of the shared layer {} for image B", shared.digest);
+    }
+    assert!(gets(&pushed_b.layers[2].digest) >= 2, "B's own layer is fetched: {after:?}");
+    eprintln!(
+        "image B: shared layers {} + {} GETs (probes), own layer {} GETs",
+        gets(&pushed_a.layers[0].digest),
+        gets(&pushed_a.layers[1].digest),
+        gets(&pushed_b.layers[2].digest)
+    );
+    m.unmount().assert_success();
+    env.assert_nothing_left_within(GONE_TIMEOUT, &[]);
+}
