@@ -61,6 +61,10 @@ pub struct OpenedLayers {
     pub stats: Option<MergeStats>,
     /// Requests the walk of the layers' metadata made.
     pub walk_requests: u64,
+    /// What the walk fetched of the layers, at its place in the address
+    /// space: written to the cache file too, so that those bytes are never
+    /// fetched again (by this entry, or by another image sharing a layer).
+    pub fetched: Vec<(u64, Bytes)>,
 }
 
 /// A merged placement as recorded with the cache entry.
@@ -92,6 +96,7 @@ pub async fn open_layers(
     retry: &RetryPolicy,
     blob_align: u64,
     recorded: Option<&serde_json::Value>,
+    share: Option<(&erofs_fanotify_state::CacheDir, &str)>,
 ) -> Result<OpenedLayers, OpenError> {
     let name = &spec.name;
     if spec.layers.is_empty() {
@@ -105,7 +110,15 @@ pub async fn open_layers(
         blobs.push(BlobInfo { digest, size: source.size(), erofs });
     }
     let groups = group_layers(&blobs).map_err(|e| OpenError(format!("{name}: {e}")))?;
-    let sources: Vec<Arc<dyn RangeSource>> = opened.iter().map(|(s, _)| Arc::clone(s)).collect();
+    // Bytes another cache entry of the same blob holds are read from there, not fetched.
+    let sources: Vec<Arc<dyn RangeSource>> = opened
+        .iter()
+        .zip(&blobs)
+        .map(|((s, _), b)| match share {
+            Some((cache, own_key)) => super::share::SharedSource::wrap(Arc::clone(s), &b.digest, cache, own_key),
+            None => Arc::clone(s),
+        })
+        .collect();
 
     if let [group] = groups.as_slice() {
         return flatdev(name, group, &blobs, &sources, &opened[group.primary].1);
@@ -127,6 +140,7 @@ pub async fn open_layers(
                 record: None,
                 stats: None,
                 walk_requests: 0,
+                fetched: Vec::new(),
             });
         }
     }
@@ -134,6 +148,8 @@ pub async fn open_layers(
     // Each filesystem's metadata, walked in its own flat address space.
     let handle = tokio::runtime::Handle::current();
     let mut trees: Vec<ImageTree> = Vec::with_capacity(groups.len());
+    // (blob index, offset in the blob, bytes) of what the walks fetched.
+    let mut pieces: Vec<(usize, u64, Bytes)> = Vec::new();
     let requests = Arc::new(AtomicU64::new(0));
     for g in &groups {
         let space = group_space(g, &blobs, &sources).map_err(|e| OpenError(format!("{name}: {e}")))?;
@@ -145,16 +161,30 @@ pub async fn open_layers(
             requests: Arc::clone(&requests),
         };
         let shown = crate::merge::short(&blobs[g.primary].digest);
-        let tree = tokio::task::spawn_blocking(move || {
+        let (tree, held) = tokio::task::spawn_blocking(move || {
             let mut bytes = bytes;
             let size = bytes.source.size();
             erofs::walk(&mut bytes, size, &WalkLimits::default())?;
-            read_tree(&bytes, &WalkLimits::default())
+            let tree = read_tree(&bytes, &WalkLimits::default())?;
+            let held: Vec<(u64, Bytes)> = bytes.image.lock().pieces().map(|(o, b)| (o, b.clone())).collect();
+            Ok::<_, WalkError>((tree, held))
         })
         .await
         .map_err(|e| OpenError(format!("{name}: the metadata walk failed: {e}")))?
         .map_err(|e| OpenError(format!("{name}: layer {shown}: cannot read its EROFS metadata: {e}")))?;
         trees.push(tree);
+        for (off, b) in held {
+            let end = off + b.len() as u64;
+            // Where the piece lies: the primary at 0, each device at its start (pieces across two are dropped).
+            let place = if end <= blobs[g.primary].size {
+                Some((g.primary, off))
+            } else {
+                g.devices.iter().find(|d| off >= d.start && end <= d.start + d.len).map(|d| (d.blob, off - d.start))
+            };
+            if let Some((blob, at)) = place {
+                pieces.push((blob, at, b));
+            }
+        }
     }
     let merged = tokio::task::spawn_blocking(move || build_merged_aligned(&blobs, &groups, &trees, blob_align))
         .await
@@ -168,6 +198,21 @@ pub async fn open_layers(
     };
     let image = Bytes::from(merged.image);
     let layout = merged_layout(name, &rec, &sources, Some(image.clone()))?;
+    let fetched = pieces
+        .into_iter()
+        .filter_map(|(blob, at, b)| {
+            let placed = rec.blobs.get(blob)?;
+            // A piece ending at its blob's end is padded to the 4 KiB block (the gap after a blob reads as zeros).
+            let b = if at + b.len() as u64 == placed.size && b.len() % 4096 != 0 {
+                let mut v = b.to_vec();
+                v.resize(b.len().next_multiple_of(4096), 0);
+                Bytes::from(v)
+            } else {
+                b
+            };
+            Some((placed.base + at, b))
+        })
+        .collect();
     tracing::info!(
         layers = rec.blobs.len(),
         image_len = rec.image_len,
@@ -187,6 +232,7 @@ pub async fn open_layers(
         record: serde_json::to_value(&rec).ok(),
         stats: Some(merged.stats),
         walk_requests: requests.load(Ordering::Relaxed),
+        fetched,
     })
 }
 
@@ -249,6 +295,7 @@ fn flatdev(
         record: None,
         stats: None,
         walk_requests: 0,
+        fetched: Vec::new(),
     })
 }
 

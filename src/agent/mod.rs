@@ -33,6 +33,7 @@ pub mod journal;
 pub mod lifecycle;
 mod live;
 pub mod merge;
+pub mod share;
 pub mod metadata;
 mod prepare;
 pub mod protocol;

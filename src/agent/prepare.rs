@@ -71,7 +71,7 @@ pub(super) async fn prepare(cfg: &AgentConfig, ctx: &WorkerContext) -> Result<Pr
     let mut layers = match &cfg.source {
         SourceSpec::Layers(spec) => {
             let recorded = CacheEntry::peek(&cache_dir, &cfg.cache_key).and_then(|m| m.layout);
-            Some((spec, open_layers(spec, &http, &retry, cfg.fetch_unit, recorded.as_ref()).await.map_err(|e| AgentError::Source(e.to_string()))?))
+            Some((spec, open_layers(spec, &http, &retry, cfg.fetch_unit, recorded.as_ref(), Some((&cache_dir, &cfg.cache_key))).await.map_err(|e| AgentError::Source(e.to_string()))?))
         }
         _ => None,
     };
@@ -102,7 +102,7 @@ pub(super) async fn prepare(cfg: &AgentConfig, ctx: &WorkerContext) -> Result<Pr
             if !cache.contains(0..len) {
                 // The record outlived the bytes (a damaged bitmap was discarded): merge again.
                 tracing::warn!("the recorded merged metadata is not in the cache file; merging again");
-                *opened = open_layers(spec, &http, &retry, cfg.fetch_unit, None).await.map_err(|e| AgentError::Source(e.to_string()))?;
+                *opened = open_layers(spec, &http, &retry, cfg.fetch_unit, None, Some((&cache_dir, &cfg.cache_key))).await.map_err(|e| AgentError::Source(e.to_string()))?;
                 (source, layout, probe) = (Arc::clone(&opened.source), opened.layout.clone(), opened.head.clone());
                 if opened.layout.size() != size {
                     return Err(AgentError::Image(format!("{shown}: the merge gave another address space than recorded")));
@@ -117,6 +117,13 @@ pub(super) async fn prepare(cfg: &AgentConfig, ctx: &WorkerContext) -> Result<Pr
     }
     if let Some(probe) = &probe {
         cache.write_range(0, probe).map_err(|e| AgentError::Cache(format!("cannot write the cache file: {e}")))?;
+    }
+    if let Some((_, opened)) = &mut layers {
+        for (at, bytes) in std::mem::take(&mut opened.fetched) {
+            if at.checked_add(bytes.len() as u64).is_some_and(|end| end <= size) {
+                cache.write_range(at, &bytes).map_err(|e| AgentError::Cache(format!("cannot write the cache file: {e}")))?;
+            }
+        }
     }
     // The merged metadata is local now: the walk below reads only it.
     let metadata_end = layers.as_ref().map(|(_, l)| l.metadata_end);

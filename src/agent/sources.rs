@@ -229,8 +229,11 @@ pub async fn open_source(spec: &SourceSpec, http: &ClientConfig) -> Result<Opene
     Ok(OpenedSource { source, layout, probe })
 }
 
+/// A source and its first bytes.
+pub type OpenedOne = (Arc<dyn RangeSource>, Bytes);
+
 /// Opens one source (not a layout: layouts do not nest) and reads its first bytes.
-pub fn open_one<'a>(spec: &'a SourceSpec, http: &'a ClientConfig) -> BoxFuture<'a, Result<(Arc<dyn RangeSource>, Bytes), OpenError>> {
+pub fn open_one<'a>(spec: &'a SourceSpec, http: &'a ClientConfig) -> BoxFuture<'a, Result<OpenedOne, OpenError>> {
     Box::pin(async move {
         match spec {
             SourceSpec::Url { url } => {

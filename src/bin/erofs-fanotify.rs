@@ -117,6 +117,17 @@ enum Cmd {
         #[arg(short = 'o', long = "options", value_name = "OPTS", requires = "s3")]
         options: Vec<String>,
     },
+    /// Write the merged metadata image a mount of a multi-layer image uses (for inspection)
+    Merge {
+        /// The image reference (all its layers are merged, in manifest order)
+        reference: String,
+        /// The file to write (replaced atomically)
+        #[arg(long, value_name = "FILE")]
+        output: PathBuf,
+        /// Mount options for the registry (oci.insecure, oci.platform=, ...) and fetch_unit=
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
+    },
     /// List or prune the local cache of blobs
     Cache {
         #[command(subcommand)]
@@ -243,6 +254,10 @@ fn main() {
                 }),
             }
             .map(|_| 0)
+        }
+        Cmd::Merge { reference, output, options } => {
+            cli::init_cli_logging();
+            cli::merge_cmd::run(cli::merge_cmd::MergeArgs { reference, output, options }).map(|_| 0)
         }
         Cmd::Agent { foreground, adopt } => agent_cmd::run_supervisor(foreground, adopt),
         Cmd::Worker { resume } => agent_cmd::run_worker(resume),

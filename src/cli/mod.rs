@@ -4,6 +4,7 @@
 pub mod agent_cmd;
 pub mod bucket_build_cmd;
 pub mod build_cmd;
+pub mod merge_cmd;
 pub mod cache_cmd;
 pub mod client;
 pub mod container_mount;

@@ -335,7 +335,7 @@ fn resolve_source(source: &str, opts: &MountOptions) -> Result<SourceSpec, CliEr
         return super::tar_index_mount::resolve(source, opts);
     }
     match crate::oci::resolve_image(source, &opts.oci).map_err(|e| CliError::new(e.to_string()))? {
-        crate::oci::ResolvedImage::Blob(spec) => Ok(SourceSpec::Oci(Box::new(spec))),
+        crate::oci::ResolvedImage::Blob(spec) => Ok(SourceSpec::Oci(spec)),
         crate::oci::ResolvedImage::Layers(layers) => Ok(SourceSpec::Layers(Box::new(crate::agent::sources::LayersSpec {
             name: layers.first().map(|l| l.reference.clone()).unwrap_or_else(|| source.to_string()),
             layers: layers.into_iter().map(|l| SourceSpec::Oci(Box::new(l))).collect(),

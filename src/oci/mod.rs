@@ -163,7 +163,7 @@ const RESOLVE_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// [`resolve_image`] for mounting all of them.
 pub fn resolve_reference(reference: &str, o: &OciOptions) -> Result<OciBlobSpec, OciError> {
     match resolve_image(reference, o)? {
-        ResolvedImage::Blob(b) => Ok(b),
+        ResolvedImage::Blob(b) => Ok(*b),
         ResolvedImage::Layers(layers) => {
             let listing = layers.iter().enumerate().map(|(i, l)| format!("{i}: {} ({}, {} bytes)", l.digest, l.media_type, l.size)).collect::<Vec<_>>().join("; ");
             Err(OciError::Layer(format!(
@@ -179,7 +179,7 @@ pub fn resolve_reference(reference: &str, o: &OciOptions) -> Result<OciBlobSpec,
 /// manifest order (to be mounted as one filesystem).
 #[derive(Debug, Clone)]
 pub enum ResolvedImage {
-    Blob(OciBlobSpec),
+    Blob(Box<OciBlobSpec>),
     Layers(Vec<OciBlobSpec>),
 }
 
@@ -250,7 +250,7 @@ pub fn resolve_image(reference: &str, o: &OciOptions) -> Result<ResolvedImage, O
     let mut specs = Vec::with_capacity(layers.len());
     for layer in &layers {
         // Cache keys and blob URLs need sha256.
-        let digest = reference::parse_digest(&layer.digest().to_string())
+        let digest = reference::parse_digest(layer.digest().as_ref())
             .map_err(|e| OciError::Layer(format!("layer {} of {parsed}: {e}", layer.digest())))?;
         specs.push(OciBlobSpec {
             reference: parsed.to_string(),
@@ -268,7 +268,7 @@ pub fn resolve_image(reference: &str, o: &OciOptions) -> Result<ResolvedImage, O
         });
     }
     match specs.len() {
-        1 => Ok(ResolvedImage::Blob(specs.remove(0))),
+        1 => Ok(ResolvedImage::Blob(Box::new(specs.remove(0)))),
         _ => Ok(ResolvedImage::Layers(specs)),
     }
 }

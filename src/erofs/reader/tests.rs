@@ -30,7 +30,7 @@ pub(crate) fn text(seed: u64, len: usize) -> Vec<u8> {
         x ^= x >> 7;
         x ^= x << 17;
         out.extend_from_slice(words[(x % 6) as usize]);
-        if x % 11 == 0 {
+        if x.is_multiple_of(11) {
             out.extend_from_slice(&x.to_le_bytes());
         }
     }

@@ -690,7 +690,7 @@ fn flat_tail_chunks(size: u64, block: u64, tail: u64, block_bits: u8, use_indexe
     while size.div_ceil(1u64 << bits) > 1 << 20 && bits > block_bits {
         bits -= 1;
     }
-    if whole % (1u64 << bits) != 0 {
+    if !whole.is_multiple_of(1u64 << bits) {
         return Err(invalid("internal error: tail chunk alignment"));
     }
     let chunk = 1u64 << bits;
