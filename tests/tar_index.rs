@@ -242,5 +242,23 @@ fn tar_gzip_layer_mounts_lazily_through_its_tar_index_and_zinfo() {
     assert_eq!(std::fs::read(m.path("usr/lib/big.so")).unwrap(), std::fs::read(expected.join("usr/lib/big.so")).unwrap());
     m.unmount().assert_success();
     env.assert_nothing_left_within(GONE_TIMEOUT, &[]);
+
+    // One layer of a multi-layer image, picked with oci.layer (erofs-utils' option): the gzip layer with
+    // the stored index, the plain tar layer with the given index.
+    push_image(
+        &registry,
+        "test/two",
+        "v1",
+        &[LayerSpec { path: &gz, media_type: TAR_GZIP_LAYER }, LayerSpec { path: &tar, media_type: TAR_LAYER }],
+        "linux",
+        "amd64",
+    );
+    let two = reference(&proxy.host(), "test/two", "v1");
+    for (name, opts) in [("mnt-two-0", vec!["oci.layer=0", "oci.tarindex"]), ("mnt-two-1", vec!["oci.layer=1", tarindex_opt.as_str()])] {
+        let m = env.mount(&two, name, &opts);
+        assert_same_tree(&expected, &m.mountpoint, checks);
+        m.unmount().assert_success();
+        env.assert_nothing_left_within(GONE_TIMEOUT, &[]);
+    }
     let _ = std::fs::remove_dir_all(Path::new(&work));
 }

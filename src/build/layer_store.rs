@@ -189,6 +189,8 @@ mod tests {
         h.set_path("big").unwrap();
         h.set_size(data.len() as u64);
         h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
         h.set_mtime(1_700_000_000);
         h.set_cksum();
         b.append(&h, &data[..]).unwrap();
