@@ -195,7 +195,7 @@ fn a_bucket_builds_into_an_image_whose_files_read_from_their_own_objects() {
     let referenced: u64 = objects.iter().map(|(_, size)| *size as u64).sum();
     let in_blocks: u64 = objects.iter().map(|(_, size)| (*size as u64).next_multiple_of(4096)).sum();
     eprintln!(
-        "bucket image: {} objects ({referenced} bytes) read through {} GETs, at most {most_gets} for one object; fetched {} bytes",
+        "bucket image: {} files ({with_data} objects, {referenced} bytes) read through {} GETs, at most {most_gets} for one object; fetched {} bytes in all",
         objects.len(),
         s.object_gets(BUCKET) - gets_after_build,
         status.fetched_bytes
