@@ -241,6 +241,19 @@ fn a_bucket_builds_into_an_image_whose_files_read_from_their_own_objects() {
     assert_same_bytes(&body_of(fine, 1), &std::fs::read(m.path(fine)).expect("an unchanged object"), fine);
     m.unmount().assert_success();
     s.assert_nothing_left_within(GONE_TIMEOUT, &[]);
+
+    // The mount checks the first object: changed since the build, it says so in one warning line.
+    s.moto.put_generated(BUCKET, &["large/blob.bin".to_string()], 10);
+    let mountpoint = s.mountpoint("mnt");
+    let outcome = s.env.try_mount_with(image.to_str().expect("utf-8 path"), &mountpoint, &[], |cmd| s.configure(cmd));
+    outcome.assert_success();
+    let warnings = outcome.stderr_lines();
+    assert!(
+        warnings.len() == 1 && warnings[0].contains("s3://data/large/blob.bin changed since the image was built"),
+        "{warnings:?}"
+    );
+    s.umount(&[mountpoint.to_str().expect("utf-8 path")]).assert_success();
+    s.assert_nothing_left_within(GONE_TIMEOUT, &[]);
 }
 
 #[test]
