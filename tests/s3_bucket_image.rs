@@ -195,7 +195,7 @@ fn a_bucket_builds_into_an_image_whose_files_read_from_their_own_objects() {
     let referenced: u64 = objects.iter().map(|(_, size)| *size as u64).sum();
     let in_blocks: u64 = objects.iter().map(|(_, size)| (*size as u64).next_multiple_of(4096)).sum();
     eprintln!(
-        "bucket image: {} objects ({referenced} bytes) read through {} GETs, at most {most_gets} for one object; fetched {} bytes",
+        "bucket image: {} files ({with_data} objects, {referenced} bytes) read through {} GETs, at most {most_gets} for one object; fetched {} bytes in all",
         objects.len(),
         s.object_gets(BUCKET) - gets_after_build,
         status.fetched_bytes
@@ -240,6 +240,19 @@ fn a_bucket_builds_into_an_image_whose_files_read_from_their_own_objects() {
     let fine = "set0/sub0/f0-0.txt";
     assert_same_bytes(&body_of(fine, 1), &std::fs::read(m.path(fine)).expect("an unchanged object"), fine);
     m.unmount().assert_success();
+    s.assert_nothing_left_within(GONE_TIMEOUT, &[]);
+
+    // The mount checks the first object: changed since the build, it says so in one warning line.
+    s.moto.put_generated(BUCKET, &["large/blob.bin".to_string()], 10);
+    let mountpoint = s.mountpoint("mnt");
+    let outcome = s.env.try_mount_with(image.to_str().expect("utf-8 path"), &mountpoint, &[], |cmd| s.configure(cmd));
+    outcome.assert_success();
+    let warnings = outcome.stderr_lines();
+    assert!(
+        warnings.len() == 1 && warnings[0].contains("s3://data/large/blob.bin changed since the image was built"),
+        "{warnings:?}"
+    );
+    s.umount(&[mountpoint.to_str().expect("utf-8 path")]).assert_success();
     s.assert_nothing_left_within(GONE_TIMEOUT, &[]);
 }
 
