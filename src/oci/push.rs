@@ -628,14 +628,35 @@ impl Repository {
         Ok(body)
     }
 
-    /// GETs a blob for streaming (its body unread): the caller reads it,
-    /// bounds it by the descriptor's size and checks its digest.
-    pub async fn open_blob(&self, digest: &str) -> Result<reqwest::Response, OciError> {
+    /// GETs a blob from byte `from` on for streaming (its body unread): the
+    /// caller reads it, bounds it by the descriptor's size and checks its
+    /// digest. `from > 0` asks for a Range and insists on the 206 that
+    /// starts there (a download resuming after a cut).
+    pub async fn open_blob(&self, digest: &str, from: u64) -> Result<reqwest::Response, OciError> {
         let digest = reference::parse_digest(digest).map_err(OciError::Config)?;
-        let answer = self.read(Method::GET, self.url(&format!("blobs/{digest}"))?, HeaderMap::new()).await?;
+        let mut headers = HeaderMap::new();
+        if from > 0 {
+            headers.insert(RANGE, header_value(&format!("bytes={from}-"))?);
+        }
+        let answer = self.read(Method::GET, self.url(&format!("blobs/{digest}"))?, headers).await?;
         let resp = answer.response;
         match resp.status().as_u16() {
-            200 => Ok(resp),
+            200 if from == 0 => Ok(resp),
+            206 if from > 0 => {
+                let starts = resp
+                    .headers()
+                    .get(reqwest::header::CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("bytes "))
+                    .and_then(|v| v.split('-').next())
+                    .and_then(|v| v.parse::<u64>().ok());
+                if starts == Some(from) {
+                    Ok(resp)
+                } else {
+                    Err(OciError::Protocol(format!("{}: blob {digest} resumed at the wrong offset", self.name())))
+                }
+            }
+            200 => Err(OciError::Protocol(format!("{}: blob {digest}: the registry ignores Range requests", self.name()))),
             404 => Err(OciError::Layer(format!("blob {digest} of {} not found", self.name()))),
             _ => Err(self.refused(resp, &format!("GET of blob {digest}")).await),
         }
@@ -673,6 +694,20 @@ impl Repository {
         }
         let subject_indexed = resp.headers().get("oci-subject").and_then(|v| v.to_str().ok()).map(str::to_owned);
         Ok(PushedManifest { digest, size: body.len() as u64, subject_indexed })
+    }
+
+    /// PUTs a manifest by `reference`'s tag, or by its digest when it names
+    /// only a digest (which must be the manifest's); a `tag@digest`
+    /// reference is put by tag and the digest checked. Returns the digest.
+    pub async fn put_manifest_at(&self, reference: &Reference, media_type: &str, bytes: &[u8]) -> Result<String, OciError> {
+        let digest = sha256_digest(bytes);
+        if let Some(want) = &reference.digest {
+            if *want != digest {
+                return Err(OciError::Config(format!("{reference} names digest {want}, but the manifest is {digest}")));
+            }
+        }
+        let at = reference.tag.clone().unwrap_or_else(|| digest.clone());
+        Ok(self.put_manifest(&at, media_type, bytes).await?.digest)
     }
 
     /// GETs a manifest or index by tag or digest (a digest is verified).

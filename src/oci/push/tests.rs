@@ -476,7 +476,7 @@ async fn manifests_by_tag_and_digest_and_resolution_through_an_index() {
     assert_eq!(resolved.digest, by_tag.digest);
     assert_eq!(resolved.platform.as_ref().map(manifest::platform_name).as_deref(), Some("linux/arm64"));
     assert_eq!(resolved.media_type, manifest::OCI_MANIFEST);
-    let got = multi.get_blob(&resolved.manifest.config().digest().to_string(), MAX_CONFIG_BYTES).await.unwrap();
+    let got = multi.get_blob(resolved.manifest.config().digest().as_ref(), MAX_CONFIG_BYTES).await.unwrap();
     assert_eq!(got, config);
     let e = multi.resolve_image(&platform("linux", "s390x")).await.unwrap_err();
     assert!(e.to_string().contains("available: linux/amd64, linux/arm64"), "{e}");
@@ -508,7 +508,7 @@ async fn a_refused_push_is_one_sentence_after_one_renewal() {
 }
 
 async fn push_subject(repo: &Repository) -> Descriptor {
-    repo.push_blob(&Blob::from_bytes(&EMPTY_JSON[..]), &UploadOptions::default()).await.unwrap();
+    repo.push_blob(&Blob::from_bytes(EMPTY_JSON), &UploadOptions::default()).await.unwrap();
     let m = image_manifest(empty_config_descriptor().unwrap(), vec![], &BTreeMap::new()).unwrap();
     let bytes = to_json(&m).unwrap();
     let p = repo.put_manifest("img", manifest::OCI_MANIFEST, &bytes).await.unwrap();
@@ -534,8 +534,8 @@ async fn referrers_through_the_tag_schema_when_the_api_is_missing() {
     let fake = Fake::start(Config::default());
     let repo = fake.repo("r");
     let subject = push_subject(&repo).await;
-    let tag = referrers_tag(&subject.digest().to_string()).unwrap();
-    let none = repo.referrers(&subject.digest().to_string(), None).await.unwrap();
+    let tag = referrers_tag(subject.digest().as_ref()).unwrap();
+    let none = repo.referrers(subject.digest().as_ref(), None).await.unwrap();
     assert_eq!(none, Referrers { manifests: vec![], source: ReferrersSource::TagSchema });
 
     let a = push_ranges_artifact(&repo, &subject, "application/vnd.example.a", b"[1,2]").await;
@@ -551,9 +551,9 @@ async fn referrers_through_the_tag_schema_when_the_api_is_missing() {
     assert_eq!(index["manifests"][1]["artifactType"], "application/vnd.example.b");
     assert_eq!(index["manifests"][1]["annotations"]["org.example.kind"], "ranges");
 
-    let all = repo.referrers(&subject.digest().to_string(), None).await.unwrap();
+    let all = repo.referrers(subject.digest().as_ref(), None).await.unwrap();
     assert_eq!((all.manifests.len(), all.source), (2, ReferrersSource::TagSchema));
-    let only_b = repo.referrers(&subject.digest().to_string(), Some("application/vnd.example.b")).await.unwrap();
+    let only_b = repo.referrers(subject.digest().as_ref(), Some("application/vnd.example.b")).await.unwrap();
     assert_eq!(only_b.manifests, vec![b.descriptor.clone()]);
     // The artifact manifest itself: artifactType, subject, empty config.
     let m: serde_json::Value = serde_json::from_slice(&repo.get_manifest(&b.manifest.digest).await.unwrap().bytes).unwrap();
@@ -562,8 +562,8 @@ async fn referrers_through_the_tag_schema_when_the_api_is_missing() {
     assert_eq!(m["config"]["mediaType"], OCI_EMPTY_MEDIA_TYPE);
     assert_eq!(m["config"]["digest"], sha256_digest(b"{}"));
 
-    repo.remove_referrer(&subject.digest().to_string(), &a.manifest.digest).await.unwrap();
-    let left = repo.referrers(&subject.digest().to_string(), None).await.unwrap();
+    repo.remove_referrer(subject.digest().as_ref(), &a.manifest.digest).await.unwrap();
+    let left = repo.referrers(subject.digest().as_ref(), None).await.unwrap();
     assert_eq!(left.manifests, vec![b.descriptor]);
 }
 
@@ -574,9 +574,9 @@ async fn referrers_through_the_api_when_the_registry_has_it() {
     let subject = push_subject(&repo).await;
     let a = push_ranges_artifact(&repo, &subject, "application/vnd.example.a", b"[1]").await;
     assert_eq!(a.indexed_by, ReferrersSource::Api, "OCI-Subject answered: no tag written");
-    assert!(fake.manifest_by_tag("r", &referrers_tag(&subject.digest().to_string()).unwrap()).is_none());
+    assert!(fake.manifest_by_tag("r", &referrers_tag(subject.digest().as_ref()).unwrap()).is_none());
     push_ranges_artifact(&repo, &subject, "application/vnd.example.b", b"[2]").await;
-    let got = repo.referrers(&subject.digest().to_string(), Some("application/vnd.example.a")).await.unwrap();
+    let got = repo.referrers(subject.digest().as_ref(), Some("application/vnd.example.a")).await.unwrap();
     assert_eq!(got.source, ReferrersSource::Api);
     assert_eq!(got.manifests.len(), 1);
     assert_eq!(got.manifests[0].digest().to_string(), a.manifest.digest);
@@ -624,7 +624,7 @@ fn pure_manifest_and_config_construction() {
     assert_eq!(idx.manifests(), &vec![e1.clone(), e2.clone()], "replaced in place");
     assert_eq!(filter_referrers(idx.manifests(), Some("application/vnd.example.y")), vec![e2.clone()]);
     assert_eq!(filter_referrers(idx.manifests(), None).len(), 2);
-    let idx = remove_referrer(Some(idx), &e1.digest().to_string());
+    let idx = remove_referrer(Some(idx), e1.digest().as_ref());
     assert_eq!(idx.manifests(), &vec![e2]);
     let v: serde_json::Value = serde_json::from_slice(&to_json(&idx).unwrap()).unwrap();
     assert_eq!((v["schemaVersion"].as_u64(), v["mediaType"].as_str()), (Some(2), Some(manifest::OCI_INDEX)));
