@@ -105,6 +105,49 @@ enum Cmd {
         #[arg(long, value_name = "BYTES", hide = true)]
         pcluster_size: Option<u32>,
     },
+    /// Push an EROFS image as a one-layer OCI image (layer application/vnd.erofs); prints the manifest digest
+    Push {
+        /// The EROFS image file
+        image: PathBuf,
+        /// Where to push: [registry/]repo[:tag] or [registry/]repo@sha256:... (the manifest's digest)
+        reference: String,
+        /// OS/ARCH[/VARIANT] written in the image config (default: this machine's)
+        #[arg(long)]
+        platform: Option<String>,
+        /// Registry options as for mounting: oci.insecure, oci.username=, oci.password=, oci.cafile=
+        #[arg(short = 'o', value_name = "OPTS")]
+        options: Vec<String>,
+        /// Upload blobs up to SIZE in one request, larger ones in chunks of SIZE (default 64M)
+        #[arg(long, value_name = "SIZE", hide = true)]
+        chunk_size: Option<String>,
+    },
+    /// Convert an ordinary image (tar/tar+gzip layers) into EROFS and push it; prints the manifest digest
+    Convert {
+        /// The image to convert: [registry/]repo[:tag|@digest] (Docker v2 or OCI, manifest or index)
+        src: String,
+        /// Where to push the result: [registry/]repo[:tag] or [registry/]repo@sha256:...
+        dst: String,
+        /// The entry of an index to convert (default: this machine's platform)
+        #[arg(long)]
+        platform: Option<String>,
+        /// Compress file data (lz4)
+        #[arg(long, value_name = "ALGORITHM", value_parser = ["lz4"])]
+        compress: Option<String>,
+        /// Paths (one per line, # comments) whose data comes first, in that order
+        #[arg(long, value_name = "FILE")]
+        order: Option<PathBuf>,
+        /// One EROFS layer per source layer (whiteouts and opaque directories kept as overlay markers)
+        #[arg(long)]
+        per_layer: bool,
+        /// Registry options for both images: oci.insecure, oci.username=, oci.password=, oci.cafile=
+        #[arg(short = 'o', value_name = "OPTS")]
+        options: Vec<String>,
+        /// Directory for the private temp dir (layer data and images; default $TMPDIR or /var/tmp)
+        #[arg(long, value_name = "DIR")]
+        tmpdir: Option<PathBuf>,
+        #[arg(long, value_name = "SIZE", hide = true)]
+        chunk_size: Option<String>,
+    },
     /// List or prune the local cache of blobs
     Cache {
         #[command(subcommand)]
@@ -204,6 +247,15 @@ fn main() {
         Cmd::Build { src, out, compress, order, reproducible, tar_index, pcluster_size } => {
             cli::init_cli_logging();
             cli::build_cmd::run(cli::build_cmd::BuildArgs { src, out, compress, order, reproducible, tar_index, pcluster_size })
+                .map(|_| 0)
+        }
+        Cmd::Push { image, reference, platform, options, chunk_size } => {
+            cli::init_cli_logging();
+            cli::push_cmd::run(cli::push_cmd::PushArgs { image, reference, platform, options, chunk_size }).map(|_| 0)
+        }
+        Cmd::Convert { src, dst, platform, compress, order, per_layer, options, tmpdir, chunk_size } => {
+            cli::init_cli_logging();
+            cli::convert_cmd::run(cli::convert_cmd::ConvertArgs { src, dst, platform, compress, order, per_layer, options, chunk_size, tmpdir })
                 .map(|_| 0)
         }
         Cmd::Agent { foreground, adopt } => agent_cmd::run_supervisor(foreground, adopt),
