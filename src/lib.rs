@@ -15,6 +15,7 @@ pub mod cli;
 pub mod erofs;
 pub mod fanotify;
 pub mod http;
+pub mod index;
 pub mod mount;
 pub mod oci;
 pub mod ranges;
