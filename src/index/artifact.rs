@@ -733,7 +733,11 @@ fn de_traces<'de, D: Deserializer<'de>>(
 }
 
 #[cfg(test)]
-#[allow(clippy::single_range_in_vec_init, clippy::type_complexity, clippy::reversed_empty_ranges)]
+#[allow(
+    clippy::single_range_in_vec_init,
+    clippy::type_complexity,
+    clippy::reversed_empty_ranges
+)]
 mod tests {
     use super::*;
 
@@ -941,7 +945,9 @@ mod tests {
                 l.chunk_size = Some(2 << 20)
             }),
             // A short last chunk still needs its digest.
-            ("3 digests where ceil(size / chunkSize) = 4", |l| l.size += 5),
+            ("3 digests where ceil(size / chunkSize) = 4", |l| {
+                l.size += 5
+            }),
             ("not a power of two in 4 KiB", |l| l.chunk_size = Some(1000)),
             ("without a chunk size", |l| l.chunk_size = None),
             ("not 64 lowercase hex", |l| {
