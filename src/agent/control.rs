@@ -161,6 +161,7 @@ fn answer(req: Request, ctx: &Arc<ControlContext>, lease: &mut Option<Lease>) ->
             prefetched_bytes: Stats::get(&ctx.scheduler.prefetched_bytes),
             fetch_latency: ctx.stats.fetch_latency.snapshot(),
             event_wait: ctx.stats.event_wait.snapshot(),
+            index: ctx.stats.index.lock().clone(),
             ..MountStatus::default()
         })),
     }

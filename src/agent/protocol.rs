@@ -109,4 +109,7 @@ pub struct MountStatus {
     pub fetch_latency: super::stats::HistogramSnapshot,
     #[serde(default)]
     pub event_wait: super::stats::HistogramSnapshot,
+    /// The index artifact whose metadata ranges the mount used (none: walked).
+    #[serde(default)]
+    pub index: Option<String>,
 }
