@@ -58,6 +58,10 @@ pub struct MountOptions {
     pub prefetch_files: Option<PathBuf>,
     /// `cache_max=SIZE`: after mounting, prune unused cache entries (oldest first) down to SIZE on disk.
     pub cache_max: Option<u64>,
+    /// `index=off|auto|require`: use the image's index artifact for the metadata ranges.
+    pub index: crate::index::IndexMode,
+    /// `index_file=PATH`: an index document copied locally (instead of the registry's).
+    pub index_file: Option<PathBuf>,
     pub oci: OciOptions,
     /// `s3.*`: the S3 source's own options (parsed by `remote::s3`).
     pub s3: crate::remote::s3::S3Options,
@@ -78,6 +82,8 @@ impl Default for MountOptions {
             prefetch_trace: None,
             prefetch_files: None,
             cache_max: None,
+            index: crate::index::IndexMode::Auto,
+            index_file: None,
             oci: OciOptions::default(),
             s3: Default::default(),
         }
@@ -191,6 +197,17 @@ impl MountOptions {
                     let v = need(value)?;
                     o.cache_max = Some(parse_size(&v).ok_or_else(|| bad(&v, "expected a size like 20G"))?);
                 }
+                "index" => {
+                    let v = need(value)?;
+                    o.index = crate::index::IndexMode::parse(&v).ok_or_else(|| bad(&v, "expected off, auto or require"))?;
+                }
+                "index_file" => {
+                    let v = need(value)?;
+                    if !v.starts_with('/') {
+                        return Err(bad(&v, "must be an absolute path"));
+                    }
+                    o.index_file = Some(PathBuf::from(v));
+                }
                 "oci.blob" => o.oci.blob = Some(need(value)?),
                 "oci.layer" => {
                     let v = need(value)?;
@@ -298,6 +315,17 @@ mod tests {
         assert_eq!(o.s3.region.as_deref(), Some("eu-west-1"));
         assert_eq!(MountOptions::parse("s3.nope=1"), Err(OptionError::Unknown("s3.nope".into())));
         assert!(matches!(MountOptions::parse("s3.sig=5"), Err(OptionError::BadValue { .. })));
+    }
+
+    #[test]
+    fn index_options() {
+        use crate::index::IndexMode;
+        assert_eq!(MountOptions::default().index, IndexMode::Auto);
+        let o = MountOptions::parse("index=require,index_file=/tmp/doc.json").unwrap();
+        assert_eq!((o.index, o.index_file), (IndexMode::Require, Some(PathBuf::from("/tmp/doc.json"))));
+        assert_eq!(MountOptions::parse("index=off").unwrap().index, IndexMode::Off);
+        assert!(matches!(MountOptions::parse("index=yes"), Err(OptionError::BadValue { .. })));
+        assert!(MountOptions::parse("index_file=rel.json").is_err());
     }
 
     #[test]
