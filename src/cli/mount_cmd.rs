@@ -141,6 +141,7 @@ pub fn mount_image(
     let (mut conn, child) = match connect_live_agent(&state_dir, &key) {
         Some(conn) => (conn, None),
         None => {
+            let known_metadata = index_lookup(prog, &source, opts)?;
             let cfg = AgentConfig {
                 source,
                 cache_dir: opts.cache_dir.clone(),
@@ -152,6 +153,7 @@ pub fn mount_image(
                 fetch_parallel: opts.fetch_parallel,
                 read_ahead_kb: opts.read_ahead_kb,
                 record_trace: opts.record_trace,
+                known_metadata,
             };
             let child = spawn_agent(&cfg, &state_dir, foreground)?;
             let conn = connect_live_agent(&state_dir, &key)
@@ -309,6 +311,21 @@ fn spawn_agent(cfg: &AgentConfig, state_dir: &StateDir, foreground: bool) -> Res
 /// The agent's log: in the state dir, beside its record and socket.
 pub fn agent_log_path(state_dir: &StateDir, key: &str) -> PathBuf {
     state_dir.agents_dir().join(format!("{key}.log"))
+}
+
+/// The index artifact's metadata ranges for a new agent (`-o index=`,
+/// `index_file=`): bad artifacts are one warning each, none is one info
+/// line, and only `index=require` fails the mount.
+fn index_lookup(prog: &str, source: &SourceSpec, opts: &MountOptions) -> Result<Option<crate::index::KnownRanges>, CliError> {
+    let found = crate::index::lookup::for_mount(source, opts.index, opts.index_file.as_deref(), &opts.oci).map_err(CliError::new)?;
+    for w in &found.warnings {
+        eprintln!("{prog}: warning: {w}");
+    }
+    match &found.known {
+        Some(k) => tracing::info!(artifact = %k.artifact, ranges = k.ranges.len(), "using the index artifact's metadata ranges"),
+        None => tracing::info!(why = found.none_because.as_deref().unwrap_or(""), "no index artifact; walking the metadata"),
+    }
+    Ok(found.known)
 }
 
 /// An http(s) URL is used as is; `s3://BUCKET/KEY`, or `BUCKET/KEY` with `s3.endpoint=`, is an S3
