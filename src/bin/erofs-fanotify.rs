@@ -148,6 +148,11 @@ enum Cmd {
         #[arg(long, value_name = "SIZE", hide = true)]
         chunk_size: Option<String>,
     },
+    /// Index artifacts: the ranges of an image known before mounting it
+    Index {
+        #[command(subcommand)]
+        action: IndexCmd,
+    },
     /// List or prune the local cache of blobs
     Cache {
         #[command(subcommand)]
@@ -175,6 +180,24 @@ enum Cmd {
     Worker {
         #[arg(long)]
         resume: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum IndexCmd {
+    /// Walk each EROFS layer of an image once and push an index artifact (subject: the image manifest); prints its digest
+    Push {
+        /// The image: [registry/]repo[:tag|@sha256:...]
+        reference: String,
+        /// Registry options as for mounting: oci.insecure, oci.username=, oci.password=, oci.cafile=, oci.platform=
+        #[arg(short = 'o', value_name = "OPTS")]
+        options: Vec<String>,
+        /// An access trace from `erofs-fanotify trace`, optionally named (NAME=FILE); may repeat
+        #[arg(long = "trace", value_name = "[NAME=]FILE")]
+        traces: Vec<String>,
+        /// Directory for the temporary copies of the layers (default $TMPDIR or /var/tmp)
+        #[arg(long, value_name = "DIR")]
+        tmpdir: Option<PathBuf>,
     },
 }
 
@@ -257,6 +280,10 @@ fn main() {
             cli::init_cli_logging();
             cli::convert_cmd::run(cli::convert_cmd::ConvertArgs { src, dst, platform, compress, order, per_layer, options, chunk_size, tmpdir })
                 .map(|_| 0)
+        }
+        Cmd::Index { action: IndexCmd::Push { reference, options, traces, tmpdir } } => {
+            cli::init_cli_logging();
+            cli::index_cmd::push(cli::index_cmd::IndexPushArgs { reference, options, traces, tmpdir }).map(|_| 0)
         }
         Cmd::Agent { foreground, adopt } => agent_cmd::run_supervisor(foreground, adopt),
         Cmd::Worker { resume } => agent_cmd::run_worker(resume),

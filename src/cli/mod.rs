@@ -9,6 +9,7 @@ pub mod convert_cmd;
 pub mod container_mount;
 pub mod helper;
 pub mod hook_cmd;
+pub mod index_cmd;
 pub mod metrics_cmd;
 pub mod mount_cmd;
 pub mod prefetch_cmd;
