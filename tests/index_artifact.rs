@@ -113,7 +113,12 @@ fn index_push_then_mounts_use_it() {
     let line = env.assert_mount_fails(&reference, &["index=require"], &["index=require"]);
     assert!(line.contains("no index artifact"), "{line}");
 
-    let out = run_cli(&env, &["index", "push", &reference, "-o", "oci.insecure"]);
+    // With a named trace (as `erofs-fanotify trace` writes it) for the one layer.
+    let layer_digest = get_json(&registry, "idx/app", "manifests/v1", OCI_MANIFEST)["layers"][0]["digest"].as_str().unwrap().to_string();
+    let trace = env.root.join("python.trace");
+    std::fs::write(&trace, format!("# erofs-fanotify trace v1\n# digest {layer_digest}\n8192 12288\n0 4096\n")).unwrap();
+    let trace_arg = format!("python={}", trace.display());
+    let out = run_cli(&env, &["index", "push", &reference, "-o", "oci.insecure", "--trace", &trace_arg]);
     let artifact = printed_digest(&out);
     // docker-registry 2.8 has no referrers API: the tag schema holds it.
     let log = registry.access_log();
@@ -135,6 +140,7 @@ fn index_push_then_mounts_use_it() {
     let size = layer["size"].as_u64().unwrap();
     assert_eq!(doc["layers"][0]["chunkSha256"].as_array().unwrap().len() as u64, size.div_ceil(1 << 20));
     assert!(!doc["layers"][0]["metadata"].as_array().unwrap().is_empty());
+    assert_eq!(doc["layers"][0]["traces"], serde_json::json!({"python": [8192, 12288, 0, 4096]}), "access order kept");
 
     // index=require now uses it.
     let (out, status) = mount_and_status(&env, &reference, "mnt-index", &["index=require"]);
@@ -264,6 +270,9 @@ fn corrupt_artifacts_are_ignored_with_one_warning() {
     }))
     .unwrap();
     let past_digest = push_artifact_by_hand(&registry, "bad/app", &subject, &past);
+    let tagged = get_json(&registry, "bad/app", &format!("manifests/{}", referrers_tag(&manifest_digest)), OCI_INDEX);
+    let listed: Vec<&str> = tagged["manifests"].as_array().unwrap().iter().map(|d| d["digest"].as_str().unwrap()).collect();
+    assert_eq!(listed, [bad.as_str(), good.as_str(), past_digest.as_str()], "index push keeps the other referrers");
     let (out, status) = mount_and_status(&env2, &reference, "mnt-good", &["index=require"]);
     let lines = out.stderr_lines();
     assert_eq!(lines.len(), 1, "one warning: {}", out.describe());
