@@ -3,7 +3,7 @@
 //!   the image manifest, our artifactType, one document layer) is listed under the `sha256-<hex>` tag;
 //! - `-o index=require` before it exists fails with one line and leaves nothing; after, the mount uses it
 //!   (`status` names the artifact) with at most 5 requests to the blob on a writer-built image, and the tree
-//!   is right; `index_file=PATH` works the same from a local copy; on a mkfs.erofs image (scattered
+//!   is right; a warm remount looks nothing up; `index_file=PATH` works the same from a local copy; on a mkfs.erofs image (scattered
 //!   metadata) the index costs no more requests or bytes than the walk;
 //! - a corrupt artifact (truncated document) is ignored with one warning: `index=auto` walks, `index=require`
 //!   fails with one line; listed after a good one, the good one is still used.
@@ -143,14 +143,26 @@ fn index_push_then_mounts_use_it() {
     assert_eq!(doc["layers"][0]["traces"], serde_json::json!({"python": [8192, 12288, 0, 4096]}), "access order kept");
 
     // index=require now uses it.
+    let blob_gets = |r: &Registry| r.access_log().iter().filter(|(m, p, _)| m == "GET" && p.ends_with(&format!("/blobs/{layer_digest}"))).count();
+    let gets_before = blob_gets(&registry);
     let (out, status) = mount_and_status(&env, &reference, "mnt-index", &["index=require"]);
+    let gets = blob_gets(&registry) - gets_before;
+    assert!(gets <= 5, "{gets} requests to the blob while mounting (superblock probe included)");
     assert!(out.stderr_lines().is_empty(), "no warnings: {}", out.describe());
     let used = status.index.clone().expect("status names the index artifact");
     assert!(used.contains(&artifact) && used.contains("referrers tag"), "{used}");
     assert!(status.fetch_requests <= 5, "mount with an index: {} requests to the blob", status.fetch_requests);
-    eprintln!("writer image, index=require: {} requests, {} bytes at mount", status.fetch_requests, status.fetched_bytes);
+    eprintln!("writer image, index=require: {gets} blob GETs ({} fetches after the probe), {} bytes at mount", status.fetch_requests, status.fetched_bytes);
     assert_same_tree(&src, &env.root.join("mnt-index"), Checks::all());
     unmount(&env, "mnt-index");
+
+    // A warm remount: the cache entry kept the ranges, so no walk and no index lookup at all.
+    let lookups = |r: &Registry| r.access_log().iter().filter(|(_, p, _)| p.contains("/referrers/") || p.contains("/manifests/sha256-")).count();
+    let before = lookups(&registry);
+    let (_, status) = mount_and_status(&env, &reference, "mnt-warm", &["index=require"]);
+    assert_eq!(lookups(&registry), before, "a warm mount looks up no index");
+    assert!(status.index.is_none() && status.fetch_requests == 0, "{status:?}");
+    unmount(&env, "mnt-warm");
 
     // index_file=PATH with a fresh cache (a cache entry that knows its ranges needs no index).
     let env2 = OciEnv::new("index-file");

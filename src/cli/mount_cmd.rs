@@ -141,7 +141,7 @@ pub fn mount_image(
     let (mut conn, child) = match connect_live_agent(&state_dir, &key) {
         Some(conn) => (conn, None),
         None => {
-            let known_metadata = index_lookup(prog, &source, opts)?;
+            let known_metadata = index_lookup(prog, &source, &key, opts)?;
             let cfg = AgentConfig {
                 source,
                 cache_dir: opts.cache_dir.clone(),
@@ -316,7 +316,17 @@ pub fn agent_log_path(state_dir: &StateDir, key: &str) -> PathBuf {
 /// The index artifact's metadata ranges for a new agent (`-o index=`,
 /// `index_file=`): bad artifacts are one warning each, none is one info
 /// line, and only `index=require` fails the mount.
-fn index_lookup(prog: &str, source: &SourceSpec, opts: &MountOptions) -> Result<Option<crate::index::KnownRanges>, CliError> {
+fn index_lookup(prog: &str, source: &SourceSpec, key: &str, opts: &MountOptions) -> Result<Option<crate::index::KnownRanges>, CliError> {
+    // A cache entry that kept its metadata map needs no walk and so no index:
+    // a warm mount makes no registry requests for it.
+    if let SourceSpec::Oci(spec) = source {
+        if opts.index != crate::index::IndexMode::Off
+            && state::CacheEntry::knows_required(&state::CacheDir::new(opts.cache_dir.clone()), key, spec.size, Some(&spec.digest))
+        {
+            tracing::info!("the cache entry knows its metadata ranges; no index lookup");
+            return Ok(None);
+        }
+    }
     let found = crate::index::lookup::for_mount(source, opts.index, opts.index_file.as_deref(), &opts.oci).map_err(CliError::new)?;
     for w in &found.warnings {
         eprintln!("{prog}: warning: {w}");

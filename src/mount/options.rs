@@ -58,7 +58,8 @@ pub struct MountOptions {
     pub prefetch_files: Option<PathBuf>,
     /// `cache_max=SIZE`: after mounting, prune unused cache entries (oldest first) down to SIZE on disk.
     pub cache_max: Option<u64>,
-    /// `index=off|auto|require`: use the image's index artifact for the metadata ranges.
+    /// `index=off|auto|require`: use the image's index artifact for the metadata ranges
+    /// (`require`: never walk; a cache entry that kept its ranges needs neither).
     pub index: crate::index::IndexMode,
     /// `index_file=PATH`: an index document copied locally (instead of the registry's).
     pub index_file: Option<PathBuf>,
