@@ -9,6 +9,7 @@
 //! bad one only costs the walk it would have saved. A good one gives the
 //! agent a [`KnownRanges`] list.
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::Path;
 
@@ -28,11 +29,42 @@ pub struct Lookup {
     pub warnings: Vec<String>,
     /// Why nothing was used (when `known` is None).
     pub none_because: Option<String>,
+    /// The named access traces of the layer in the artifact used.
+    pub traces: BTreeMap<String, Vec<Range<u64>>>,
+}
+
+/// `-o trace=`: which of the artifact's traces is replayed as prefetch.
+/// `None` (no option): the only one, if there is exactly one; `none`: no
+/// trace; `NAME`: that one (a warning when the artifact lacks it).
+pub fn pick_trace<'a>(
+    traces: &'a BTreeMap<String, Vec<Range<u64>>>,
+    choice: Option<&str>,
+) -> Result<Option<(&'a str, &'a [Range<u64>])>, String> {
+    match choice {
+        Some("none") => Ok(None),
+        Some(name) => match traces.get_key_value(name) {
+            Some((k, v)) => Ok(Some((k.as_str(), v.as_slice()))),
+            None => {
+                let names: Vec<&str> = traces.keys().map(String::as_str).collect();
+                Err(format!("the index artifact has no trace {name:?} (it has: {})", if names.is_empty() { "none".into() } else { names.join(", ") }))
+            }
+        },
+        None if traces.len() == 1 => Ok(traces.iter().next().map(|(k, v)| (k.as_str(), v.as_slice()))),
+        None => Ok(None),
+    }
 }
 
 /// The metadata ranges for layer `digest` of `size` bytes in an index
 /// document, after every check.
 pub fn ranges_from_doc(bytes: &[u8], digest: &str, size: u64) -> Result<Vec<Range<u64>>, String> {
+    layer_from_doc(bytes, digest, size).map(|(metadata, _)| metadata)
+}
+
+type Traces = BTreeMap<String, Vec<Range<u64>>>;
+
+/// The metadata ranges and traces of layer `digest` in a document (every range
+/// inside the blob: checked by the parser).
+fn layer_from_doc(bytes: &[u8], digest: &str, size: u64) -> Result<(Vec<Range<u64>>, Traces), String> {
     let doc = artifact::parse(bytes, &Limits::default()).map_err(|e| e.to_string())?;
     let layer = doc.layer(digest).ok_or_else(|| format!("it has no entry for layer {digest}"))?;
     if layer.kind != LayerKind::Erofs {
@@ -45,7 +77,7 @@ pub fn ranges_from_doc(bytes: &[u8], digest: &str, size: u64) -> Result<Vec<Rang
         return Err(format!("its entry for layer {digest} lists no metadata ranges"));
     }
     // `parse` checked them sorted, disjoint, non-empty and inside `layer.size`.
-    Ok(layer.metadata.clone())
+    Ok((layer.metadata.clone(), layer.traces.clone()))
 }
 
 fn known(artifact: String, ranges: &[Range<u64>]) -> KnownRanges {
@@ -70,8 +102,9 @@ pub async fn in_registry(repo: &Repository, platform: &Platform, digest: &str, s
     for d in referrers.manifests.iter().rev() {
         let artifact_digest = d.digest().to_string();
         match artifact_ranges(repo, &artifact_digest, digest, size).await {
-            Ok(ranges) => {
+            Ok((ranges, traces)) => {
                 out.known = Some(known(format!("{artifact_digest} ({how})"), &ranges));
+                out.traces = traces;
                 return Ok(out);
             }
             Err(why) => out.warnings.push(format!("ignoring index artifact {artifact_digest} of {}: {why}", repo.reference())),
@@ -85,7 +118,7 @@ pub async fn in_registry(repo: &Repository, platform: &Platform, digest: &str, s
     Ok(out)
 }
 
-async fn artifact_ranges(repo: &Repository, artifact_digest: &str, digest: &str, size: u64) -> Result<Vec<Range<u64>>, String> {
+async fn artifact_ranges(repo: &Repository, artifact_digest: &str, digest: &str, size: u64) -> Result<(Vec<Range<u64>>, Traces), String> {
     let fetched = repo.get_manifest(artifact_digest).await.map_err(|e| e.to_string())?;
     let Manifest::Image(m) = fetched.manifest else { return Err("it is an index, not an artifact manifest".into()) };
     if m.artifact_type().as_ref().map(|t| t.to_string()).as_deref() != Some(ARTIFACT_TYPE) {
@@ -101,19 +134,19 @@ async fn artifact_ranges(repo: &Repository, artifact_digest: &str, digest: &str,
         return Err(format!("its document of {} bytes exceeds the {cap}-byte limit", doc.size()));
     }
     let bytes = repo.get_blob(doc.digest().as_ref(), cap).await.map_err(|e| e.to_string())?;
-    ranges_from_doc(&bytes, digest, size)
+    layer_from_doc(&bytes, digest, size)
 }
 
 /// `index_file=PATH`: an index document copied locally.
-pub fn from_file(path: &Path, digest: &str, size: u64) -> Result<KnownRanges, String> {
+pub fn from_file(path: &Path, digest: &str, size: u64) -> Result<(KnownRanges, Traces), String> {
     let cap = Limits::default().max_doc_bytes as u64;
     let len = std::fs::metadata(path).map_err(|e| format!("cannot read index_file {}: {e}", path.display()))?.len();
     if len > cap {
         return Err(format!("index_file {} has {len} bytes, more than the {cap}-byte limit", path.display()));
     }
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read index_file {}: {e}", path.display()))?;
-    let ranges = ranges_from_doc(&bytes, digest, size).map_err(|why| format!("index_file {}: {why}", path.display()))?;
-    Ok(known(format!("file {}", path.display()), &ranges))
+    let (ranges, traces) = layer_from_doc(&bytes, digest, size).map_err(|why| format!("index_file {}: {why}", path.display()))?;
+    Ok((known(format!("file {}", path.display()), &ranges), traces))
 }
 
 /// The lookup a new mount makes (blocking; front end). `Err` only with
@@ -131,7 +164,7 @@ pub fn for_mount(source: &SourceSpec, mode: IndexMode, index_file: Option<&Path>
                     _ => None,
                 };
                 match size {
-                    Some(size) => from_file(path, &digest, size).map(|k| Lookup { known: Some(k), ..Lookup::default() }),
+                    Some(size) => from_file(path, &digest, size).map(|(k, traces)| Lookup { known: Some(k), traces, ..Lookup::default() }),
                     None => Err(format!("index_file applies to image references, not {}", source.describe())),
                 }
             }
@@ -211,6 +244,19 @@ mod tests {
         assert!(ranges_from_doc(past.as_bytes(), &d, 1 << 20).is_err());
         let empty = doc(&d, 1 << 20, vec![]);
         assert!(ranges_from_doc(&empty, &d, 1 << 20).unwrap_err().contains("no metadata"));
+    }
+
+    #[test]
+    fn trace_choice() {
+        let mut t = BTreeMap::new();
+        t.insert("python".to_string(), vec![0..4096]);
+        assert_eq!(pick_trace(&t, None).unwrap().map(|(n, _)| n), Some("python"), "the only one by default");
+        assert_eq!(pick_trace(&t, Some("none")).unwrap(), None);
+        assert!(pick_trace(&t, Some("java")).unwrap_err().contains("it has: python"));
+        t.insert("java".to_string(), vec![4096..8192]);
+        assert_eq!(pick_trace(&t, None).unwrap(), None, "several: none unless named");
+        assert_eq!(pick_trace(&t, Some("java")).unwrap().map(|(_, r)| r.to_vec()), Some(vec![4096..8192]));
+        assert_eq!(pick_trace(&BTreeMap::new(), None).unwrap(), None);
     }
 
     #[test]
