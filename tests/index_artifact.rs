@@ -1,6 +1,7 @@
 //! Index artifacts against Debian's docker-registry 2.8 (no referrers API: the referrers tag schema):
 //! - `erofs-fanotify index push` for an image pushed with `erofs-fanotify push`: the artifact (subject =
 //!   the image manifest, our artifactType, one document layer) is listed under the `sha256-<hex>` tag;
+//! - the only trace of the artifact is replayed as prefetch (`trace=none` replays none);
 //! - `-o index=require` before it exists fails with one line and leaves nothing; after, the mount uses it
 //!   (`status` names the artifact) with at most 5 requests to the blob on a writer-built image, and the tree
 //!   is right; a warm remount looks nothing up; `index_file=PATH` works the same from a local copy; on a mkfs.erofs image (scattered
@@ -12,6 +13,7 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use common::cmd::{self, Outcome};
 use common::erofs_tree::{assert_same_tree, Checks};
@@ -114,9 +116,13 @@ fn index_push_then_mounts_use_it() {
     assert!(line.contains("no index artifact"), "{line}");
 
     // With a named trace (as `erofs-fanotify trace` writes it) for the one layer.
-    let layer_digest = get_json(&registry, "idx/app", "manifests/v1", OCI_MANIFEST)["layers"][0]["digest"].as_str().unwrap().to_string();
+    let layer_json = get_json(&registry, "idx/app", "manifests/v1", OCI_MANIFEST)["layers"][0].clone();
+    let layer_digest = layer_json["digest"].as_str().unwrap().to_string();
+    let blob_size = layer_json["size"].as_u64().unwrap();
+    // The blob's last 64 KiB are file data (the writer puts data after all metadata).
+    let (t0, t1) = (blob_size - (64 << 10), blob_size);
     let trace = env.root.join("python.trace");
-    std::fs::write(&trace, format!("# erofs-fanotify trace v1\n# digest {layer_digest}\n8192 12288\n0 4096\n")).unwrap();
+    std::fs::write(&trace, format!("# erofs-fanotify trace v1\n# digest {layer_digest}\n{t0} {t1}\n0 4096\n")).unwrap();
     let trace_arg = format!("python={}", trace.display());
     let out = run_cli(&env, &["index", "push", &reference, "-o", "oci.insecure", "--trace", &trace_arg]);
     let artifact = printed_digest(&out);
@@ -140,7 +146,7 @@ fn index_push_then_mounts_use_it() {
     let size = layer["size"].as_u64().unwrap();
     assert_eq!(doc["layers"][0]["chunkSha256"].as_array().unwrap().len() as u64, size.div_ceil(1 << 20));
     assert!(!doc["layers"][0]["metadata"].as_array().unwrap().is_empty());
-    assert_eq!(doc["layers"][0]["traces"], serde_json::json!({"python": [8192, 12288, 0, 4096]}), "access order kept");
+    assert_eq!(doc["layers"][0]["traces"], serde_json::json!({"python": [t0, t1, 0, 4096]}), "access order kept");
 
     // index=require now uses it.
     let blob_gets = |r: &Registry| r.access_log().iter().filter(|(m, p, _)| m == "GET" && p.ends_with(&format!("/blobs/{layer_digest}"))).count();
@@ -150,7 +156,12 @@ fn index_push_then_mounts_use_it() {
     assert!(gets <= 5, "{gets} requests to the blob while mounting (superblock probe included)");
     assert!(out.stderr_lines().is_empty(), "no warnings: {}", out.describe());
     let used = status.index.clone().expect("status names the index artifact");
-    assert!(used.contains(&artifact) && used.contains("referrers tag"), "{used}");
+    assert!(used.contains(&artifact) && used.contains("referrers tag") && used.ends_with("; trace python"), "{used}");
+    // The only trace is replayed as prefetch.
+    let mp = env.root.join("mnt-index");
+    common::wait::wait_until(Duration::from_secs(20), "the trace's prefetch", || {
+        common::env::status_json(&env.state_dir).iter().any(|s| s.mountpoint == mp.to_string_lossy() && s.prefetched_bytes >= 64 << 10 && !s.prefetch_active)
+    });
     assert!(status.fetch_requests <= 5, "mount with an index: {} requests to the blob", status.fetch_requests);
     eprintln!("writer image, index=require: {gets} blob GETs ({} fetches after the probe), {} bytes at mount", status.fetch_requests, status.fetched_bytes);
     assert_same_tree(&src, &env.root.join("mnt-index"), Checks::all());
@@ -169,8 +180,9 @@ fn index_push_then_mounts_use_it() {
     let doc_file = env2.root.join("index.json");
     std::fs::write(&doc_file, &doc_bytes).unwrap();
     let opt = format!("index_file={}", doc_file.display());
-    let (_, status) = mount_and_status(&env2, &reference, "mnt-file", &["index=require", &opt]);
-    assert_eq!(status.index.as_deref(), Some(format!("file {}", doc_file.display()).as_str()));
+    let (_, status) = mount_and_status(&env2, &reference, "mnt-file", &["index=require", &opt, "trace=none"]);
+    assert_eq!(status.index.as_deref(), Some(format!("file {}", doc_file.display()).as_str()), "trace=none: no trace named");
+    assert_eq!(status.prefetched_bytes, 0);
     assert!(status.fetch_requests <= 5, "{}", status.fetch_requests);
     assert_same_tree(&src, &env2.root.join("mnt-file"), Checks::all());
     unmount(&env2, "mnt-file");

@@ -63,6 +63,8 @@ pub struct MountOptions {
     pub index: crate::index::IndexMode,
     /// `index_file=PATH`: an index document copied locally (instead of the registry's).
     pub index_file: Option<PathBuf>,
+    /// `trace=NAME|none`: which trace of the index artifact is replayed as prefetch (default: the only one).
+    pub index_trace: Option<String>,
     pub oci: OciOptions,
     /// `s3.*`: the S3 source's own options (parsed by `remote::s3`).
     pub s3: crate::remote::s3::S3Options,
@@ -85,6 +87,7 @@ impl Default for MountOptions {
             cache_max: None,
             index: crate::index::IndexMode::Auto,
             index_file: None,
+            index_trace: None,
             oci: OciOptions::default(),
             s3: Default::default(),
         }
@@ -209,6 +212,7 @@ impl MountOptions {
                     }
                     o.index_file = Some(PathBuf::from(v));
                 }
+                "trace" => o.index_trace = Some(need(value)?),
                 "oci.blob" => o.oci.blob = Some(need(value)?),
                 "oci.layer" => {
                     let v = need(value)?;
@@ -327,6 +331,8 @@ mod tests {
         assert_eq!(MountOptions::parse("index=off").unwrap().index, IndexMode::Off);
         assert!(matches!(MountOptions::parse("index=yes"), Err(OptionError::BadValue { .. })));
         assert!(MountOptions::parse("index_file=rel.json").is_err());
+        assert_eq!(MountOptions::parse("trace=python").unwrap().index_trace.as_deref(), Some("python"));
+        assert!(MountOptions::parse("trace").is_err());
     }
 
     #[test]
