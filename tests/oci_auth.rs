@@ -527,6 +527,7 @@ fn harness_token_server_and_htpasswd_work_with_docker_registry() {
         no_pull_repos: vec!["test/secret".into()],
         lifetime: Duration::from_secs(2),
         reported_expires_in: None,
+        users_may_push: false,
     };
     let (tokens, registry) = token_registry(policy, &["test/open", "test/secret"]);
     let img = tiny_image("harness-token");

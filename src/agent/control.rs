@@ -174,6 +174,7 @@ fn answer(req: Request, ctx: &Arc<ControlContext>, lease: &mut Option<Lease>) ->
                     present_bytes: ctx.cache.populated_in(s.start..s.end()),
                 })
                 .collect(),
+            index: ctx.stats.index.lock().clone(),
             ..MountStatus::default()
         })),
     }

@@ -33,12 +33,17 @@ pub struct Fetcher {
 impl Fetcher {
     /// Fetches whatever part of `wanted` is missing, in few parallel requests.
     pub async fn ensure_present(&self, wanted: &[Range<u64>]) -> Result<(), String> {
+        self.ensure_present_with_gap(wanted, COALESCE_GAP).await
+    }
+
+    /// As [`Fetcher::ensure_present`], merging ranges whose gap is at most `gap`.
+    pub async fn ensure_present_with_gap(&self, wanted: &[Range<u64>], gap: u64) -> Result<(), String> {
         let size = self.cache.blob_size();
         let mut missing = Vec::new();
         for r in ranges::align_out(wanted, 4096, size) {
             missing.extend(self.cache.missing(r));
         }
-        let requests = ranges::coalesce(missing, COALESCE_GAP, MAX_REQUEST);
+        let requests = ranges::coalesce(missing, gap, MAX_REQUEST);
         stream::iter(requests.into_iter().map(Ok::<_, String>))
             .map_ok(|r| self.fetch_one(r))
             .try_buffer_unordered(self.parallel.max(1))

@@ -66,6 +66,10 @@ pub struct AgentConfig {
     /// Record a trace of what readers ask for from the start (`-o record_trace`).
     #[serde(default)]
     pub record_trace: bool,
+    /// Metadata ranges known from an index artifact (`-o index=`): fetched
+    /// up front in few requests, so the walk finds them local.
+    #[serde(default)]
+    pub known_metadata: Option<crate::index::KnownRanges>,
 }
 
 impl AgentConfig {

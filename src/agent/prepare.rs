@@ -140,6 +140,10 @@ pub(super) async fn prepare(cfg: &AgentConfig, ctx: &WorkerContext) -> Result<Pr
     let required = match entry.required_ranges() {
         Some(required) => required,
         None => {
+            if let Some(known) = &cfg.known_metadata {
+                fetch_known(&fetcher, known, size).await?;
+                *stats.index.lock() = Some(known.artifact.clone());
+            }
             // Several blobs: only the primary (the merged image, or a
             // multi-blob image's primary) holds metadata; the rest of the
             // blobs (devices' data, layers' own metadata, data of deleted
@@ -190,6 +194,30 @@ fn open_cache_file(entry: &CacheEntry, ctx: &WorkerContext) -> Result<CacheFile,
         }
     }
     Ok(cache)
+}
+
+/// Ranges known up front go out at once with a wide merge gap: on the
+/// registry a request costs more than a MiB of gap (DESIGN §4). The walk
+/// that follows reads them locally and fetches only what they missed, so a
+/// wrong list costs requests, never content: the kernel is never handed
+/// metadata the walk did not see.
+const KNOWN_RANGES_GAP: u64 = 1 << 20;
+
+async fn fetch_known(fetcher: &Arc<Fetcher>, known: &crate::index::KnownRanges, size: u64) -> Result<(), AgentError> {
+    let ranges: Vec<Range<u64>> = known.ranges.iter().map(|&[a, b]| a..b.min(size)).filter(|r| r.start < r.end).collect();
+    let before = Stats::get(&fetcher.stats.fetch_requests);
+    fetcher
+        .ensure_present_with_gap(&ranges, KNOWN_RANGES_GAP)
+        .await
+        .map_err(|e| AgentError::Source(format!("cannot fetch the image metadata: {e}")))?;
+    tracing::info!(
+        artifact = %known.artifact,
+        ranges = ranges.len(),
+        bytes = crate::ranges::total_len(&ranges),
+        requests = Stats::get(&fetcher.stats.fetch_requests) - before,
+        "metadata ranges from the index artifact fetched"
+    );
+    Ok(())
 }
 
 async fn walk_metadata(fetcher: &Arc<Fetcher>, size: u64, shown: &str) -> Result<erofs::ImageMap, AgentError> {

@@ -112,6 +112,9 @@ pub struct MountStatus {
     pub fetch_latency: super::stats::HistogramSnapshot,
     #[serde(default)]
     pub event_wait: super::stats::HistogramSnapshot,
+    /// The index artifact whose metadata ranges the mount used (none: walked).
+    #[serde(default)]
+    pub index: Option<String>,
 }
 
 /// One region of the image's address space and its source.

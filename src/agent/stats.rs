@@ -20,6 +20,8 @@ pub struct Stats {
     pub fetch_latency: Histogram,
     /// Seconds a reader waited for its event's answer (slow path only).
     pub event_wait: Histogram,
+    /// The index artifact whose metadata ranges the mount used (for `status`).
+    pub index: parking_lot::Mutex<Option<String>>,
 }
 
 impl Stats {

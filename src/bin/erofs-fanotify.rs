@@ -128,6 +128,54 @@ enum Cmd {
         #[arg(short = 'o', value_name = "OPTIONS")]
         options: Vec<String>,
     },
+    /// Push an EROFS image as a one-layer OCI image (layer application/vnd.erofs); prints the manifest digest
+    Push {
+        /// The EROFS image file
+        image: PathBuf,
+        /// Where to push: [registry/]repo[:tag] or [registry/]repo@sha256:... (the manifest's digest)
+        reference: String,
+        /// OS/ARCH[/VARIANT] written in the image config (default: this machine's)
+        #[arg(long)]
+        platform: Option<String>,
+        /// Registry options as for mounting: oci.insecure, oci.username=, oci.password=, oci.cafile=
+        #[arg(short = 'o', value_name = "OPTS")]
+        options: Vec<String>,
+        /// Upload blobs up to SIZE in one request, larger ones in chunks of SIZE (default 64M)
+        #[arg(long, value_name = "SIZE", hide = true)]
+        chunk_size: Option<String>,
+    },
+    /// Convert an ordinary image (tar/tar+gzip layers) into EROFS and push it; prints the manifest digest
+    Convert {
+        /// The image to convert: [registry/]repo[:tag|@digest] (Docker v2 or OCI, manifest or index)
+        src: String,
+        /// Where to push the result: [registry/]repo[:tag] or [registry/]repo@sha256:...
+        dst: String,
+        /// The entry of an index to convert (default: this machine's platform)
+        #[arg(long)]
+        platform: Option<String>,
+        /// Compress file data (lz4)
+        #[arg(long, value_name = "ALGORITHM", value_parser = ["lz4"])]
+        compress: Option<String>,
+        /// Paths (one per line, # comments) whose data comes first, in that order
+        #[arg(long, value_name = "FILE")]
+        order: Option<PathBuf>,
+        /// One EROFS layer per source layer (whiteouts and opaque directories kept as overlay markers)
+        #[arg(long)]
+        per_layer: bool,
+        /// Registry options for both images: oci.insecure, oci.username=, oci.password=, oci.cafile=
+        #[arg(short = 'o', value_name = "OPTS")]
+        options: Vec<String>,
+        /// Directory for the private temp dir (layer data and images; default $TMPDIR or /var/tmp)
+        #[arg(long, value_name = "DIR")]
+        tmpdir: Option<PathBuf>,
+        #[arg(long, value_name = "SIZE", hide = true)]
+        chunk_size: Option<String>,
+    },
+    /// Index artifacts: the ranges of an image known before mounting it
+    Index {
+        #[command(subcommand)]
+        action: IndexCmd,
+    },
     /// List or prune the local cache of blobs
     Cache {
         #[command(subcommand)]
@@ -155,6 +203,24 @@ enum Cmd {
     Worker {
         #[arg(long)]
         resume: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum IndexCmd {
+    /// Walk each EROFS layer of an image once and push an index artifact (subject: the image manifest); prints its digest
+    Push {
+        /// The image: [registry/]repo[:tag|@sha256:...]
+        reference: String,
+        /// Registry options as for mounting: oci.insecure, oci.username=, oci.password=, oci.cafile=, oci.platform=
+        #[arg(short = 'o', value_name = "OPTS")]
+        options: Vec<String>,
+        /// An access trace from `erofs-fanotify trace`, optionally named (NAME=FILE); may repeat
+        #[arg(long = "trace", value_name = "[NAME=]FILE")]
+        traces: Vec<String>,
+        /// Directory for the temporary copies of the layers (default $TMPDIR or /var/tmp)
+        #[arg(long, value_name = "DIR")]
+        tmpdir: Option<PathBuf>,
     },
 }
 
@@ -258,6 +324,19 @@ fn main() {
         Cmd::Merge { reference, output, options } => {
             cli::init_cli_logging();
             cli::merge_cmd::run(cli::merge_cmd::MergeArgs { reference, output, options }).map(|_| 0)
+        }
+        Cmd::Push { image, reference, platform, options, chunk_size } => {
+            cli::init_cli_logging();
+            cli::push_cmd::run(cli::push_cmd::PushArgs { image, reference, platform, options, chunk_size }).map(|_| 0)
+        }
+        Cmd::Convert { src, dst, platform, compress, order, per_layer, options, tmpdir, chunk_size } => {
+            cli::init_cli_logging();
+            cli::convert_cmd::run(cli::convert_cmd::ConvertArgs { src, dst, platform, compress, order, per_layer, options, chunk_size, tmpdir })
+                .map(|_| 0)
+        }
+        Cmd::Index { action: IndexCmd::Push { reference, options, traces, tmpdir } } => {
+            cli::init_cli_logging();
+            cli::index_cmd::push(cli::index_cmd::IndexPushArgs { reference, options, traces, tmpdir }).map(|_| 0)
         }
         Cmd::Agent { foreground, adopt } => agent_cmd::run_supervisor(foreground, adopt),
         Cmd::Worker { resume } => agent_cmd::run_worker(resume),

@@ -3,6 +3,7 @@
 //! ([`tar::tree_from_tar`]), plus the file access the writer needs
 //! ([`LocalFiles`]). This is the I/O side; the format is `crate::erofs::writer`.
 
+pub mod convert;
 pub mod dir;
 pub mod input;
 pub mod layer;

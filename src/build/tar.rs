@@ -49,6 +49,10 @@ pub struct TarStats {
     pub opaque_dirs: u64,
     pub hard_links: u64,
     pub skipped_xattrs: u64,
+    /// Directories the stream has an entry for (the root when it has `./`);
+    /// every other directory of the tree was made as a parent, with default
+    /// metadata. Merging layers keeps a lower layer's metadata for those.
+    pub explicit_dirs: std::collections::BTreeSet<crate::erofs::writer::InodeId>,
 }
 
 fn bad(msg: impl Into<String>) -> BuildError {
@@ -317,8 +321,13 @@ pub fn tree_from_tar(reader: impl Read, mode: DataMode<'_>) -> Result<(Tree, Tar
         if comps.is_empty() && !kind.is_dir() {
             return Err(bad(format!("tar entry {shown:?} is not a directory but names the root")));
         }
-        tree.insert_path(&path, with_xattrs(Inode::new(meta, kind)), dir_meta_default())
+        let is_dir = kind.is_dir();
+        let id = tree
+            .insert_path(&path, with_xattrs(Inode::new(meta, kind)), dir_meta_default())
             .map_err(|e: WriteError| bad(format!("tar entry {shown:?}: {e}")))?;
+        if is_dir {
+            stats.explicit_dirs.insert(id);
+        }
     }
     // The rest: trailing zero records (and, for gzip, the member trailers
     // whose CRC the decoder checks).
@@ -407,6 +416,9 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(stats.stream_len, data.len() as u64);
+        // `d/` has an entry; `o` was only made as the parent of its marker.
+        assert!(stats.explicit_dirs.contains(&t.lookup_path(b"d").unwrap()));
+        assert!(!stats.explicit_dirs.contains(&t.lookup_path(b"o").unwrap()));
         assert!(stats.device_blocks() * 512 <= data.len() as u64);
     }
 

@@ -128,7 +128,7 @@ pub fn mount_image(
 ) -> Result<MountedImage, CliError> {
     // Checked before anything is created, so a refused cache_dir leaves nothing.
     state::check_cache_filesystem(&opts.cache_dir).map_err(|e| CliError::new(e.to_string()))?;
-    let prefetch_ranges = read_prefetch_trace(opts)?;
+    let mut prefetch_ranges = read_prefetch_trace(opts)?;
     let prefetch_paths = read_prefetch_files(opts)?;
     let source = resolve_source(source, opts)?;
     let key = source.cache_key().map_err(CliError::new)?;
@@ -141,6 +141,9 @@ pub fn mount_image(
     let (mut conn, child) = match connect_live_agent(&state_dir, &key) {
         Some(conn) => (conn, None),
         None => {
+            let (known_metadata, trace) = index_lookup(prog, &source, &key, opts)?;
+            // The artifact's trace replays after a trace the user named.
+            prefetch_ranges.extend(trace);
             let cfg = AgentConfig {
                 source,
                 cache_dir: opts.cache_dir.clone(),
@@ -152,6 +155,7 @@ pub fn mount_image(
                 fetch_parallel: opts.fetch_parallel,
                 read_ahead_kb: opts.read_ahead_kb,
                 record_trace: opts.record_trace,
+                known_metadata,
             };
             let child = spawn_agent(&cfg, &state_dir, foreground)?;
             let conn = connect_live_agent(&state_dir, &key)
@@ -311,6 +315,46 @@ pub fn agent_log_path(state_dir: &StateDir, key: &str) -> PathBuf {
     state_dir.agents_dir().join(format!("{key}.log"))
 }
 
+/// The index artifact's metadata ranges for a new agent (`-o index=`,
+/// `index_file=`): bad artifacts are one warning each, none is one info
+/// line, and only `index=require` fails the mount.
+/// Also the ranges of the artifact's trace to replay as prefetch (`-o trace=`).
+fn index_lookup(
+    prog: &str,
+    source: &SourceSpec,
+    key: &str,
+    opts: &MountOptions,
+) -> Result<(Option<crate::index::KnownRanges>, Vec<[u64; 2]>), CliError> {
+    // A cache entry that kept its metadata map needs no walk and so no index:
+    // a warm mount makes no registry requests for it.
+    if let SourceSpec::Oci(spec) = source {
+        if opts.index != crate::index::IndexMode::Off
+            && state::CacheEntry::knows_required(&state::CacheDir::new(opts.cache_dir.clone()), key, spec.size, Some(&spec.digest))
+        {
+            tracing::info!("the cache entry knows its metadata ranges; no index lookup");
+            return Ok((None, Vec::new()));
+        }
+    }
+    let found = crate::index::lookup::for_mount(source, opts.index, opts.index_file.as_deref(), &opts.oci).map_err(CliError::new)?;
+    for w in &found.warnings {
+        eprintln!("{prog}: warning: {w}");
+    }
+    let Some(mut known) = found.known else {
+        tracing::info!(why = found.none_because.as_deref().unwrap_or(""), "no index artifact; walking the metadata");
+        return Ok((None, Vec::new()));
+    };
+    let mut trace = Vec::new();
+    match crate::index::lookup::pick_trace(&found.traces, opts.index_trace.as_deref()) {
+        Ok(Some((name, ranges))) => {
+            known.artifact.push_str(&format!("; trace {name}"));
+            trace = ranges.iter().map(|r| [r.start, r.end]).collect();
+        }
+        Ok(None) => {}
+        Err(w) => eprintln!("{prog}: warning: {w}"),
+    }
+    tracing::info!(artifact = %known.artifact, ranges = known.ranges.len(), trace_ranges = trace.len(), "using the index artifact's metadata ranges");
+    Ok((Some(known), trace))
+}
 /// An http(s) URL is used as is; a local path (`/…`, `./…`, `../…`) is an image file; `s3://BUCKET/KEY`,
 /// or `BUCKET/KEY` with `s3.endpoint=`, is an S3 object; anything else is an image reference. An
 /// image file or S3 object that is a bucket image (`build --s3`) mounts with its objects.

@@ -87,6 +87,9 @@ fn print_human(s: &MountStatus) {
         println!("  prefetch:  {} bytes ({state})", s.prefetched_bytes);
     }
     println!("  events:    {} ({} fast path, {} denied)", s.events, s.fast_path_events, s.denied_events);
+    if let Some(index) = &s.index {
+        println!("  index:     {index}");
+    }
     if let Some(by) = &s.served_by {
         println!("  served by: {by}");
     }

@@ -58,6 +58,13 @@ pub struct MountOptions {
     pub prefetch_files: Option<PathBuf>,
     /// `cache_max=SIZE`: after mounting, prune unused cache entries (oldest first) down to SIZE on disk.
     pub cache_max: Option<u64>,
+    /// `index=off|auto|require`: use the image's index artifact for the metadata ranges
+    /// (`require`: never walk; a cache entry that kept its ranges needs neither).
+    pub index: crate::index::IndexMode,
+    /// `index_file=PATH`: an index document copied locally (instead of the registry's).
+    pub index_file: Option<PathBuf>,
+    /// `trace=NAME|none`: which trace of the index artifact is replayed as prefetch (default: the only one).
+    pub index_trace: Option<String>,
     pub oci: OciOptions,
     /// `oci.tarindex=PATH` (erofs-utils): the layer's EROFS tar index; the
     /// layer is mounted as `[index | tar]`.
@@ -86,6 +93,9 @@ impl Default for MountOptions {
             prefetch_trace: None,
             prefetch_files: None,
             cache_max: None,
+            index: crate::index::IndexMode::Auto,
+            index_file: None,
+            index_trace: None,
             oci: OciOptions::default(),
             tar_index: None,
             tar_index_build: false,
@@ -202,6 +212,18 @@ impl MountOptions {
                     let v = need(value)?;
                     o.cache_max = Some(parse_size(&v).ok_or_else(|| bad(&v, "expected a size like 20G"))?);
                 }
+                "index" => {
+                    let v = need(value)?;
+                    o.index = crate::index::IndexMode::parse(&v).ok_or_else(|| bad(&v, "expected off, auto or require"))?;
+                }
+                "index_file" => {
+                    let v = need(value)?;
+                    if !v.starts_with('/') {
+                        return Err(bad(&v, "must be an absolute path"));
+                    }
+                    o.index_file = Some(PathBuf::from(v));
+                }
+                "trace" => o.index_trace = Some(need(value)?),
                 "oci.blob" => o.oci.blob = Some(need(value)?),
                 "oci.layer" => {
                     let v = need(value)?;
@@ -322,6 +344,19 @@ mod tests {
         assert_eq!(o.s3.region.as_deref(), Some("eu-west-1"));
         assert_eq!(MountOptions::parse("s3.nope=1"), Err(OptionError::Unknown("s3.nope".into())));
         assert!(matches!(MountOptions::parse("s3.sig=5"), Err(OptionError::BadValue { .. })));
+    }
+
+    #[test]
+    fn index_options() {
+        use crate::index::IndexMode;
+        assert_eq!(MountOptions::default().index, IndexMode::Auto);
+        let o = MountOptions::parse("index=require,index_file=/tmp/doc.json").unwrap();
+        assert_eq!((o.index, o.index_file), (IndexMode::Require, Some(PathBuf::from("/tmp/doc.json"))));
+        assert_eq!(MountOptions::parse("index=off").unwrap().index, IndexMode::Off);
+        assert!(matches!(MountOptions::parse("index=yes"), Err(OptionError::BadValue { .. })));
+        assert!(MountOptions::parse("index_file=rel.json").is_err());
+        assert_eq!(MountOptions::parse("trace=python").unwrap().index_trace.as_deref(), Some("python"));
+        assert!(MountOptions::parse("trace").is_err());
     }
 
     #[test]

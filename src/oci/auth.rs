@@ -144,12 +144,52 @@ struct AuthState {
     challenge: Option<Challenge>,
 }
 
+/// What a Bearer token is asked to grant beyond pulling the repository.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Access {
+    /// Push to the repository too (`repository:NAME:pull,push`).
+    pub push: bool,
+    /// Other repositories of the same registry to pull from (cross-repository blob mounts).
+    pub mount_from: Vec<String>,
+}
+
+/// The scopes of a token request. Pulls ask for what the challenge names
+/// when it is about this repository, else `repository:NAME:pull`. Pushes
+/// always ask for `pull,push` on the repository (a HEAD's challenge names
+/// `pull` only: taking it would cost a second 401 and token at the first
+/// upload), keep any other scope of the challenge, and ask for pull on the
+/// repositories blobs are mounted from.
+pub fn token_scopes(repository: &str, access: &Access, challenge_scope: Option<&str>) -> Vec<String> {
+    let pull = format!("repository:{repository}:pull");
+    if !access.push && access.mount_from.is_empty() {
+        return vec![challenge_scope.filter(|s| s.contains(repository)).unwrap_or(&pull).to_string()];
+    }
+    let own_prefix = format!("repository:{repository}:");
+    let mut scopes = vec![if access.push { format!("{own_prefix}pull,push") } else { pull }];
+    for s in challenge_scope.unwrap_or("").split(' ').filter(|s| !s.is_empty()) {
+        let covered = s
+            .strip_prefix(&own_prefix)
+            .is_some_and(|actions| actions.split(',').all(|a| a == "pull" || (a == "push" && access.push)));
+        if !covered && !scopes.iter().any(|have| have == s) {
+            scopes.push(s.to_string());
+        }
+    }
+    for from in &access.mount_from {
+        let s = format!("repository:{from}:pull");
+        if from != repository && !scopes.contains(&s) {
+            scopes.push(s);
+        }
+    }
+    scopes
+}
+
 /// The authorization of one endpoint (registry or mirror) for one repository.
 pub struct Authenticator {
     /// `host[:port]`, for messages.
     host: String,
     repository: String,
     credentials: Option<Credentials>,
+    access: Access,
     state: Mutex<AuthState>,
     refreshing: tokio::sync::Mutex<()>,
 }
@@ -160,9 +200,16 @@ impl Authenticator {
             host: host.to_string(),
             repository: repository.to_string(),
             credentials,
+            access: Access::default(),
             state: Mutex::new(AuthState { header: None, expires: None, generation: 0, challenge: None }),
             refreshing: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Asks tokens for `access` (push, mounts) besides pulling.
+    pub fn with_access(mut self, access: Access) -> Authenticator {
+        self.access = access;
+        self
     }
 
     /// The current authorization, if any, for another process.
@@ -260,8 +307,7 @@ impl Authenticator {
         if !matches!(realm_url.scheme(), "http" | "https") {
             return Err(OciError::Protocol(format!("{}: bad token realm in the challenge", self.host)));
         }
-        let pull = format!("repository:{}:pull", self.repository);
-        let scope = challenge_scope.filter(|s| s.contains(&self.repository)).unwrap_or(&pull).to_string();
+        let scopes = token_scopes(&self.repository, &self.access, challenge_scope);
         let realm_host = realm_url.host_str().unwrap_or("?").to_string();
         let request = match &self.credentials {
             Some(Credentials::IdentityToken { token }) => {
@@ -269,7 +315,8 @@ impl Authenticator {
                     ("grant_type", "refresh_token".to_string()),
                     ("refresh_token", token.clone()),
                     ("client_id", "erofs-fanotify".to_string()),
-                    ("scope", scope.clone()),
+                    // OAuth2: one space-separated list.
+                    ("scope", scopes.join(" ")),
                 ];
                 if let Some(s) = service {
                     form.push(("service", s.to_string()));
@@ -283,7 +330,10 @@ impl Authenticator {
                 let mut url = realm_url;
                 {
                     let mut q = url.query_pairs_mut();
-                    q.append_pair("scope", &scope);
+                    // Docker's token protocol: one parameter per scope.
+                    for scope in &scopes {
+                        q.append_pair("scope", scope);
+                    }
                     if let Some(s) = service {
                         q.append_pair("service", s);
                     }
@@ -357,6 +407,30 @@ mod tests {
         assert_eq!(parse_challenge("Bearer service=s"), None, "a Bearer challenge needs a realm");
         assert_eq!(parse_challenge(""), None);
         assert_eq!(parse_challenge(r#"Bearer realm="unterminated"#), Some(Challenge::Bearer { realm: "unterminated".into(), service: None, scope: None, error: None }));
+    }
+
+    #[test]
+    fn token_scopes_for_pulls_and_pushes() {
+        let pull = Access::default();
+        // Pulls: exactly what they always asked for.
+        assert_eq!(token_scopes("a/b", &pull, Some("repository:a/b:pull")), ["repository:a/b:pull"]);
+        assert_eq!(token_scopes("a/b", &pull, Some("repository:other:pull")), ["repository:a/b:pull"]);
+        assert_eq!(token_scopes("a/b", &pull, None), ["repository:a/b:pull"]);
+        let push = Access { push: true, mount_from: vec![] };
+        // A HEAD's pull challenge still gets a push token.
+        assert_eq!(token_scopes("a/b", &push, Some("repository:a/b:pull")), ["repository:a/b:pull,push"]);
+        assert_eq!(token_scopes("a/b", &push, Some("repository:a/b:pull,push")), ["repository:a/b:pull,push"]);
+        assert_eq!(token_scopes("a/b", &push, None), ["repository:a/b:pull,push"]);
+        // Anything else the registry asks for is kept.
+        assert_eq!(
+            token_scopes("a/b", &push, Some("repository:a/b:delete registry:catalog:*")),
+            ["repository:a/b:pull,push", "repository:a/b:delete", "registry:catalog:*"]
+        );
+        let mount = Access { push: true, mount_from: vec!["base/img".into(), "a/b".into(), "base/img".into()] };
+        assert_eq!(
+            token_scopes("a/b", &mount, Some("repository:base/img:pull")),
+            ["repository:a/b:pull,push", "repository:base/img:pull"]
+        );
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub mod credentials;
 pub mod manifest;
 pub mod mirrors;
 pub mod options;
+pub mod push;
 pub mod reference;
 pub mod source;
 pub mod transport;
@@ -121,6 +122,8 @@ pub enum OciError {
     AuthRefused { registry: String },
     #[error("insufficient scope: the credentials for {registry} do not grant pull access to {repository}")]
     InsufficientScope { registry: String, repository: String },
+    #[error("the credentials for {registry} do not grant push access to {repository}; give oci.username= and oci.password= or log in (podman/docker login)")]
+    PushDenied { registry: String, repository: String },
     #[error("registry {endpoint} unreachable: {why}")]
     Unreachable { endpoint: String, why: String },
     #[error("{endpoint}: server error (HTTP {status})")]
@@ -197,13 +200,7 @@ pub fn resolve_image(reference: &str, o: &OciOptions) -> Result<ResolvedImage, O
         None => manifest::host_platform(),
     };
     let files = credentials::CredentialFiles::from_env();
-    let creds = match (&o.username, &o.password) {
-        (Some(u), Some(p)) => Some(Credentials::Basic { username: u.clone(), password: p.clone() }),
-        (Some(_), None) | (None, Some(_)) => {
-            return Err(OciError::Config("oci.username and oci.password go together".into()))
-        }
-        (None, None) => files.lookup(&parsed.registry, &parsed.repository).map_err(OciError::Credentials)?,
-    };
+    let creds = credentials_for(&files, &parsed, o)?;
     let mut mirror_specs = Vec::new();
     let mut found = Vec::new();
     for m in &o.mirrors {
@@ -276,6 +273,20 @@ pub fn resolve_image(reference: &str, o: &OciOptions) -> Result<ResolvedImage, O
 /// Layers of one image a mount takes (a manifest is untrusted: every layer
 /// costs a probe request and a segment).
 pub const MAX_LAYERS: usize = 128;
+/// The credentials for `r`: `oci.username`/`oci.password`, else the
+/// container tools' files (docker config, containers auth.json, helpers).
+pub(crate) fn credentials_for(
+    files: &credentials::CredentialFiles,
+    r: &Reference,
+    o: &OciOptions,
+) -> Result<Option<Credentials>, OciError> {
+    match (&o.username, &o.password) {
+        (Some(u), Some(p)) => Ok(Some(Credentials::Basic { username: u.clone(), password: p.clone() })),
+        (Some(_), None) | (None, Some(_)) => Err(OciError::Config("oci.username and oci.password go together".into())),
+        (None, None) => files.lookup(&r.registry, &r.repository).map_err(OciError::Credentials),
+    }
+}
+
 
 /// index -> platform -> manifest -> layer (or, with no choice and several
 /// layers, all of them).
@@ -339,7 +350,7 @@ fn layer_error(image: &str, e: LayerError) -> OciError {
 }
 
 /// GETs one manifest with every Accept type; a digest-pinned one is verified.
-async fn fetch_manifest(
+pub(crate) async fn fetch_manifest(
     client: &reqwest::Client,
     ep: &Endpoint,
     r: &Reference,

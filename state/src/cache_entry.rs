@@ -116,6 +116,15 @@ impl CacheEntry {
         Ok((entry, true))
     }
 
+    /// Whether an intact entry `key` (same size and digest) already holds its
+    /// metadata extent map, read without creating or changing anything: a
+    /// front end then knows the agent will not walk (no index lookup needed).
+    pub fn knows_required(cache: &CacheDir, key: &str, blob_size: u64, digest: Option<&str>) -> bool {
+        let Ok(dir) = cache.entry_dir(key) else { return false };
+        let entry = CacheEntry { dir, meta: placeholder_meta(key, blob_size, "", digest) };
+        entry.check_existing(key, blob_size, digest).is_ok_and(|m| m.required.is_some())
+    }
+
     /// `Ok(meta)` if the existing entry can be reused; `Err(None)` if there is no entry,
     /// `Err(Some(reason))` if there is one that must be remade.
     fn check_existing(
@@ -461,10 +470,13 @@ mod tests {
         assert_eq!(e2.meta().source, "mirror/a:1");
         assert_eq!(e2.bitmap_identity(st.ino()).generation, e.generation());
 
+        assert!(!CacheEntry::knows_required(&cache, &key(), 1 << 30, Some(DIGEST)));
         e2.set_required(&[0..4096, 8192..(2 << 30), 5..5]).unwrap();
         e2.set_layout(serde_json::json!({"blobs": [1, 2]})).unwrap();
         assert_eq!(CacheEntry::peek(&cache, &key()).unwrap().layout, Some(serde_json::json!({"blobs": [1, 2]})));
         assert!(CacheEntry::peek(&cache, "other").is_none());
+        assert!(CacheEntry::knows_required(&cache, &key(), 1 << 30, Some(DIGEST)));
+        assert!(!CacheEntry::knows_required(&cache, &key(), 1 << 29, Some(DIGEST)), "another size");
         let (e3, _) =
             CacheEntry::open_or_create(&cache, &key(), 1 << 30, "x", Some(DIGEST)).unwrap();
         assert_eq!(e3.required_ranges(), Some(vec![0..4096, 8192..(1 << 30)]));

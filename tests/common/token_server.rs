@@ -5,7 +5,8 @@
 //! form fields) answers `{"token", "access_token", "expires_in"}`. A request with `Authorization: Basic`
 //! must name a known user with the right password (else 401); without one it is anonymous. The policy
 //! decides what a token grants: pull for anonymous requests when `anonymous_pull`, pull for known users,
-//! never pull on `no_pull_repos` (the registry then refuses with `insufficient_scope`).
+//! never pull on `no_pull_repos` (the registry then refuses with `insufficient_scope`); push only for known
+//! users and only with `users_may_push`.
 //!
 //! Tokens are JWTs signed RS256 with `openssl dgst -sha256 -sign` (no crypto crate needed). The signing key
 //! has a self-signed certificate that is the registry's `rootcertbundle`; the JWT header carries it as a
@@ -46,6 +47,8 @@ pub struct TokenPolicy {
     /// `expires_in` to report instead of `lifetime`: a longer value makes a client that refreshes tokens
     /// ahead of time meet the registry's 401 for an expired token anyway.
     pub reported_expires_in: Option<Duration>,
+    /// Known users (Basic auth on the token request) also get push when they ask for it.
+    pub users_may_push: bool,
 }
 
 impl Default for TokenPolicy {
@@ -56,6 +59,7 @@ impl Default for TokenPolicy {
             no_pull_repos: Vec::new(),
             lifetime: Duration::from_secs(300),
             reported_expires_in: None,
+            users_may_push: false,
         }
     }
 }
@@ -229,7 +233,10 @@ fn answer(request: &Request, policy: &TokenPolicy, signer: &Signer) -> Reply {
             }
             let granted: Vec<&str> = actions
                 .split(',')
-                .filter(|a| *a == "pull" && may_pull(name))
+                .filter(|a| {
+                    (*a == "pull" && may_pull(name))
+                        || (*a == "push" && policy.users_may_push && credentials.is_some())
+                })
                 .collect();
             access.push(json!({"type": "repository", "name": name, "actions": granted}));
         }
