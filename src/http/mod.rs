@@ -10,6 +10,7 @@
 mod body;
 mod client;
 mod error;
+pub mod multipart;
 mod redirect;
 mod url;
 

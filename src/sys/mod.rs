@@ -14,8 +14,9 @@
 //!   (fsopen/fsconfig/fsmount/move_mount), `umount2`.
 //! - [`statx`]: mount ids (`STATX_MNT_ID_UNIQUE`).
 //! - [`process`]: pidfds, process start times, mount namespaces.
-//! - [`fs`]: FIEMAP (where a mounted file's data lies in the image).
+//! - [`fs`]: FIEMAP (where a mounted file's data lies in the image), `statfs` magic numbers.
 //! - [`shm`]: a shared file mapping (the event journal).
+//! - [`zlib`]: a safe inflate stream over libz-rs-sys (prime, dictionary, Z_BLOCK).
 
 pub mod fanotify;
 pub mod fs;
@@ -23,6 +24,7 @@ pub mod mount;
 pub mod process;
 pub mod shm;
 pub mod statx;
+pub mod zlib;
 
 use std::ffi::CString;
 use std::io;
