@@ -30,8 +30,10 @@ pub use link::{LinkEstimate, LinkMeter};
 pub use plan::{plan_requests, RequestLimits};
 pub use retry::{fetch_many_with_retry, fetch_with_retry, RetryPolicy};
 
-/// Bytes read when a source is opened: enough for the EROFS superblock (at 1024).
-pub const PROBE_LEN: u64 = 4096;
+/// Bytes read when a source is opened: the EROFS superblock (at 1024) and the
+/// inodes packed after it, which the metadata walk looks at first (one
+/// request either way; 64 KiB cost little more than 4 KiB on any link).
+pub const PROBE_LEN: u64 = 64 << 10;
 
 /// Why a fetch failed. Transient failures are retried, permanent ones not.
 #[derive(Debug, thiserror::Error)]
