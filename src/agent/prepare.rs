@@ -13,11 +13,11 @@ use std::sync::Arc;
 use erofs_fanotify_state::{self as state, CacheDir, CacheEntry};
 
 use crate::cache::CacheFile;
-use crate::erofs::{self, WalkLimits};
+use crate::erofs::{self, WalkLimits, WalkOptions};
 use crate::http::ClientConfig;
 use crate::remote::{RangeSource, RetryPolicy};
 
-use super::metadata::{CacheMetaReader, Fetcher};
+use super::metadata::{load_file_extents, save_file_extents, CacheMetaReader, Fetcher};
 use super::stats::Stats;
 use super::worker::WorkerContext;
 use super::{AgentConfig, AgentError};
@@ -36,6 +36,9 @@ pub(super) struct Prepared {
     pub fetcher: Arc<Fetcher>,
     /// The metadata ranges (local now).
     pub required: Vec<Range<u64>>,
+    /// Each regular file's data (sorted, disjoint; empty when unknown): a
+    /// miss inside one fetches it whole.
+    pub file_extents: Vec<Range<u64>>,
 }
 
 /// Removes a cache entry this worker created unless the preparation got through.
@@ -83,30 +86,30 @@ pub(super) async fn prepare(cfg: &AgentConfig, ctx: &WorkerContext) -> Result<Pr
 
     let stats = Arc::new(Stats::default());
     let retry = RetryPolicy { deadline: cfg.retry_timeout(), ..RetryPolicy::default() };
-    let fetcher = Arc::new(Fetcher {
-        cache: Arc::clone(&cache),
-        source: Arc::clone(&source),
-        stats: Arc::clone(&stats),
-        retry: retry.clone(),
-        // The metadata walk is latency bound: more requests in flight.
-        parallel: (2 * cfg.fetch_parallel).min(32),
-    });
-    let required = match entry.required_ranges() {
-        Some(required) => required,
+    // The metadata walk is latency bound: more requests in flight.
+    let fetcher = Arc::new(Fetcher::new(Arc::clone(&cache), Arc::clone(&source), Arc::clone(&stats), retry.clone(), (2 * cfg.fetch_parallel).min(32)));
+    let (required, file_extents) = match entry.required_ranges() {
+        Some(required) => (required, load_file_extents(entry.dir(), size).unwrap_or_default()),
         None => {
-            let map = walk_metadata(&fetcher, size, &shown).await?;
+            let map = walk_metadata(&fetcher, size, probe.len() as u64, &shown).await?;
+            Stats::add(&stats.walk_round_trips, u64::from(map.round_trips));
             if let Err(e) = entry.set_required(&map.required) {
                 tracing::warn!(error = %e, "cannot store the metadata map with the cache entry");
             }
-            map.required
+            if let Err(e) = save_file_extents(entry.dir(), &map.file_extents) {
+                tracing::warn!(error = %e, "cannot store the file extents with the cache entry");
+            }
+            (map.required, map.file_extents)
         }
     };
     fetcher
         .ensure_present(&required)
         .await
         .map_err(|e| AgentError::Source(format!("cannot fetch the image metadata: {e}")))?;
+    // The probe (opening the source) was the first request to the blob.
+    Stats::add(&stats.mount_requests, 1 + Stats::get(&stats.fetch_requests));
     guard.keep();
-    Ok(Prepared { entry, created_entry, cache, source, shown, digest, stats, retry, fetcher, required })
+    Ok(Prepared { entry, created_entry, cache, source, shown, digest, stats, retry, fetcher, required, file_extents })
 }
 
 /// Opens the cache file before the mark: writes through this fd raise no
@@ -133,11 +136,13 @@ fn open_cache_file(entry: &CacheEntry, ctx: &WorkerContext) -> Result<CacheFile,
     Ok(cache)
 }
 
-async fn walk_metadata(fetcher: &Arc<Fetcher>, size: u64, shown: &str) -> Result<erofs::ImageMap, AgentError> {
-    let reader = CacheMetaReader { fetcher: Arc::clone(fetcher), handle: tokio::runtime::Handle::current() };
+async fn walk_metadata(fetcher: &Arc<Fetcher>, size: u64, probed: u64, shown: &str) -> Result<erofs::ImageMap, AgentError> {
+    let reader = CacheMetaReader::new(Arc::clone(fetcher), tokio::runtime::Handle::current());
+    // The walk starts with what the probe brought (local already).
+    let opts = WalkOptions { first_read: probed.max(4096), ..WalkOptions::default() };
     let walked = tokio::task::spawn_blocking(move || {
         let mut reader = reader;
-        erofs::walk(&mut reader, size, &WalkLimits::default())
+        erofs::walk_with(&mut reader, size, &WalkLimits::default(), &opts)
     })
     .await;
     let map = match walked {
@@ -149,6 +154,9 @@ async fn walk_metadata(fetcher: &Arc<Fetcher>, size: u64, shown: &str) -> Result
         inodes = map.inodes,
         required_bytes = crate::ranges::total_len(&map.required),
         required_ranges = map.required.len(),
+        round_trips = map.round_trips,
+        batches = map.prefetch_calls,
+        requests = Stats::get(&fetcher.stats.fetch_requests),
         "metadata walk done"
     );
     Ok(map)
