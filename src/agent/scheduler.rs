@@ -54,7 +54,13 @@ pub struct SchedulerConfig {
     pub max_request: u64,
     pub parallel: usize,
     pub retry: RetryPolicy,
+    /// Files up to this size are fetched whole on a miss (0: never).
+    pub whole_file_max: u64,
 }
+
+/// Default of [`SchedulerConfig::whole_file_max`]: most programs read whole
+/// files, and one request then replaces many events.
+pub const WHOLE_FILE_MAX: u64 = 4 << 20;
 
 pub struct Scheduler<W: Waiter> {
     cache: Arc<CacheFile>,
@@ -63,6 +69,8 @@ pub struct Scheduler<W: Waiter> {
     cfg: SchedulerConfig,
     permits: Semaphore,
     inner: Mutex<Inner<W>>,
+    /// Each regular file's data (sorted, disjoint), for whole-file fetches.
+    file_extents: parking_lot::RwLock<Arc<Vec<Range<u64>>>>,
     runtime: tokio::runtime::Handle,
     /// When a fetch last failed after all its retries, until one succeeds.
     degraded_since: Mutex<Option<Instant>>,
@@ -166,6 +174,7 @@ impl<W: Waiter> Scheduler<W> {
             cfg,
             permits,
             inner: Mutex::new(Inner::default()),
+            file_extents: Default::default(),
             runtime,
             degraded_since: Mutex::new(None),
             prefetch_tasks: Default::default(),
@@ -206,11 +215,18 @@ impl<W: Waiter> Scheduler<W> {
                 remaining += 1;
                 to_start.push(u);
             }
-            // Read-ahead units of a sequential stream: fetched in the same
-            // requests, waited on by nobody yet.
+            // Read-ahead units of a sequential stream, and the rest of the
+            // file the miss lies in: fetched in the same requests, waited on
+            // by nobody yet.
+            let size = self.cache.blob_size();
+            let mut extra = Vec::new();
             if window > 0 {
-                let size = self.cache.blob_size();
-                let ahead = range.end..range.end.saturating_add(window).min(size);
+                extra.push(range.end..range.end.saturating_add(window).min(size));
+            }
+            if remaining > 0 {
+                extra.extend(self.whole_file(&range));
+            }
+            for ahead in extra {
                 for m in self.cache.missing(ahead) {
                     for u in m.start / unit..=(m.end.max(m.start + 1) - 1) / unit {
                         if !inner.inflight.contains_key(&u) && !self.cache.contains(self.unit_range(u)) {
@@ -219,9 +235,9 @@ impl<W: Waiter> Scheduler<W> {
                         }
                     }
                 }
-                to_start.sort_unstable();
-                to_start.dedup();
             }
+            to_start.sort_unstable();
+            to_start.dedup();
             if remaining > 0 {
                 inner.waiters.insert(id, Waiting { waiter, range, remaining, since: Instant::now() });
                 None
@@ -295,6 +311,31 @@ impl<W: Waiter> Scheduler<W> {
             }
         }
         tracing::info!(bytes = sent, "prefetch done");
+    }
+
+    /// Sets each regular file's data extent (sorted, disjoint): a miss
+    /// inside a file of at most `whole_file_max` bytes fetches all of it.
+    pub fn set_file_extents(&self, extents: Vec<Range<u64>>) {
+        *self.file_extents.write() = Arc::new(extents);
+    }
+
+    /// The extents of the files `range` starts and ends in, each when it is
+    /// small enough to fetch whole.
+    fn whole_file(&self, range: &Range<u64>) -> Vec<Range<u64>> {
+        let max = self.cfg.whole_file_max;
+        if max == 0 || range.is_empty() {
+            return Vec::new();
+        }
+        let extents = Arc::clone(&self.file_extents.read());
+        let mut out: Vec<Range<u64>> = Vec::new();
+        for at in [range.start, range.end - 1] {
+            if let Some(e) = crate::erofs::extent_at(&extents, at) {
+                if e.end - e.start <= max && !out.contains(&e) {
+                    out.push(e);
+                }
+            }
+        }
+        out
     }
 
     fn unit_range(&self, u: u64) -> Range<u64> {
@@ -517,6 +558,7 @@ mod tests {
             max_request: 4 * UNIT,
             parallel: 4,
             retry: RetryPolicy { max_attempts: 1, deadline: Duration::from_secs(5), ..RetryPolicy::default() },
+            whole_file_max: 3 * UNIT,
         };
         let scheduler = Scheduler::new(Arc::clone(&cache), blob.clone(), Arc::new(Stats::default()), cfg, rt.handle().clone());
         let (tx, rx) = mpsc::channel();
@@ -622,6 +664,34 @@ mod tests {
         assert_eq!(s.on_miss(&m(20 << 20), unit, max), 8 * unit, "capped");
         // A miss far away is a new (random) stream.
         assert_eq!(s.on_miss(&(900 << 20..(900 << 20) + 4096), unit, max), 0);
+    }
+
+    #[test]
+    fn a_miss_inside_a_small_file_fetches_the_whole_file_in_one_request() {
+        let r = rig(Behaviour::Serve, false);
+        // Files: 2.5 units at 10 units, 6 units (too big) at 20 units.
+        let small = 10 * UNIT..10 * UNIT + 5 * UNIT / 2;
+        let big = 20 * UNIT..26 * UNIT;
+        r.scheduler.set_file_extents(vec![small.clone(), big.clone()]);
+        // A 16 KiB read in the middle of the small file.
+        let mid = 11 * UNIT + 4096;
+        r.submit(1, mid..mid + 16384);
+        assert_eq!(r.answers(1), vec![(1, Ok(()))]);
+        assert!(r.cache.contains(small.clone()), "the whole file is present");
+        assert_eq!(r.blob.requests.load(SeqCst), 1, "in one request: {:?}", r.blob.ranges.lock());
+        // Reading the rest of it raises no request.
+        r.submit(2, small.start..small.end);
+        assert_eq!(r.answers(1), vec![(2, Ok(()))]);
+        assert_eq!(r.blob.requests.load(SeqCst), 1);
+        // A file above the bound: only the unit of the miss.
+        r.submit(3, big.start + 3 * UNIT..big.start + 3 * UNIT + 4096);
+        assert_eq!(r.answers(1), vec![(3, Ok(()))]);
+        assert_eq!(r.blob.ranges.lock().last().cloned(), Some(23 * UNIT..24 * UNIT));
+        assert!(!r.cache.contains(big.start..big.start + UNIT));
+        // A miss outside every file: only its unit.
+        r.submit(4, 30 * UNIT..30 * UNIT + 100);
+        assert_eq!(r.answers(1), vec![(4, Ok(()))]);
+        assert_eq!(r.blob.ranges.lock().last().cloned(), Some(30 * UNIT..31 * UNIT));
     }
 
     #[test]
