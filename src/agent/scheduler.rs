@@ -12,8 +12,10 @@
 //! Sequential streams are detected from event ranges: a miss that starts
 //! where a recent one ended doubles that stream's read-ahead window (up to
 //! `max_window`), and the extra units ride in the same request. Random
-//! misses fetch one unit. Background prefetch (`prefetch`) runs one request
-//! at a time and only while no reader waits: demand always goes first.
+//! misses fetch one unit; a miss inside a small file fetches the whole file.
+//! Background prefetch (`prefetch`) keeps a few big requests in flight (half
+//! the permits) and starts new ones only while no reader waits: demand
+//! always goes first.
 //!
 //! A source that has just exhausted a retry budget is *degraded*: until a
 //! fetch succeeds again, new fetches get a single attempt. One read(2) can
@@ -221,7 +223,10 @@ impl<W: Waiter> Scheduler<W> {
             let size = self.cache.blob_size();
             let mut extra = Vec::new();
             if window > 0 {
-                extra.push(range.end..range.end.saturating_add(window).min(size));
+                // Read-ahead stays inside the file being read, when files are
+                // known: the next file in the image is often not read at all.
+                let limit = self.file_end(&range).unwrap_or(size);
+                extra.push(range.end..range.end.saturating_add(window).min(limit));
             }
             if remaining > 0 {
                 extra.extend(self.whole_file(&range));
@@ -256,8 +261,8 @@ impl<W: Waiter> Scheduler<W> {
         }
     }
 
-    /// Background fetch of `ranges`, one request at a time, only while no
-    /// reader waits; `rate` caps bytes per second. Units fetched here are in
+    /// Background fetch of `ranges`, a few requests at a time, started only
+    /// while no reader waits; `rate` caps bytes per second. Units fetched here are in
     /// flight like any other: a reader that needs one waits for it.
     pub async fn prefetch(self: Arc<Self>, ranges: Vec<Range<u64>>, rate: Option<u64>) {
         use std::sync::atomic::Ordering::SeqCst;
@@ -271,6 +276,7 @@ impl<W: Waiter> Scheduler<W> {
         let per_request = (self.cfg.max_request / unit).max(1);
         let started = Instant::now();
         let mut sent = 0u64;
+        let mut in_flight = tokio::task::JoinSet::new();
         for r in crate::ranges::normalize(ranges) {
             let r = r.start.min(self.cache.blob_size())..r.end.min(self.cache.blob_size());
             if r.is_empty() {
@@ -279,6 +285,11 @@ impl<W: Waiter> Scheduler<W> {
             let mut u = r.start / unit;
             let last = (r.end - 1) / unit;
             while u <= last {
+                // Several big requests in flight keep the link busy; the
+                // rest of the permits stay free for demand.
+                while in_flight.len() >= self.prefetch_parallel() {
+                    in_flight.join_next().await;
+                }
                 while self.waiting() > 0 {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
@@ -297,7 +308,7 @@ impl<W: Waiter> Scheduler<W> {
                 for run in runs(&claimed, per_request) {
                     let bytes = self.unit_range(run.end - 1).end - self.unit_range(run.start).start;
                     let guard = UnitsGuard { scheduler: Arc::clone(self), units: Some(run.clone()) };
-                    Arc::clone(self).fetch_units(run, guard).await;
+                    in_flight.spawn(Arc::clone(self).fetch_units(run, guard));
                     sent += bytes;
                     Stats::add(&self.prefetched_bytes, bytes);
                     if let Some(rate) = rate.filter(|&r| r > 0) {
@@ -310,7 +321,14 @@ impl<W: Waiter> Scheduler<W> {
                 u = batch_end;
             }
         }
+        while in_flight.join_next().await.is_some() {}
         tracing::info!(bytes = sent, "prefetch done");
+    }
+
+    /// Prefetch requests in flight at most: half the permits (at least one),
+    /// so a reader's miss never waits behind background fetches.
+    fn prefetch_parallel(&self) -> usize {
+        (self.cfg.parallel / 2).max(1)
     }
 
     /// Sets each regular file's data extent (sorted, disjoint): a miss
@@ -336,6 +354,17 @@ impl<W: Waiter> Scheduler<W> {
             }
         }
         out
+    }
+
+    /// Where read-ahead from `range` must stop: the end of the file it lies
+    /// in, or `range.end` when files are known and it lies in none; `None`
+    /// when no file extents are known.
+    fn file_end(&self, range: &Range<u64>) -> Option<u64> {
+        let extents = Arc::clone(&self.file_extents.read());
+        if extents.is_empty() || range.is_empty() {
+            return None;
+        }
+        Some(crate::erofs::extent_at(&extents, range.end - 1).map_or(range.end, |e| e.end))
     }
 
     fn unit_range(&self, u: u64) -> Range<u64> {
@@ -692,6 +721,37 @@ mod tests {
         r.submit(4, 30 * UNIT..30 * UNIT + 100);
         assert_eq!(r.answers(1), vec![(4, Ok(()))]);
         assert_eq!(r.blob.ranges.lock().last().cloned(), Some(30 * UNIT..31 * UNIT));
+    }
+
+    #[test]
+    fn read_ahead_stops_at_the_end_of_the_file_being_read() {
+        let r = rig(Behaviour::Serve, false);
+        // Two big files back to back (above the whole-file bound): 0..5 units, 5..12 units.
+        r.scheduler.set_file_extents(vec![0..5 * UNIT, 5 * UNIT..12 * UNIT]);
+        r.submit(1, 0..4096);
+        r.submit(2, UNIT..UNIT + 4096);
+        r.submit(3, 3 * UNIT..3 * UNIT + 4096);
+        assert_eq!(r.answers(3).len(), 3);
+        // The stream grew its window, but nothing of the second file was fetched.
+        assert!(r.cache.contains(3 * UNIT..5 * UNIT), "{:?}", r.blob.ranges.lock());
+        assert!(!r.cache.contains(5 * UNIT..5 * UNIT + 4096), "{:?}", r.blob.ranges.lock());
+    }
+
+    #[test]
+    fn prefetch_keeps_several_requests_in_flight_and_leaves_permits_for_demand() {
+        let r = rig(Behaviour::Serve, true);
+        let task = r._rt.spawn(Arc::clone(&r.scheduler).prefetch(vec![0..16 * UNIT], None));
+        // Gate held: the prefetch claims units for half the permits (2 requests of 4 units).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while r.scheduler.inner.lock().inflight.len() < 8 {
+            assert!(Instant::now() < deadline, "prefetch did not put two requests in flight");
+            std::thread::yield_now();
+        }
+        assert_eq!(r.scheduler.inner.lock().inflight.len(), 8, "no more than half the permits");
+        r.release();
+        r._rt.block_on(task).unwrap();
+        assert!(r.cache.contains(0..16 * UNIT));
+        assert_eq!(r.blob.requests.load(SeqCst), 4);
     }
 
     #[test]
