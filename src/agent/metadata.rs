@@ -81,7 +81,9 @@ impl Fetcher {
         if parts.len() != asked.len() || parts.iter().zip(&asked).any(|(b, r)| b.len() as u64 != r.end - r.start) {
             return Err(format!("{}: the source returned other bytes than asked", self.source.describe()));
         }
-        Stats::add(&self.stats.fetched_bytes, parts.iter().map(|b| b.len() as u64).sum());
+        let bytes: u64 = parts.iter().map(|b| b.len() as u64).sum();
+        tracing::debug!(parts = asked.len(), bytes, requests = fetched.parts.requests, elapsed = ?started.elapsed(), "metadata request");
+        Stats::add(&self.stats.fetched_bytes, bytes);
         let cache = Arc::clone(&self.cache);
         tokio::task::spawn_blocking(move || {
             for (r, bytes) in asked.iter().zip(&parts) {
@@ -316,7 +318,7 @@ mod tests {
             let after = blob.requests.load(SeqCst);
             assert!(after <= requests + 2, "{after} requests after the walk's {requests}");
             if guess {
-                assert_eq!(map.round_trips, 2);
+                assert!(map.round_trips <= 2, "{} round trips", map.round_trips);
                 assert!(requests <= 2, "{requests}");
             } else {
                 assert!(map.round_trips >= map.depth && map.round_trips <= 2 * map.depth + 3, "{} round trips", map.round_trips);

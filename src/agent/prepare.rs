@@ -66,6 +66,7 @@ pub(super) async fn prepare(cfg: &AgentConfig, ctx: &WorkerContext) -> Result<Pr
     let http = ClientConfig { request_timeout: cfg.fetch_timeout(), ..ClientConfig::default() };
     let opened = super::sources::open_source(&cfg.source, &http).await.map_err(|e| AgentError::Source(e.to_string()))?;
     let (source, probe) = (opened.source, opened.probe);
+    tracing::debug!(probe = probe.len(), link = ?source.link(), "source open");
     let shown = cfg.source.describe();
     erofs::probe_superblock(&probe).map_err(|e| AgentError::NotErofs(format!("{shown} is not an EROFS image ({e})")))?;
     let size = source.size();
@@ -108,6 +109,7 @@ pub(super) async fn prepare(cfg: &AgentConfig, ctx: &WorkerContext) -> Result<Pr
         .map_err(|e| AgentError::Source(format!("cannot fetch the image metadata: {e}")))?;
     // The probe (opening the source) was the first request to the blob.
     Stats::add(&stats.mount_requests, 1 + Stats::get(&stats.fetch_requests));
+    tracing::debug!(requests = Stats::get(&stats.mount_requests), "metadata local");
     guard.keep();
     Ok(Prepared { entry, created_entry, cache, source, shown, digest, stats, retry, fetcher, required, file_extents })
 }

@@ -31,9 +31,11 @@ pub use plan::{plan_requests, RequestLimits};
 pub use retry::{fetch_many_with_retry, fetch_with_retry, RetryPolicy};
 
 /// Bytes read when a source is opened: the EROFS superblock (at 1024) and the
-/// inodes packed after it, which the metadata walk looks at first (one
-/// request either way; 64 KiB cost little more than 4 KiB on any link).
-pub const PROBE_LEN: u64 = 64 << 10;
+/// inodes packed after it, which the metadata walk looks at first. One
+/// request either way; 128 KiB are also the smallest body the link meter
+/// takes a bandwidth sample from, so the walk's first batches are planned
+/// with the link's measured break-even gap instead of an assumed one.
+pub const PROBE_LEN: u64 = 128 << 10;
 
 /// Why a fetch failed. Transient failures are retried, permanent ones not.
 #[derive(Debug, thiserror::Error)]
