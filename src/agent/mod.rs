@@ -26,6 +26,7 @@
 
 pub mod complete;
 pub mod control;
+pub mod digest;
 pub mod event_loop;
 mod handover;
 pub mod journal;

@@ -79,6 +79,8 @@ pub struct Scheduler<W: Waiter> {
     /// Background prefetch tasks running, and bytes they fetched.
     pub prefetch_tasks: std::sync::atomic::AtomicU64,
     pub prefetched_bytes: std::sync::atomic::AtomicU64,
+    /// The blob digest, hashed as contiguous data lands (see `digest`).
+    pub in_order: Arc<super::digest::InOrderDigest>,
 }
 
 /// How long a failed source stays degraded without a success.
@@ -181,6 +183,7 @@ impl<W: Waiter> Scheduler<W> {
             degraded_since: Mutex::new(None),
             prefetch_tasks: Default::default(),
             prefetched_bytes: Default::default(),
+            in_order: Default::default(),
         })
     }
 
@@ -406,7 +409,15 @@ impl<W: Waiter> Scheduler<W> {
                 Stats::add(&self.stats.fetched_bytes, fetched.bytes.len() as u64);
                 let cache = Arc::clone(&self.cache);
                 let start = range.start;
-                let written = tokio::task::spawn_blocking(move || cache.write_range(start, &fetched.bytes)).await;
+                let digest = Arc::clone(&self.in_order);
+                let written = tokio::task::spawn_blocking(move || {
+                    let written = cache.write_range(start, &fetched.bytes);
+                    if written.is_ok() {
+                        digest.advance(&cache);
+                    }
+                    written
+                })
+                .await;
                 match written {
                     Ok(Ok(())) => true,
                     Ok(Err(e)) => {
