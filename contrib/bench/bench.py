@@ -541,7 +541,7 @@ def fmt_profiles(R):
            f"image: {R['image']['source']}, mkfs.erofs {R['image']['mkfs_opts']}, "
            f"blob {R['image']['blob_bytes'] / 2**20:.1f} MiB; program: {R['image']['program']}; "
            "lazy + trace replays a trace recorded in the same run (no index artifact)", "",
-           "| profile | mount | requests at mount | walk round trips | program: lazy / +trace / pull+mount  | walk round trips | program: lazy / +trace / pull+mount "
+           "| profile | mount | requests at mount | walk round trips | program: lazy / +trace / pull+mount "
            "| 10 %: fetched / read | read all: prefetch=all / pull+read |",
            "|---|---:|---:|---:|---:|---:|---:|"]
     targets = []
