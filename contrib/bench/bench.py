@@ -282,7 +282,7 @@ class Bench:
             self.umount_plain(plain)
             return t_pull, t_mount, t_work
 
-        if a.profiles:
+        if a.profiles or a.profiles_only:  # PROFILES_ONLY=1 alone: only the big image
             R["profiles"] = {}
             for name in a.profiles:
                 rtt, rate = PROFILES[name]

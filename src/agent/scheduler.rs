@@ -83,6 +83,11 @@ pub struct Scheduler<W: Waiter> {
     pub in_order: Arc<super::digest::InOrderDigest>,
 }
 
+/// Bytes of one background prefetch request at most: with half the permits
+/// in flight this keeps a link of 5 ms × 500 MB/s busy and the agent's
+/// memory near its 32 MiB budget.
+const PREFETCH_REQUEST: u64 = 2 << 20;
+
 /// How long a failed source stays degraded without a success.
 const DEGRADED_FOR: Duration = Duration::from_secs(60);
 
@@ -276,7 +281,8 @@ impl<W: Waiter> Scheduler<W> {
 
     async fn prefetch_ranges(self: &Arc<Self>, ranges: Vec<Range<u64>>, rate: Option<u64>) {
         let unit = self.cfg.fetch_unit;
-        let per_request = (self.cfg.max_request / unit).max(1);
+        // Bodies are held whole: in-flight prefetch bytes are agent memory.
+        let per_request = (self.cfg.max_request.min(PREFETCH_REQUEST) / unit).max(1);
         let started = Instant::now();
         let mut sent = 0u64;
         let mut in_flight = tokio::task::JoinSet::new();
