@@ -25,7 +25,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-BIN = os.path.join(REPO, "target", "release")
+BIN = os.path.join(os.environ.get("CARGO_TARGET_DIR") or os.path.join(REPO, "target"), "release")
 
 
 def log(msg):
@@ -86,6 +86,8 @@ class Bench:
 
     # ---- setup -------------------------------------------------------------
     def rootfs(self):
+        if os.environ.get("BENCH_ROOTFS"):  # a tree made before (e.g. offline)
+            return os.environ["BENCH_ROOTFS"]
         day = time.strftime("%Y%m%d", time.gmtime())
         path = f"/var/tmp/erofs-fanotify-bench-rootfs-bookworm-python3-{day}"
         if not os.path.isdir(path):
@@ -133,13 +135,17 @@ class Bench:
             raise RuntimeError("docker-registry did not start")
         # Latency: netem is preferred, but this kernel has no sch_netem (checked by run.sh),
         # so a delaying proxy in front of the registry adds the RTT and the bandwidth cap.
-        self.proxy_port = free_port()
-        p = subprocess.Popen([sys.executable, os.path.join(HERE, "delay-proxy.py"), str(self.proxy_port),
-                              "127.0.0.1", str(self.reg_port), str(self.args.rtt_ms), str(self.args.rate_mbit)],
+        self.proxy_port = self.start_proxy(self.args.rtt_ms, self.args.rate_mbit)
+
+    def start_proxy(self, rtt_ms, rate_mbit):
+        port = free_port()
+        p = subprocess.Popen([sys.executable, os.path.join(HERE, "delay-proxy.py"), str(port),
+                              "127.0.0.1", str(self.reg_port), str(rtt_ms), str(rate_mbit)],
                              stdout=subprocess.PIPE, text=True)
         self.procs.append(p)
         if p.stdout.readline().strip() != "ready":
             raise RuntimeError("delay proxy did not start")
+        return port
 
     def push(self, image):
         digest = "sha256:" + subprocess.run(["sha256sum", image], check=True, capture_output=True,
@@ -150,6 +156,12 @@ class Bench:
         run("curl", "-fs", "-X", "PUT", "-H", "Content-Type: application/octet-stream",
             "-T", image, f"{loc}&digest={digest}", stdout=subprocess.DEVNULL)  # -T streams the file
         return f"http://127.0.0.1:{self.proxy_port}/v2/bench/blobs/{digest}"
+
+    @staticmethod
+    def via(url, port):
+        """The same blob URL through another proxy (profile)."""
+        head, rest = url.split("://", 1)
+        return f"{head}://127.0.0.1:{port}/{rest.split('/', 1)[1]}"
 
     # ---- mounts ------------------------------------------------------------
     def mountpoint(self, name):
@@ -270,6 +282,19 @@ class Bench:
             self.umount_plain(plain)
             return t_pull, t_mount, t_work
 
+        if a.profiles or a.profiles_only:  # PROFILES_ONLY=1 alone: only the big image
+            R["profiles"] = {}
+            for name in a.profiles:
+                rtt, rate = PROFILES[name]
+                port = self.start_proxy(rtt, rate)
+                log(f"profile {name}: RTT {rtt} ms, cap {rate or 'none'} Mbit/s")
+                R["profiles"][name] = self.profile_run(self.via(url, port), files, tenth, sizes, lazy, plain, pulled)
+                R["profiles"][name].update({"rtt_ms": rtt, "rate_mbit": rate})
+            if a.profiles_only:
+                if a.big_mib:
+                    self.big_run(lazy, pulled)
+                return R
+
         # 1. cold mount + program start, lazy vs full pull + plain mount
         log("cold mount + program start")
         t_mount, t_prog, meta, st, _ = lazy_cold(lambda: self.program(lazy))
@@ -384,25 +409,86 @@ class Bench:
 
         # 5. agent memory for a big image: prefetch everything and sample VmHWM
         if a.big_mib:
-            log(f"{a.big_mib} MiB image: build, push, prefetch=all")
-            big_tree = self.make_big_tree(a.big_mib)
-            big = os.path.join(self.work, "big.erofs")
-            run("mkfs.erofs", big, big_tree, stdout=subprocess.DEVNULL)
-            shutil.rmtree(big_tree)
-            big_url = self.push(big)
-            drop_caches()
-            rss = {}
-            t0 = time.monotonic()
-            self.lazy_mount(big_url, lazy, self.fresh_cache(), "prefetch=all")
-            _, st_b = self.wait_complete(lazy, a.timeout, rss)
-            t_big = time.monotonic() - t0
-            self.umount_lazy(lazy)
-            drop_caches()
-            t_big_pull = timed(lambda: self.full_pull(big_url, pulled))
-            R["big"] = {"blob_bytes": os.path.getsize(big), "prefetch_complete_s": t_big,
-                        "fetched_bytes": st_b["fetched_bytes"], "requests": st_b["fetch_requests"],
-                        "pull_s": t_big_pull, "agent_rss": rss}
+            self.big_run(lazy, pulled)
         return R
+
+    def big_run(self, lazy, pulled):
+        """The big image: prefetch=all until complete (and the agent's VmHWM) vs curl of the blob."""
+        a, R = self.args, self.results
+        log(f"{a.big_mib} MiB image: build, push, prefetch=all")
+        big_tree = self.make_big_tree(a.big_mib)
+        big = os.path.join(self.work, "big.erofs")
+        run("mkfs.erofs", big, big_tree, stdout=subprocess.DEVNULL)
+        shutil.rmtree(big_tree)
+        big_url = self.push(big)
+        drop_caches()
+        rss = {}
+        t0 = time.monotonic()
+        self.lazy_mount(big_url, lazy, self.fresh_cache(), "prefetch=all")
+        _, st_b = self.wait_complete(lazy, a.timeout, rss)
+        t_big = time.monotonic() - t0
+        self.umount_lazy(lazy)
+        drop_caches()
+        t_big_pull = timed(lambda: self.full_pull(big_url, pulled))
+        R["big"] = {"blob_bytes": os.path.getsize(big), "prefetch_complete_s": t_big,
+                    "fetched_bytes": st_b["fetched_bytes"], "requests": st_b["fetch_requests"],
+                    "pull_s": t_big_pull, "agent_rss": rss}
+
+    def profile_run(self, url, files, tenth, sizes, lazy, plain, pulled):
+        """The cold figures of one network profile, lazy and full pull side by side."""
+        P = {}
+
+        def pull_cold(workload):
+            drop_caches()
+            t_pull = timed(lambda: self.full_pull(url, pulled))
+            t_mount = timed(lambda: self.plain_mount(pulled, plain))
+            t_work = timed(workload)
+            self.umount_plain(plain)
+            return t_pull + t_mount + t_work
+
+        # program start, lazy (no index, no trace); record a trace on the way
+        drop_caches()
+        t_mount = timed(lambda: self.lazy_mount(url, lazy, self.fresh_cache(), "record_trace"))
+        meta = self.status(lazy)
+        t_prog = timed(lambda: self.program(lazy))
+        st = self.status(lazy)
+        trace = os.path.join(self.work, "program.trace")
+        run(os.path.join(BIN, "erofs-fanotify"), "trace", lazy, "--output", trace)
+        self.umount_lazy(lazy)
+        P["mount_s"] = t_mount
+        P["mount_requests"] = meta.get("mount_requests", meta["fetch_requests"])
+        P["walk_round_trips"] = meta.get("walk_round_trips")
+        P["metadata_bytes"] = meta["fetched_bytes"]
+        P["lazy_program_total_s"] = t_mount + t_prog
+        P["lazy_program_requests"] = st["fetch_requests"]
+        # program start, lazy with the trace replayed from the mount on (no index artifact here)
+        drop_caches()
+        t_mount2 = timed(lambda: self.lazy_mount(url, lazy, self.fresh_cache(), f"prefetch_trace={trace}"))
+        t_prog2 = timed(lambda: self.program(lazy))
+        self.umount_lazy(lazy)
+        P["lazy_trace_program_total_s"] = t_mount2 + t_prog2
+        P["pull_program_total_s"] = pull_cold(lambda: self.program(plain))
+        # 10 % of the files: bytes fetched / bytes read
+        drop_caches()
+        self.lazy_mount(url, lazy, self.fresh_cache())
+        self.read_files(lazy, tenth)
+        st = self.status(lazy)
+        self.umount_lazy(lazy)
+        read10 = sum(sizes[f] for f in tenth)
+        P["read10_bytes_read"] = read10
+        P["read10_fetched_bytes"] = st["fetched_bytes"]
+        P["read10_requests"] = st["fetch_requests"]
+        # all files, prefetch=all, vs pull + read
+        drop_caches()
+        t0 = time.monotonic()
+        self.lazy_mount(url, lazy, self.fresh_cache(), "prefetch=all")
+        self.read_files(lazy, files)
+        P["read_all_prefetch_s"] = time.monotonic() - t0
+        st = self.status(lazy)
+        P["read_all_prefetch_requests"] = st["fetch_requests"]
+        self.umount_lazy(lazy)
+        P["pull_read_all_s"] = pull_cold(lambda: self.read_files(plain, files))
+        return P
 
     def same_content(self, files, a, b):
         def digest(mp):
@@ -439,6 +525,53 @@ class Bench:
                 except subprocess.TimeoutExpired:
                     p.kill()
         shutil.rmtree(self.work, ignore_errors=True)
+
+
+PROFILES = {"lan": (5, 0), "cloud": (20, 1000), "edge": (50, 100)}
+# program start lazy / (pull + mount), per profile: without and with index + trace
+START_LIMIT = {"lan": 1.0, "cloud": 0.5, "edge": 0.2}
+TRACE_LIMIT = {"lan": 0.5, "edge": 0.1}
+
+
+def fmt_profiles(R):
+    """The per-profile table and its targets (issue 11)."""
+    m = R["machine"]
+    out = [f"erofs-fanotify benchmark, network profiles — {m['date']} — {m['nproc']} CPUs ({m['cpu']}), "
+           f"Linux {m['kernel']}, {m['latency']}",
+           f"image: {R['image']['source']}, mkfs.erofs {R['image']['mkfs_opts']}, "
+           f"blob {R['image']['blob_bytes'] / 2**20:.1f} MiB; program: {R['image']['program']}; "
+           "lazy + trace replays a trace recorded in the same run (no index artifact)", "",
+           "| profile | mount | requests at mount | walk round trips | program: lazy / +trace / pull+mount "
+           "| 10 %: fetched / read | read all: prefetch=all / pull+read |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    targets = []
+
+    def target(name, value, limit):
+        targets.append((name, value, f"<= {limit}", "met" if value <= limit else "NOT met"))
+
+    for name, P in R["profiles"].items():
+        out.append(f"| {name} ({P['rtt_ms']} ms, {P['rate_mbit'] or 'no'} cap) | {P['mount_s']:.3f} s | "
+                   f"{P['mount_requests']} | {P['walk_round_trips']} | {P['lazy_program_total_s']:.3f} / "
+                   f"{P['lazy_trace_program_total_s']:.3f} / {P['pull_program_total_s']:.3f} s | "
+                   f"{P['read10_fetched_bytes'] / 2**20:.1f} / {P['read10_bytes_read'] / 2**20:.1f} MiB | "
+                   f"{P['read_all_prefetch_s']:.3f} / {P['pull_read_all_s']:.3f} s |")
+        target(f"{name}: program start, lazy without index / pull+mount",
+               P["lazy_program_total_s"] / P["pull_program_total_s"], START_LIMIT[name])
+        if name in TRACE_LIMIT:
+            target(f"{name}: program start, lazy + trace (no index) / pull+mount",
+                   P["lazy_trace_program_total_s"] / P["pull_program_total_s"], TRACE_LIMIT[name])
+        target(f"{name}: requests at mount without index (1/10 of 417)", P["mount_requests"], 41.7)
+        target(f"{name}: read all, prefetch=all / pull+read", P["read_all_prefetch_s"] / P["pull_read_all_s"], 1.25)
+        target(f"{name}: 10 %: bytes fetched / bytes read", P["read10_fetched_bytes"] / P["read10_bytes_read"], 2.0)
+    if "big" in R:
+        b = R["big"]
+        out += ["", f"{b['blob_bytes'] / 2**20:.0f} MiB image (RTT {R['machine']['rtt_ms']} ms): prefetch=all until "
+                f"complete {b['prefetch_complete_s']:.3f} s in {b['requests']} requests, curl {b['pull_s']:.3f} s"]
+        target("big image: prefetch=all until complete / curl", b["prefetch_complete_s"] / b["pull_s"], 1.25)
+    out += ["", f"| {'target':62} | {'measured':>9} | {'limit':>7} | result |", f"|{'-' * 64}|{'-' * 10}:|{'-' * 8}:|--------|"]
+    out += [f"| {a:62} | {b:9.2f} | {c:>7} | {d} |" for a, b, c, d in targets]
+    R["profile_targets"] = [{"name": a, "value": b, "limit": c, "result": d} for a, b, c, d in targets]
+    return "\n".join(out)
 
 
 def fmt_table(R, args):
@@ -530,7 +663,15 @@ def main():
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--mirror", default=os.environ.get("DEBIAN_MIRROR", "http://deb.debian.org/debian"))
     ap.add_argument("--latency", default="delay proxy (no sch_netem in this kernel)")
+    ap.add_argument("--profiles", default=os.environ.get("PROFILES", ""),
+                    help="network profiles run side by side: " + ",".join(PROFILES))
+    ap.add_argument("--profiles-only", action="store_true", default=bool(os.environ.get("PROFILES_ONLY")),
+                    help="run only the profiles (no single-RTT table, warm runs or big image)")
     args = ap.parse_args()
+    args.profiles = [p for p in args.profiles.split(",") if p]
+    for p in args.profiles:
+        if p not in PROFILES:
+            ap.error(f"unknown profile {p!r} (known: {', '.join(PROFILES)})")
     b = Bench(args)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: sys.exit(130))
@@ -540,7 +681,12 @@ def main():
                         "kernel": platform.release(), "cpu": cpu_model(), "latency": args.latency,
                         "rtt_ms": args.rtt_ms, "rate_mbit": args.rate_mbit,
                         "lazy_opts": args.lazy_opts}
-        table = fmt_table(R, args)
+        parts = []
+        if "profiles" in R:
+            parts.append(fmt_profiles(R))
+        if "program_start" in R:
+            parts.append(fmt_table(R, args))
+        table = "\n\n".join(parts)
         print(table)
         os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
         out = os.path.join(HERE, "results", time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + ".json")

@@ -2,7 +2,10 @@
 # The benchmark of issue 5, one command (root):
 #   bash contrib/bench/run.sh
 # Environment: RTT_MS (default 5), RATE_MBIT (bandwidth cap, default 0 = none), MKFS_OPTS (default -zlz4),
-# BIG_MIB (size of the image for the memory figure, default 1024, 0 to skip), REPEAT (warm runs, default 5).
+# BIG_MIB (size of the image for the memory figure, default 1024, 0 to skip), REPEAT (warm runs, default 5),
+# PROFILES (network profiles run side by side first, e.g. lan,cloud,edge: lan = 5 ms RTT no cap, cloud = 20 ms
+# 1 Gbit/s, edge = 50 ms 100 Mbit/s, each through its own delaying proxy), PROFILES_ONLY=1 (only those),
+# BENCH_ROOTFS (use this tree instead of today's debootstrap).
 # Builds release binaries, makes (or reuses, cached by date under /var/tmp) a Debian bookworm minbase tree with
 # debootstrap, turns it into EROFS, starts Debian's docker-registry on 127.0.0.1 behind added latency, and
 # measures lazy mounts against full pull + plain mount side by side. Prints a table, writes

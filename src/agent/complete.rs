@@ -14,8 +14,6 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use sha2::{Digest, Sha256};
-
 use crate::cache::CacheFile;
 use crate::fanotify::{Group, FAN_PRE_ACCESS};
 
@@ -119,7 +117,9 @@ impl Completion {
             None => None,
             Some(want) => {
                 let cache = Arc::clone(&self.cache);
-                match tokio::task::spawn_blocking(move || sha256_of(&cache)).await {
+                let digest = Arc::clone(&self.scheduler.in_order);
+                // Most of it was hashed as it landed: only the rest is read now.
+                match tokio::task::spawn_blocking(move || digest.finish(&cache)).await {
                     Ok(Ok(got)) => Some(got == want),
                     Ok(Err(e)) => {
                         tracing::error!(error = %e, "cannot read the cache file to verify it");
@@ -144,6 +144,7 @@ impl Completion {
                     "the complete cache file does not match the blob digest; refetching"
                 );
                 if n <= MAX_MISMATCHES {
+                    self.scheduler.in_order.reset();
                     if let Err(e) = self.cache.clear_presence() {
                         tracing::error!(error = %e, "cannot reset presence");
                         return;
@@ -173,20 +174,4 @@ impl Completion {
             }
         }
     }
-}
-
-fn sha256_of(cache: &CacheFile) -> std::io::Result<String> {
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let size = cache.blob_size();
-    let mut off = 0u64;
-    while off < size {
-        let n = (size - off).min(buf.len() as u64) as usize;
-        cache
-            .read_at(off, &mut buf[..n])
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        hasher.update(&buf[..n]);
-        off += n as u64;
-    }
-    Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
 }

@@ -152,6 +152,8 @@ fn answer(req: Request, ctx: &Arc<ControlContext>, lease: &mut Option<Lease>) ->
             fast_path_events: Stats::get(&ctx.stats.fast_path_events),
             fetch_requests: Stats::get(&ctx.stats.fetch_requests),
             fetch_errors: Stats::get(&ctx.stats.fetch_errors),
+            mount_requests: Stats::get(&ctx.stats.mount_requests),
+            walk_round_trips: Stats::get(&ctx.stats.walk_round_trips),
             denied_events: Stats::get(&ctx.stats.denied_events),
             overflows: Stats::get(&ctx.stats.overflows),
             superblocks: ctx.lifecycle.superblocks(),

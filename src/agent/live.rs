@@ -15,7 +15,7 @@ use super::control::ControlContext;
 use super::event_loop::AgentScheduler;
 use super::lifecycle::Lifecycle;
 use super::prepare::Prepared;
-use super::scheduler::SchedulerConfig;
+use super::scheduler::{SchedulerConfig, WHOLE_FILE_MAX};
 use super::trace::Trace;
 use super::context::{Agent, WorkerContext};
 use super::{AgentConfig, AgentError};
@@ -58,9 +58,11 @@ pub(super) async fn go_live(cfg: &AgentConfig, ctx: &WorkerContext, p: Prepared)
             max_request: (4 * cfg.fetch_unit).max(4 << 20),
             parallel: cfg.fetch_parallel,
             retry: p.retry.clone(),
+            whole_file_max: WHOLE_FILE_MAX,
         },
         tokio::runtime::Handle::current(),
     );
+    scheduler.set_file_extents(p.file_extents.clone());
     let completion = Completion::new(
         Arc::clone(&p.cache),
         Arc::clone(&ctx.group),

@@ -27,6 +27,7 @@
 pub mod complete;
 mod context;
 pub mod control;
+pub mod digest;
 pub mod event_loop;
 mod handover;
 pub mod journal;

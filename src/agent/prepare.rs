@@ -13,12 +13,12 @@ use std::sync::Arc;
 use erofs_fanotify_state::{self as state, CacheDir, CacheEntry};
 
 use crate::cache::CacheFile;
-use crate::erofs::{self, WalkLimits};
+use crate::erofs::{self, WalkLimits, WalkOptions};
 use crate::http::ClientConfig;
 use crate::remote::{RangeSource, RetryPolicy};
 
 use super::merge::open_layers;
-use super::metadata::{CacheMetaReader, Fetcher};
+use super::metadata::{load_file_extents, save_file_extents, CacheMetaReader, Fetcher};
 use super::sources::SourceSpec;
 use super::stats::Stats;
 use super::context::WorkerContext;
@@ -39,6 +39,9 @@ pub(super) struct Prepared {
     pub fetcher: Arc<Fetcher>,
     /// The metadata ranges (local now).
     pub required: Vec<Range<u64>>,
+    /// Each regular file's data (sorted, disjoint; empty when unknown): a
+    /// miss inside one fetches it whole.
+    pub file_extents: Vec<Range<u64>>,
 }
 
 /// Removes a cache entry this worker created unless the preparation got through.
@@ -129,16 +132,11 @@ pub(super) async fn prepare(cfg: &AgentConfig, ctx: &WorkerContext) -> Result<Pr
     let metadata_end = layers.as_ref().map(|(_, l)| l.metadata_end);
 
     let stats = Arc::new(Stats::default());
-    let fetcher = Arc::new(Fetcher {
-        cache: Arc::clone(&cache),
-        source: Arc::clone(&source),
-        stats: Arc::clone(&stats),
-        retry: retry.clone(),
-        // The metadata walk is latency bound: more requests in flight.
-        parallel: (2 * cfg.fetch_parallel).min(32),
-    });
-    let required = match entry.required_ranges() {
-        Some(required) => required,
+    // The metadata walk is latency bound: more requests in flight.
+    let fetcher = Arc::new(Fetcher::new(Arc::clone(&cache), Arc::clone(&source), Arc::clone(&stats), retry.clone(), (2 * cfg.fetch_parallel).min(32)));
+    let probed = probe.as_ref().map_or(0, |p| p.len() as u64);
+    let (required, file_extents) = match entry.required_ranges() {
+        Some(required) => (required, load_file_extents(entry.dir(), size).unwrap_or_default()),
         None => {
             if let Some(known) = &cfg.known_metadata {
                 fetch_known(&fetcher, known, size).await?;
@@ -147,29 +145,38 @@ pub(super) async fn prepare(cfg: &AgentConfig, ctx: &WorkerContext) -> Result<Pr
             // Several blobs: only the primary (the merged image, or a
             // multi-blob image's primary) holds metadata; the rest of the
             // blobs (devices' data, layers' own metadata, data of deleted
-            // files) is never read without an event.
-            let required = match metadata_end {
-                Some(len) => clip(&walk_metadata(&fetcher, size, &shown).await?.required, len),
-                None => {
-                    // One source: the metadata lives in the primary device, the segment at
-                    // byte 0; what lies past it (a tar index's tar, flatdev blobs) is data of
-                    // extra devices, never required.
-                    let primary = layout.segment_at(0).map_or(size, |s| s.end().min(size));
-                    walk_metadata(&fetcher, primary, &shown).await?.required
-                }
+            // files) is never read without an event. One source: the
+            // metadata lives in the primary device, the segment at byte 0;
+            // what lies past it (a tar index's tar, flatdev blobs) is data of
+            // extra devices, never required.
+            let (walk_len, clip_to) = match metadata_end {
+                Some(len) => (size, Some(len)),
+                None => (layout.segment_at(0).map_or(size, |s| s.end().min(size)), None),
+            };
+            let map = walk_metadata(&fetcher, walk_len, probed, &shown).await?;
+            Stats::add(&stats.walk_round_trips, u64::from(map.round_trips));
+            let required = match clip_to {
+                Some(len) => clip(&map.required, len),
+                None => map.required,
             };
             if let Err(e) = entry.set_required(&required) {
                 tracing::warn!(error = %e, "cannot store the metadata map with the cache entry");
             }
-            required
+            if let Err(e) = save_file_extents(entry.dir(), &map.file_extents) {
+                tracing::warn!(error = %e, "cannot store the file extents with the cache entry");
+            }
+            (required, map.file_extents)
         }
     };
     fetcher
         .ensure_present(&required)
         .await
         .map_err(|e| AgentError::Source(format!("cannot fetch the image metadata: {e}")))?;
+    // The probe (opening the source) was the first request to the blob.
+    Stats::add(&stats.mount_requests, 1 + Stats::get(&stats.fetch_requests));
+    tracing::debug!(requests = Stats::get(&stats.mount_requests), "metadata local");
     guard.keep();
-    Ok(Prepared { entry, created_entry, cache, source, layout, shown, digest, stats, retry, fetcher, required })
+    Ok(Prepared { entry, created_entry, cache, source, layout, shown, digest, stats, retry, fetcher, required, file_extents })
 }
 
 /// Opens the cache file before the mark: writes through this fd raise no
@@ -220,11 +227,13 @@ async fn fetch_known(fetcher: &Arc<Fetcher>, known: &crate::index::KnownRanges, 
     Ok(())
 }
 
-async fn walk_metadata(fetcher: &Arc<Fetcher>, size: u64, shown: &str) -> Result<erofs::ImageMap, AgentError> {
-    let reader = CacheMetaReader { fetcher: Arc::clone(fetcher), handle: tokio::runtime::Handle::current() };
+async fn walk_metadata(fetcher: &Arc<Fetcher>, size: u64, probed: u64, shown: &str) -> Result<erofs::ImageMap, AgentError> {
+    let reader = CacheMetaReader::new(Arc::clone(fetcher), tokio::runtime::Handle::current());
+    // The walk starts with what the probe brought (local already).
+    let opts = WalkOptions { first_read: probed.max(4096), ..WalkOptions::default() };
     let walked = tokio::task::spawn_blocking(move || {
         let mut reader = reader;
-        erofs::walk(&mut reader, size, &WalkLimits::default())
+        erofs::walk_with(&mut reader, size, &WalkLimits::default(), &opts)
     })
     .await;
     let map = match walked {
@@ -236,6 +245,9 @@ async fn walk_metadata(fetcher: &Arc<Fetcher>, size: u64, shown: &str) -> Result
         inodes = map.inodes,
         required_bytes = crate::ranges::total_len(&map.required),
         required_ranges = map.required.len(),
+        round_trips = map.round_trips,
+        batches = map.prefetch_calls,
+        requests = Stats::get(&fetcher.stats.fetch_requests),
         "metadata walk done"
     );
     Ok(map)

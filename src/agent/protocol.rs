@@ -87,6 +87,12 @@ pub struct MountStatus {
     pub fast_path_events: u64,
     pub fetch_requests: u64,
     pub fetch_errors: u64,
+    /// Requests to the blob before the mount was ready: the probe, and those of `fetch_requests` made by the walk and the metadata fetch.
+    #[serde(default)]
+    pub mount_requests: u64,
+    /// Dependent round trips of the metadata walk (0: none was needed).
+    #[serde(default)]
+    pub walk_round_trips: u64,
     pub denied_events: u64,
     /// fanotify queue overflows (events lost; the queue is unlimited, so this should stay 0).
     #[serde(default)]

@@ -16,8 +16,10 @@
 //! Sequential streams are detected from event ranges: a miss that starts
 //! where a recent one ended doubles that stream's read-ahead window (up to
 //! `max_window`), and the extra units ride in the same request. Random
-//! misses fetch one unit. Background prefetch (`prefetch`) runs one request
-//! at a time and only while no reader waits: demand always goes first.
+//! misses fetch one unit; a miss inside a small file fetches the whole file.
+//! Background prefetch (`prefetch`) keeps a few big requests in flight (half
+//! the permits) and starts new ones only while no reader waits: demand
+//! always goes first.
 //!
 //! A source that has just exhausted a retry budget is *degraded*: until a
 //! fetch succeeds again, new fetches get a single attempt. One read(2) can
@@ -58,7 +60,13 @@ pub struct SchedulerConfig {
     pub max_request: u64,
     pub parallel: usize,
     pub retry: RetryPolicy,
+    /// Files up to this size are fetched whole on a miss (0: never).
+    pub whole_file_max: u64,
 }
+
+/// Default of [`SchedulerConfig::whole_file_max`]: most programs read whole
+/// files, and one request then replaces many events.
+pub const WHOLE_FILE_MAX: u64 = 4 << 20;
 
 pub struct Scheduler<W: Waiter> {
     cache: Arc<CacheFile>,
@@ -67,13 +75,22 @@ pub struct Scheduler<W: Waiter> {
     cfg: SchedulerConfig,
     permits: Semaphore,
     inner: Mutex<Inner<W>>,
+    /// Each regular file's data (sorted, disjoint), for whole-file fetches.
+    file_extents: parking_lot::RwLock<Arc<Vec<Range<u64>>>>,
     runtime: tokio::runtime::Handle,
     /// When a fetch last failed after all its retries, until one succeeds.
     degraded_since: Mutex<Option<Instant>>,
     /// Background prefetch tasks running, and bytes they fetched.
     pub prefetch_tasks: std::sync::atomic::AtomicU64,
     pub prefetched_bytes: std::sync::atomic::AtomicU64,
+    /// The blob digest, hashed as contiguous data lands (see `digest`).
+    pub in_order: Arc<super::digest::InOrderDigest>,
 }
+
+/// Bytes of one background prefetch request at most: with half the permits
+/// in flight this keeps a link of 5 ms × 500 MB/s busy and the agent's
+/// memory near its 32 MiB budget.
+const PREFETCH_REQUEST: u64 = 2 << 20;
 
 /// How long a failed source stays degraded without a success.
 const DEGRADED_FOR: Duration = Duration::from_secs(60);
@@ -171,10 +188,12 @@ impl<W: Waiter> Scheduler<W> {
             cfg,
             permits,
             inner: Mutex::new(Inner::default()),
+            file_extents: Default::default(),
             runtime,
             degraded_since: Mutex::new(None),
             prefetch_tasks: Default::default(),
             prefetched_bytes: Default::default(),
+            in_order: Default::default(),
         })
     }
 
@@ -211,12 +230,23 @@ impl<W: Waiter> Scheduler<W> {
                 remaining += 1;
                 to_start.push(u);
             }
-            // Read-ahead units of a sequential stream: fetched in the same
-            // requests, waited on by nobody yet.
+            // Read-ahead units of a sequential stream, and the rest of the
+            // file the miss lies in: fetched in the same requests, waited on
+            // by nobody yet.
+            let size = self.cache.blob_size();
+            let mut extra = Vec::new();
             if window > 0 {
-                // Not past the region of the last byte asked for.
+                // Not past the region of the last byte asked for, nor (when
+                // files are known) past the file being read: the next file in
+                // the image is often not read at all.
                 let stop = self.region_of(range.end.saturating_sub(1)).end;
-                let ahead = range.end..range.end.saturating_add(window).min(stop);
+                let limit = self.file_end(&range).unwrap_or(size).min(stop);
+                extra.push(range.end..range.end.saturating_add(window).min(limit));
+            }
+            if remaining > 0 {
+                extra.extend(self.whole_file(&range));
+            }
+            for ahead in extra {
                 for m in self.cache.missing(ahead) {
                     self.for_each_unit(m, |u| {
                         if !inner.inflight.contains_key(&u.start) && !self.cache.contains(u.clone()) {
@@ -225,9 +255,9 @@ impl<W: Waiter> Scheduler<W> {
                         }
                     });
                 }
-                to_start.sort_unstable();
-                to_start.dedup();
             }
+            to_start.sort_unstable();
+            to_start.dedup();
             if remaining > 0 {
                 inner.waiters.insert(id, Waiting { waiter, range, remaining, since: Instant::now() });
                 None
@@ -246,8 +276,8 @@ impl<W: Waiter> Scheduler<W> {
         }
     }
 
-    /// Background fetch of `ranges`, one request at a time, only while no
-    /// reader waits; `rate` caps bytes per second. Units fetched here are in
+    /// Background fetch of `ranges`, a few requests at a time, started only
+    /// while no reader waits; `rate` caps bytes per second. Units fetched here are in
     /// flight like any other: a reader that needs one waits for it.
     pub async fn prefetch(self: Arc<Self>, ranges: Vec<Range<u64>>, rate: Option<u64>) {
         use std::sync::atomic::Ordering::SeqCst;
@@ -258,9 +288,11 @@ impl<W: Waiter> Scheduler<W> {
 
     async fn prefetch_ranges(self: &Arc<Self>, ranges: Vec<Range<u64>>, rate: Option<u64>) {
         let unit = self.cfg.fetch_unit;
-        let per_request = (self.cfg.max_request / unit).max(1);
+        // Bodies are held whole: in-flight prefetch bytes are agent memory.
+        let per_request = (self.cfg.max_request.min(PREFETCH_REQUEST) / unit).max(1);
         let started = Instant::now();
         let mut sent = 0u64;
+        let mut in_flight = tokio::task::JoinSet::new();
         for r in crate::ranges::normalize(ranges) {
             let r = r.start.min(self.cache.blob_size())..r.end.min(self.cache.blob_size());
             if r.is_empty() {
@@ -268,6 +300,11 @@ impl<W: Waiter> Scheduler<W> {
             }
             let mut pos = r.start;
             while pos < r.end {
+                // Several big requests in flight keep the link busy; the
+                // rest of the permits stay free for demand.
+                while in_flight.len() >= self.prefetch_parallel() {
+                    in_flight.join_next().await;
+                }
                 while self.waiting() > 0 {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
@@ -289,7 +326,7 @@ impl<W: Waiter> Scheduler<W> {
                 for run in runs(&claimed, per_request, |u| self.unit_at(u).end) {
                     let bytes = run.end - run.start;
                     let guard = UnitsGuard { scheduler: Arc::clone(self), units: Some(run.clone()) };
-                    Arc::clone(self).fetch_units(run, guard).await;
+                    in_flight.spawn(Arc::clone(self).fetch_units(run, guard));
                     sent += bytes;
                     Stats::add(&self.prefetched_bytes, bytes);
                     if let Some(rate) = rate.filter(|&r| r > 0) {
@@ -301,7 +338,50 @@ impl<W: Waiter> Scheduler<W> {
                 }
             }
         }
+        while in_flight.join_next().await.is_some() {}
         tracing::info!(bytes = sent, "prefetch done");
+    }
+
+    /// Prefetch requests in flight at most: half the permits (at least one),
+    /// so a reader's miss never waits behind background fetches.
+    fn prefetch_parallel(&self) -> usize {
+        (self.cfg.parallel / 2).max(1)
+    }
+
+    /// Sets each regular file's data extent (sorted, disjoint): a miss
+    /// inside a file of at most `whole_file_max` bytes fetches all of it.
+    pub fn set_file_extents(&self, extents: Vec<Range<u64>>) {
+        *self.file_extents.write() = Arc::new(extents);
+    }
+
+    /// The extents of the files `range` starts and ends in, each when it is
+    /// small enough to fetch whole.
+    fn whole_file(&self, range: &Range<u64>) -> Vec<Range<u64>> {
+        let max = self.cfg.whole_file_max;
+        if max == 0 || range.is_empty() {
+            return Vec::new();
+        }
+        let extents = Arc::clone(&self.file_extents.read());
+        let mut out: Vec<Range<u64>> = Vec::new();
+        for at in [range.start, range.end - 1] {
+            if let Some(e) = crate::erofs::extent_at(&extents, at) {
+                if e.end - e.start <= max && !out.contains(&e) {
+                    out.push(e);
+                }
+            }
+        }
+        out
+    }
+
+    /// Where read-ahead from `range` must stop: the end of the file it lies
+    /// in, or `range.end` when files are known and it lies in none; `None`
+    /// when no file extents are known.
+    fn file_end(&self, range: &Range<u64>) -> Option<u64> {
+        let extents = Arc::clone(&self.file_extents.read());
+        if extents.is_empty() || range.is_empty() {
+            return None;
+        }
+        Some(crate::erofs::extent_at(&extents, range.end - 1).map_or(range.end, |e| e.end))
     }
 
     /// The region of the source holding byte `offset` (clamped to the blob; the whole blob if the
@@ -371,7 +451,15 @@ impl<W: Waiter> Scheduler<W> {
                 Stats::add(&self.stats.fetched_bytes, fetched.bytes.len() as u64);
                 let cache = Arc::clone(&self.cache);
                 let start = range.start;
-                let written = tokio::task::spawn_blocking(move || cache.write_range(start, &fetched.bytes)).await;
+                let digest = Arc::clone(&self.in_order);
+                let written = tokio::task::spawn_blocking(move || {
+                    let written = cache.write_range(start, &fetched.bytes);
+                    if written.is_ok() {
+                        digest.advance(&cache);
+                    }
+                    written
+                })
+                .await;
                 match written {
                     Ok(Ok(())) => true,
                     Ok(Err(e)) => {
@@ -571,6 +659,7 @@ mod tests {
             max_request: 4 * UNIT,
             parallel: 4,
             retry: RetryPolicy { max_attempts: 1, deadline: Duration::from_secs(5), ..RetryPolicy::default() },
+            whole_file_max: 3 * UNIT,
         };
         let scheduler = Scheduler::new(Arc::clone(&cache), blob.clone(), Arc::new(Stats::default()), cfg, rt.handle().clone());
         let (tx, rx) = mpsc::channel();
@@ -717,6 +806,65 @@ mod tests {
         assert_eq!(s.on_miss(&m(20 << 20), unit, max), 8 * unit, "capped");
         // A miss far away is a new (random) stream.
         assert_eq!(s.on_miss(&(900 << 20..(900 << 20) + 4096), unit, max), 0);
+    }
+
+    #[test]
+    fn a_miss_inside_a_small_file_fetches_the_whole_file_in_one_request() {
+        let r = rig(Behaviour::Serve, false);
+        // Files: 2.5 units at 10 units, 6 units (too big) at 20 units.
+        let small = 10 * UNIT..10 * UNIT + 5 * UNIT / 2;
+        let big = 20 * UNIT..26 * UNIT;
+        r.scheduler.set_file_extents(vec![small.clone(), big.clone()]);
+        // A 16 KiB read in the middle of the small file.
+        let mid = 11 * UNIT + 4096;
+        r.submit(1, mid..mid + 16384);
+        assert_eq!(r.answers(1), vec![(1, Ok(()))]);
+        assert!(r.cache.contains(small.clone()), "the whole file is present");
+        assert_eq!(r.blob.requests.load(SeqCst), 1, "in one request: {:?}", r.blob.ranges.lock());
+        // Reading the rest of it raises no request.
+        r.submit(2, small.start..small.end);
+        assert_eq!(r.answers(1), vec![(2, Ok(()))]);
+        assert_eq!(r.blob.requests.load(SeqCst), 1);
+        // A file above the bound: only the unit of the miss.
+        r.submit(3, big.start + 3 * UNIT..big.start + 3 * UNIT + 4096);
+        assert_eq!(r.answers(1), vec![(3, Ok(()))]);
+        assert_eq!(r.blob.ranges.lock().last().cloned(), Some(23 * UNIT..24 * UNIT));
+        assert!(!r.cache.contains(big.start..big.start + UNIT));
+        // A miss outside every file: only its unit.
+        r.submit(4, 30 * UNIT..30 * UNIT + 100);
+        assert_eq!(r.answers(1), vec![(4, Ok(()))]);
+        assert_eq!(r.blob.ranges.lock().last().cloned(), Some(30 * UNIT..31 * UNIT));
+    }
+
+    #[test]
+    fn read_ahead_stops_at_the_end_of_the_file_being_read() {
+        let r = rig(Behaviour::Serve, false);
+        // Two big files back to back (above the whole-file bound): 0..5 units, 5..12 units.
+        r.scheduler.set_file_extents(vec![0..5 * UNIT, 5 * UNIT..12 * UNIT]);
+        r.submit(1, 0..4096);
+        r.submit(2, UNIT..UNIT + 4096);
+        r.submit(3, 3 * UNIT..3 * UNIT + 4096);
+        assert_eq!(r.answers(3).len(), 3);
+        // The stream grew its window, but nothing of the second file was fetched.
+        assert!(r.cache.contains(3 * UNIT..5 * UNIT), "{:?}", r.blob.ranges.lock());
+        assert!(!r.cache.contains(5 * UNIT..5 * UNIT + 4096), "{:?}", r.blob.ranges.lock());
+    }
+
+    #[test]
+    fn prefetch_keeps_several_requests_in_flight_and_leaves_permits_for_demand() {
+        let r = rig(Behaviour::Serve, true);
+        let task = r._rt.spawn(Arc::clone(&r.scheduler).prefetch(vec![0..16 * UNIT], None));
+        // Gate held: the prefetch claims units for half the permits (2 requests of 4 units).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while r.scheduler.inner.lock().inflight.len() < 8 {
+            assert!(Instant::now() < deadline, "prefetch did not put two requests in flight");
+            std::thread::yield_now();
+        }
+        assert_eq!(r.scheduler.inner.lock().inflight.len(), 8, "no more than half the permits");
+        r.release();
+        r._rt.block_on(task).unwrap();
+        assert!(r.cache.contains(0..16 * UNIT));
+        assert_eq!(r.blob.requests.load(SeqCst), 4);
     }
 
     #[test]

@@ -13,6 +13,10 @@ pub struct Stats {
     pub fetch_requests: AtomicU64,
     pub fetch_errors: AtomicU64,
     pub fetched_bytes: AtomicU64,
+    /// Requests made before the mount was ready (probe, walk, metadata).
+    pub mount_requests: AtomicU64,
+    /// Dependent round trips of the metadata walk (0: no walk was needed).
+    pub walk_round_trips: AtomicU64,
     pub denied_events: AtomicU64,
     /// Queue overflows seen (lost events: cannot happen with the unlimited queue).
     pub overflows: AtomicU64,

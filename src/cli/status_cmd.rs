@@ -82,6 +82,7 @@ fn print_human(s: &MountStatus) {
     }
     println!("  present:   {} / {} bytes ({pct:.1}%), {}", s.populated_bytes, s.blob_size, s.state);
     println!("  fetched:   {} bytes in {} requests, {} errors", s.fetched_bytes, s.fetch_requests, s.fetch_errors);
+    println!("  at mount:  {} requests, {} walk round trips", s.mount_requests, s.walk_round_trips);
     if s.prefetch_active || s.prefetched_bytes > 0 {
         let state = if s.prefetch_active { "running" } else { "done" };
         println!("  prefetch:  {} bytes ({state})", s.prefetched_bytes);

@@ -13,7 +13,7 @@
 //!   (file-backed I/O), which raises `FAN_PRE_ACCESS` and so can be fetched
 //!   lazily.
 //!
-//! [`walk`] parses the image breadth-first and returns an [`ImageMap`]:
+//! [`walk`] parses the image and returns an [`ImageMap`]:
 //! `data_extents`, the regular-file data the kernel will ask for through
 //! events, and `required`, everything else (rounded out to 4 KiB pages), which
 //! must be made local before mounting. Directory and symlink blocks are
@@ -21,11 +21,13 @@
 //! local makes path lookups fast. Whatever the walker cannot classify with
 //! certainty stays required: fetching too much is safe, missing metadata is not.
 //!
-//! Reading is round-trip bound: each BFS level asks the [`MetaReader`] to
-//! prefetch all of its ranges at once (inode slots first, then what the
-//! headers showed is needed: the rest of long inodes, index arrays,
-//! directory blocks), so a level costs two or three round trips whatever the
-//! number of files in it.
+//! Reading is round-trip bound, so the walk is pipelined (see `walker`):
+//! every inode advances as far as the bytes read so far allow, what all of
+//! them still need goes to the [`MetaReader`] as one batch (one multi-range
+//! request at the agent), and the walk continues with whichever batch lands
+//! first, with no per-level barrier. A tree costs about one round trip per
+//! directory level; images whose metadata lies in one run below the first
+//! data block cost the head read and one more.
 //!
 //! The image is untrusted: every offset is computed with checked arithmetic
 //! and bounds-checked against the blob size, loops are bounded by
@@ -43,20 +45,55 @@ mod tests;
 use std::ops::Range;
 
 pub use format::Superblock;
-pub use walker::walk;
+pub use walker::{walk, walk_with};
 
 /// Where the walker gets image bytes from (the registry, a local file, ...).
+///
+/// A reader is synchronous ([`prefetch`](Self::prefetch) fetches before it
+/// returns) or pipelined ([`submit`](Self::submit) starts fetches and
+/// returns, [`wait`](Self::wait) hands over what arrived); the walk keeps
+/// going with whatever it can read while batches are in flight.
 pub trait MetaReader {
-    /// Called before reads with all byte ranges the walker is about to read in
-    /// this round (one BFS level), so the implementation can fetch them from
-    /// the network coalesced and in parallel. The ranges are sorted, disjoint,
-    /// within the image, never repeat bytes passed before, and (today) are
-    /// rounded out to 4 KiB pages; every byte passed ends up in
-    /// `ImageMap::required`, so it can be stored and marked present at once.
+    /// Fetches ranges the walker is about to read. The ranges are sorted,
+    /// disjoint, within the image, never repeat bytes passed before, and
+    /// are rounded out to 4 KiB pages; every byte passed ends up in
+    /// `ImageMap::required` (or is one guessed run of metadata, see
+    /// `ImageMap::contiguous_guess`), so it can be stored and marked present
+    /// at once.
     fn prefetch(&mut self, ranges: &[Range<u64>]) -> Result<(), WalkError>;
     /// Reads exactly `buf.len()` bytes at `offset` (only inside ranges
-    /// previously passed to `prefetch`).
+    /// that were said to be readable).
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), WalkError>;
+    /// Starts fetching one batch of ranges (the contract of `prefetch`) and
+    /// returns the ranges readable now. The default fetches them at once.
+    fn submit(&mut self, ranges: &[Range<u64>]) -> Result<Vec<Range<u64>>, WalkError> {
+        self.prefetch(ranges)?;
+        Ok(ranges.to_vec())
+    }
+    /// Blocks until at least one submitted batch has arrived whole and
+    /// returns the ranges readable since the last call (whole batches, and
+    /// maybe bytes fetched around them). Called only while batches are out.
+    fn wait(&mut self) -> Result<Vec<Range<u64>>, WalkError> {
+        Err(WalkError::Io("internal: nothing is being fetched".into()))
+    }
+}
+
+/// How the walk may guess (never what it trusts).
+#[derive(Clone, Debug)]
+pub struct WalkOptions {
+    /// Bytes read first, from 0: the superblock's block and what follows
+    /// (the agent's sources bring [`crate::remote::PROBE_LEN`] with their
+    /// first request, so asking for as much costs nothing).
+    pub first_read: u64,
+    /// Longest run after the first read asked for at once when that read
+    /// suggests the metadata is contiguous (0: never guess).
+    pub contiguous_guess_max: u64,
+}
+
+impl Default for WalkOptions {
+    fn default() -> Self {
+        WalkOptions { first_read: 64 << 10, contiguous_guess_max: 64 << 20 }
+    }
 }
 
 /// Caps that bound the work a hostile image can cause.
@@ -119,9 +156,35 @@ pub struct ImageMap {
     /// Deepest directory level seen (root = 0).
     #[serde(default)]
     pub depth: u32,
-    /// Number of `prefetch` calls the walk made (round trips).
+    /// Batches the walk handed to its reader (each one request or a few).
     #[serde(default)]
     pub prefetch_calls: u32,
+    /// Dependent round trips: the longest chain of batches each of which
+    /// needed the one before (the superblock read counts).
+    #[serde(default)]
+    pub round_trips: u32,
+    /// Each regular file's data (page-aligned, sorted by start; overlapping
+    /// ones merged, touching ones apart): the extent a miss inside a file
+    /// fetches whole. At most 2^21 of them.
+    #[serde(default)]
+    pub file_extents: Vec<Range<u64>>,
+    /// The run `[start, end)` asked for at once as likely contiguous metadata.
+    #[serde(default)]
+    pub contiguous_guess: Option<[u64; 2]>,
+}
+
+impl ImageMap {
+    /// The file extent containing `offset`, if any.
+    pub fn file_extent(&self, offset: u64) -> Option<Range<u64>> {
+        extent_at(&self.file_extents, offset)
+    }
+}
+
+/// The range of `extents` (sorted by start, disjoint) containing `offset`.
+pub fn extent_at(extents: &[Range<u64>], offset: u64) -> Option<Range<u64>> {
+    let i = extents.partition_point(|r| r.start <= offset);
+    let r = extents.get(i.checked_sub(1)?)?;
+    (offset < r.end).then(|| r.clone())
 }
 
 impl ImageMap {

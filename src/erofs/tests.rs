@@ -392,18 +392,34 @@ fn crosscheck(b: &Built, map: &ImageMap, exact: bool) -> usize {
 }
 
 fn walk_ok(b: &Built) -> (ImageMap, ImageReader) {
-    let (res, reader) = walk_bytes(b.data.clone());
+    walk_ok_with(b, &WalkOptions::default())
+}
+
+/// A walk that reads the superblock's page first and guesses nothing: each
+/// level's reads show.
+fn plain_walk() -> WalkOptions {
+    WalkOptions { first_read: PAGE_SIZE, contiguous_guess_max: 0 }
+}
+
+fn walk_ok_with(b: &Built, opts: &WalkOptions) -> (ImageMap, ImageReader) {
+    let size = b.data.len() as u64;
+    let mut reader = ImageReader::new(b.data.clone());
+    let res = walk_with(&mut reader, size, &WalkLimits::default(), opts);
     let map = res.unwrap_or_else(|e| {
         let keep = std::env::temp_dir().join("erofs-walk-failure.img");
         let _ = std::fs::copy(&b.image, &keep);
         panic!("walk failed: {e} (image kept at {})", keep.display())
     });
     check_invariants(&map);
-    // Everything the walker prefetched is metadata the agent must keep.
+    // Everything the walker prefetched is metadata the agent must keep, but
+    // for the head (the first read) and a guessed run of metadata.
+    let head = opts.first_read;
+    let guess = map.contiguous_guess.map(|[s, e]| s..e);
     for call in &reader.calls {
         for r in call {
+            let guessed = guess.as_ref().is_some_and(|g| g.start <= r.start && r.end <= g.end);
             assert!(
-                covered_by(&map.required, r),
+                r.end <= head || guessed || covered_by(&map.required, r),
                 "prefetched {r:?} is not required"
             );
             assert_eq!(r.start % PAGE_SIZE, 0);
@@ -626,6 +642,9 @@ fn image_map_serializes() {
         shared_xattrs: 0,
         depth: 0,
         prefetch_calls: 3,
+        round_trips: 2,
+        file_extents: vec![4096..8192],
+        contiguous_guess: None,
     };
     let json = serde_json::to_string(&map).unwrap();
     assert_eq!(serde_json::from_str::<ImageMap>(&json).unwrap(), map);
@@ -752,8 +771,8 @@ fn round_trips_grow_with_depth_not_file_count() {
     };
     let small = build(many(10), &[]);
     let large = build(many(1000), &[]);
-    let (small_map, small_r) = walk_ok(&small);
-    let (large_map, large_r) = walk_ok(&large);
+    let (small_map, small_r) = walk_ok_with(&small, &plain_walk());
+    let (large_map, large_r) = walk_ok_with(&large, &plain_walk());
     assert_eq!(large_map.regular_files, 3000);
     assert_eq!(small_map.prefetch_calls as usize, small_r.calls.len());
     eprintln!(
@@ -777,7 +796,7 @@ fn round_trips_grow_with_depth_not_file_count() {
         }
     };
     let d = build(deep, &[]);
-    let (deep_map, deep_r) = walk_ok(&d);
+    let (deep_map, deep_r) = walk_ok_with(&d, &plain_walk());
     eprintln!(
         "round trips: depth {} -> {}",
         deep_map.depth,
@@ -1057,4 +1076,192 @@ fn fuzz_mutations_never_panic() {
         "fuzz: {} walks succeeded, {} failed cleanly",
         outcomes[0], outcomes[1]
     );
+}
+
+/// A pipelined `MetaReader`: batches stay in flight until `wait`, which
+/// delivers the oldest one (a link where every request takes one round
+/// trip and answers come in order). Counts batches; the walk reports the
+/// longest chain of dependent round trips.
+struct PipeReader {
+    data: Vec<u8>,
+    covered: Vec<Range<u64>>,
+    in_flight: std::collections::VecDeque<Vec<Range<u64>>>,
+    batches: Vec<Vec<Range<u64>>>,
+}
+
+impl PipeReader {
+    fn new(data: Vec<u8>) -> Self {
+        PipeReader { data, covered: Vec::new(), in_flight: Default::default(), batches: Vec::new() }
+    }
+}
+
+impl MetaReader for PipeReader {
+    fn prefetch(&mut self, _: &[Range<u64>]) -> Result<(), WalkError> {
+        panic!("a pipelined walk submits")
+    }
+    fn submit(&mut self, ranges: &[Range<u64>]) -> Result<Vec<Range<u64>>, WalkError> {
+        for r in ranges {
+            assert!(r.start < r.end && r.end <= self.data.len() as u64, "bad range {r:?}");
+            assert!(
+                !self.batches.iter().flatten().any(|c| c.start < r.end && r.start < c.end),
+                "range {r:?} asked twice"
+            );
+        }
+        self.batches.push(ranges.to_vec());
+        self.in_flight.push_back(ranges.to_vec());
+        Ok(Vec::new())
+    }
+    fn wait(&mut self) -> Result<Vec<Range<u64>>, WalkError> {
+        let batch = self.in_flight.pop_front().expect("wait with nothing in flight");
+        let mut all = std::mem::take(&mut self.covered);
+        all.extend(batch.iter().cloned());
+        self.covered = ranges::normalize(all);
+        Ok(batch)
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), WalkError> {
+        let r = offset..offset + buf.len() as u64;
+        assert!(self.covered.iter().any(|c| c.start <= r.start && r.end <= c.end), "read {r:?} before it arrived");
+        buf.copy_from_slice(&self.data[r.start as usize..r.end as usize]);
+        Ok(())
+    }
+}
+
+fn pipe_walk(data: &[u8], opts: &WalkOptions) -> (ImageMap, PipeReader) {
+    let mut reader = PipeReader::new(data.to_vec());
+    let map = walk_with(&mut reader, data.len() as u64, &WalkLimits::default(), opts).expect("pipelined walk");
+    check_invariants(&map);
+    (map, reader)
+}
+
+/// The pipelined walk costs about one round trip per directory level: a
+/// child's inode is asked for as soon as the block naming it is in. Its map
+/// is the one a synchronous walk makes.
+#[test]
+#[ignore = "needs mkfs.erofs"]
+fn pipelined_walk_round_trips_follow_depth() {
+    let deep = |root: &Path| {
+        let mut p = root.to_path_buf();
+        for level in 0..12 {
+            p = p.join(format!("level{level}"));
+            // Wide enough that every directory has blocks of its own.
+            for i in 0..150 {
+                write(&p.join(format!("file-with-a-long-name-{i:04}")), format!("{level}-{i}").as_bytes());
+            }
+        }
+    };
+    let d = build(deep, &[]);
+    let (sync_map, _) = walk_ok_with(&d, &plain_walk());
+    let (map, reader) = pipe_walk(&d.data, &plain_walk());
+    assert_eq!(map.data_extents, sync_map.data_extents);
+    assert_eq!(map.required, sync_map.required);
+    assert_eq!(map.depth, 13);
+    eprintln!("depth {}: {} round trips, {} batches", map.depth, map.round_trips, reader.batches.len());
+    // A level is the inode of a directory and then its blocks: two dependent
+    // reads, unless they share a page (at most 2 per level, +1 superblock).
+    assert!(map.round_trips <= 2 * (map.depth + 1) + 1, "{} round trips", map.round_trips);
+    assert_eq!(map.prefetch_calls as usize, reader.batches.len());
+    // Batches, not inodes: 1800 inodes in a few dozen requests.
+    assert!(reader.batches.len() <= 3 * (map.depth as usize + 2), "{} batches", reader.batches.len());
+    crosscheck(&d, &map, true);
+}
+
+/// A walk of an image given by EROFS_WALK_IMAGE (e.g. the benchmark's), with
+/// the pipelined reader: prints round trips, batches and bytes.
+#[test]
+#[ignore = "needs EROFS_WALK_IMAGE"]
+fn walk_of_a_given_image() {
+    let Ok(path) = std::env::var("EROFS_WALK_IMAGE") else { return };
+    let data = std::fs::read(&path).unwrap();
+    for opts in [plain_walk(), WalkOptions::default()] {
+        let (map, reader) = pipe_walk(&data, &opts);
+        let asked: u64 = reader.batches.iter().map(|b| ranges::total_len(b)).sum();
+        let ranges_asked: usize = reader.batches.iter().map(|b| b.len()).sum();
+        eprintln!(
+            "{opts:?}: depth {} round trips {} batches {} ranges {} asked {} KiB, required {} KiB in {} ranges, guess {:?}, {} file extents",
+            map.depth, map.round_trips, reader.batches.len(), ranges_asked, asked >> 10, map.required_bytes() >> 10, map.required.len(), map.contiguous_guess, map.file_extents.len()
+        );
+    }
+}
+
+/// A tree shaped like a root filesystem: only directories and symlinks at
+/// the top, thousands of small files below, a few big ones.
+fn rootfs_like_tree(root: &Path) {
+    let mut rng = Rng(0xB007_F5);
+    for top in ["boot", "dev", "home", "media", "mnt", "opt", "proc", "root", "run", "srv", "sys", "tmp"] {
+        std::fs::create_dir_all(root.join(top)).unwrap();
+    }
+    std::os::unix::fs::symlink("usr/bin", root.join("bin")).unwrap();
+    std::os::unix::fs::symlink("usr/lib", root.join("lib")).unwrap();
+    for i in 0..400 {
+        write(&root.join(format!("etc/conf-{i:03}.conf")), &rng.text(200 + (i * 37) % 3000));
+    }
+    for d in 0..20 {
+        for i in 0..120 {
+            let n = if i % 10 == 0 { 40_000 } else { 100 + (i * 53) % 6000 };
+            write(&root.join(format!("usr/lib/python3/pkg{d:02}/sub/module_{i:03}.py")), &rng.text(n));
+        }
+    }
+    write(&root.join("usr/bin/python3"), &rng.bytes(3 << 20));
+    write(&root.join("var/cache/big.bin"), &rng.text(2 << 20));
+}
+
+fn writer_image(tree: &Path, compression: crate::erofs::writer::Compression) -> Vec<u8> {
+    let (t, _) = crate::build::dir::tree_from_dir(tree).unwrap();
+    let opts = crate::erofs::writer::WriterOptions { compression, ..Default::default() };
+    let mut out = std::io::Cursor::new(Vec::new());
+    crate::erofs::writer::write_image(&t, &opts, &crate::build::LocalFiles, &mut out).unwrap();
+    out.into_inner()
+}
+
+/// Images of our writer keep all metadata in one run after the superblock:
+/// the walk asks for the head and then that run at once — two round trips,
+/// two batches, whatever the depth — and finds nothing outside it.
+#[test]
+fn writer_images_walk_in_the_head_and_one_guessed_run() {
+    use crate::erofs::writer::{Compression, DEFAULT_LZ4_PCLUSTER};
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    rootfs_like_tree(&tree);
+    for compression in [Compression::None, Compression::Lz4 { pcluster_bytes: DEFAULT_LZ4_PCLUSTER }] {
+        let data = writer_image(&tree, compression);
+        let (map, reader) = pipe_walk(&data, &WalkOptions::default());
+        let head = WalkOptions::default().first_read;
+        assert!(map.required_bytes() > 2 * head, "{compression:?}: metadata fits the head; the test needs more");
+        let [gs, ge] = map.contiguous_guess.unwrap_or_else(|| panic!("{compression:?}: no guess"));
+        assert_eq!(gs, head);
+        assert_eq!(map.required.len(), 1, "{compression:?}: metadata is one run");
+        assert!(ge >= map.required[0].end, "{compression:?}: the guess {gs}..{ge} misses metadata up to {}", map.required[0].end);
+        let asked: u64 = reader.batches.iter().map(|b| ranges::total_len(b)).sum();
+        assert!(asked <= map.required_bytes() * 5 / 4 + head, "{compression:?}: asked {asked} for {} of metadata", map.required_bytes());
+        assert_eq!(reader.batches.len(), 2, "{compression:?}: head and run: {:?}", reader.batches);
+        assert_eq!(map.round_trips, 2, "{compression:?}");
+        assert!(map.depth >= 5);
+        // The same map as a walk that guesses nothing.
+        let (plain, _) = pipe_walk(&data, &plain_walk());
+        assert_eq!(plain.required, map.required);
+        assert_eq!(plain.data_extents, map.data_extents);
+        assert_eq!(plain.file_extents, map.file_extents);
+        assert!(plain.round_trips > 3, "{compression:?}: without the guess: {}", plain.round_trips);
+    }
+}
+
+/// Each regular file's data is one extent of the map, found by offset.
+#[test]
+fn file_extents_name_each_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    rootfs_like_tree(&tree);
+    let data = writer_image(&tree, crate::erofs::writer::Compression::None);
+    let (map, _) = pipe_walk(&data, &WalkOptions::default());
+    assert!(map.file_extents.windows(2).all(|w| w[0].end <= w[1].start));
+    // Files with data blocks: 3 MiB python3, 2 MiB big.bin, the 40 kB modules, the >4 KiB ones.
+    assert!(map.file_extents.len() >= 240, "{}", map.file_extents.len());
+    let big = map.file_extents.iter().find(|r| r.end - r.start >= 3 << 20).expect("the 3 MiB file").clone();
+    assert_eq!(map.file_extent(big.start + 12345), Some(big.clone()));
+    assert_eq!(map.file_extent(big.end - 1), Some(big.clone()));
+    assert_ne!(map.file_extent(big.end), Some(big.clone()));
+    assert_eq!(map.file_extent(0), None, "the superblock is no file");
+    for r in &map.file_extents {
+        assert!(covered_by(&map.data_extents, r), "{r:?} is not data");
+    }
 }

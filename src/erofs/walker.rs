@@ -1,11 +1,22 @@
-//! The breadth-first metadata walk (see the module docs for the model).
+//! The pipelined metadata walk (see the module docs for the model).
 //!
-//! Each BFS level is a set of inode tasks. A task is a small state machine
-//! (header → inline xattrs → body → directory blocks) that advances as far as
-//! the bytes prefetched so far allow and otherwise names the ranges it needs.
-//! The level loop prefetches the union of all needs in one call, so a level
-//! costs one round trip per stage that is not already covered, not one per
-//! inode.
+//! Each inode is a small state machine (header → inline xattrs → body →
+//! directory blocks) that advances as far as the bytes read so far allow and
+//! otherwise names the ranges it needs. There is no per-level barrier: the
+//! walk runs every task it can, sends the union of what they still need as
+//! one batch to the [`MetaReader`], and continues with whatever batch arrives
+//! first — a child's inode is asked for as soon as the directory block naming
+//! it is in, while other batches are still in flight. A walk then costs about
+//! one round trip per directory level plus the inodes of the last one, and
+//! few requests: each batch is one (multi-range) request at the reader.
+//!
+//! Before the walk starts, the first block (superblock, root inode and the
+//! records packed after it) is read for a guess: if the regular files found
+//! there all keep their data above everything the block names as metadata,
+//! the image may keep its metadata in one run below its first data block (as
+//! our writer does), and that run is asked for at once, as one range. A wrong
+//! guess costs bytes, never correctness: the walk still reads and checks
+//! everything, and fetches whatever it finds outside the guessed run.
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -16,12 +27,16 @@ use super::format::{
     IndexBytes, InodeHeader, Superblock, ZIndexLayout, ZMapHeader, COMPACT_INODE_SIZE,
     EXTENDED_INODE_SIZE, INODE_SLOT_SIZE, SUPERBLOCK_OFFSET,
 };
-use super::{ImageMap, MetaReader, WalkError, WalkLimits, PAGE_SIZE};
+use super::{ImageMap, MetaReader, WalkError, WalkLimits, WalkOptions, PAGE_SIZE};
 use crate::ranges;
 
 /// Compression and chunk indexes are read through a window of this size, so
 /// memory stays bounded whatever the file size.
 const INDEX_WINDOW: u64 = 64 * 1024;
+
+/// Per-file data extents kept at most (beyond this, misses fall back to the
+/// agent's fetch units).
+const MAX_FILE_EXTENTS: usize = 1 << 21;
 
 /// Walks the metadata of the EROFS image behind `reader` (a blob of
 /// `image_size` bytes) and classifies its bytes; see [`ImageMap`].
@@ -30,6 +45,16 @@ pub fn walk(
     image_size: u64,
     limits: &WalkLimits,
 ) -> Result<ImageMap, WalkError> {
+    walk_with(reader, image_size, limits, &WalkOptions::default())
+}
+
+/// [`walk`] with options (the contiguous-metadata guess).
+pub fn walk_with(
+    reader: &mut dyn MetaReader,
+    image_size: u64,
+    limits: &WalkLimits,
+    opts: &WalkOptions,
+) -> Result<ImageMap, WalkError> {
     if image_size < SUPERBLOCK_OFFSET + 128 {
         return Err(WalkError::NotErofs);
     }
@@ -37,25 +62,33 @@ pub fn walk(
         reader,
         image_size,
         covered: RangeSet::default(),
-        calls: 0,
+        requested: RangeSet::default(),
+        batches: Vec::new(),
+        submits: 0,
+        round_trips: 0,
         bytes: 0,
         max_bytes: limits.max_meta_bytes,
     };
+    // The head: the superblock's block and what follows it, read at once
+    // (a source's first request brings it anyway); the guess looks at it.
     let first_len = PAGE_SIZE.min(image_size);
-    io.prefetch_one(0..first_len)?;
+    let head_len = opts.first_read.max(first_len).min(image_size);
+    io.fetch_now(0..head_len)?;
     let mut first = io.read(0..first_len)?;
     let sb = Superblock::parse(&first)?;
     let bs = sb.block_size();
     if bs > first_len && image_size >= bs {
-        io.prefetch_one(0..bs)?;
+        io.fetch_now(0..bs)?;
         first = io.read(0..bs)?;
     }
     sb.verify_checksum(&first)?;
+    let first_len = head_len.max(first.len() as u64);
     drop(first);
 
+    let guess = guess_contiguous(&mut io, &sb, image_size, limits, first_len, opts);
     let mut st = State::new(sb, image_size, limits);
-    st.walk(&mut io)?;
-    Ok(st.finish(io.calls))
+    st.walk(&mut io, guess.clone())?;
+    Ok(st.finish(&io, guess))
 }
 
 // ---------------------------------------------------------------------------
@@ -136,11 +169,25 @@ impl RangeSet {
 // ---------------------------------------------------------------------------
 // Reads through the MetaReader, keeping its contract
 
+/// A batch handed to the reader, until all of it is readable.
+struct Batch {
+    ranges: Vec<Range<u64>>,
+    /// Dependent round trips up to and including this batch.
+    round_trip: u32,
+}
+
 struct Io<'r> {
     reader: &'r mut dyn MetaReader,
     image_size: u64,
+    /// Readable now.
     covered: RangeSet,
-    calls: u32,
+    /// Readable or asked for (a superset of `covered`).
+    requested: RangeSet,
+    /// Asked for, not all readable yet.
+    batches: Vec<Batch>,
+    submits: u32,
+    /// Round trips of the batches that arrived so far (the longest chain).
+    round_trips: u32,
     bytes: u64,
     max_bytes: u64,
 }
@@ -150,37 +197,88 @@ impl Io<'_> {
         self.covered.covers(r)
     }
 
-    /// Prefetches what of `wants` is not yet local, in one call.
-    /// Returns whether anything new was requested.
+    /// The page-aligned parts of `wants` neither readable nor asked for.
     ///
     /// Everything the walker reads is metadata, so the pages around it are
     /// required anyway: rounding out to pages costs nothing and hands the
     /// reader whole pages it can store as they are.
-    fn prefetch(&mut self, wants: Vec<Range<u64>>) -> Result<bool, WalkError> {
-        let size = self.image_size;
-        let wants = ranges::align_out(&wants, PAGE_SIZE, size);
-        let missing = self.covered.missing(&wants);
-        if missing.is_empty() {
-            return Ok(false);
+    fn unrequested(&self, wants: Vec<Range<u64>>) -> Vec<Range<u64>> {
+        let wants = ranges::align_out(&wants, PAGE_SIZE, self.image_size);
+        self.requested.missing(&wants)
+    }
+
+    /// Hands `ranges` (sorted, merged, unrequested) to the reader as one
+    /// batch; returns what became readable at once.
+    fn submit(&mut self, ranges: Vec<Range<u64>>) -> Result<Vec<Range<u64>>, WalkError> {
+        if ranges.is_empty() {
+            return Ok(Vec::new());
         }
-        self.bytes = self.bytes.saturating_add(ranges::total_len(&missing));
+        self.bytes = self.bytes.saturating_add(ranges::total_len(&ranges));
         if self.bytes > self.max_bytes {
             return Err(WalkError::LimitExceeded(format!(
                 "metadata reads exceed {} bytes",
                 self.max_bytes
             )));
         }
-        tracing::trace!(ranges = missing.len(), "erofs walk: prefetch");
-        self.reader.prefetch(&missing)?;
-        self.calls += 1;
-        for r in missing {
-            self.covered.insert(r);
+        tracing::trace!(ranges = ranges.len(), "erofs walk: submit");
+        for r in &ranges {
+            self.requested.insert(r.clone());
         }
-        Ok(true)
+        self.submits += 1;
+        self.batches.push(Batch { ranges: ranges.clone(), round_trip: self.round_trips + 1 });
+        let now = self.reader.submit(&ranges)?;
+        Ok(self.arrived(now))
     }
 
-    fn prefetch_one(&mut self, r: Range<u64>) -> Result<bool, WalkError> {
-        self.prefetch(std::iter::once(r).collect())
+    /// Records ranges the reader says are readable; returns them (clamped).
+    fn arrived(&mut self, got: Vec<Range<u64>>) -> Vec<Range<u64>> {
+        let size = self.image_size;
+        let got: Vec<Range<u64>> = got
+            .into_iter()
+            .map(|r| r.start.min(size)..r.end.min(size))
+            .filter(|r| r.start < r.end)
+            .collect();
+        for r in &got {
+            self.covered.insert(r.clone());
+            self.requested.insert(r.clone());
+        }
+        let covered = &self.covered;
+        let mut done = 0;
+        self.batches.retain(|b| {
+            let complete = b.ranges.iter().all(|r| covered.covers(r));
+            if complete {
+                done = done.max(b.round_trip);
+            }
+            !complete
+        });
+        self.round_trips = self.round_trips.max(done);
+        got
+    }
+
+    fn in_flight(&self) -> bool {
+        !self.batches.is_empty()
+    }
+
+    /// Waits for the next arrival.
+    fn wait(&mut self) -> Result<Vec<Range<u64>>, WalkError> {
+        let got = self.reader.wait()?;
+        if got.is_empty() {
+            return Err(WalkError::Io("internal: the reader delivered nothing".into()));
+        }
+        Ok(self.arrived(got))
+    }
+
+    /// Makes `r` readable now (the superblock).
+    fn fetch_now(&mut self, r: Range<u64>) -> Result<(), WalkError> {
+        let missing = self.unrequested(vec![r.clone()]);
+        self.submit(missing)?;
+        while !self.covers(&r) {
+            if !self.in_flight() {
+                return Err(WalkError::Io("internal: a read was never delivered".into()));
+            }
+            self.wait()?;
+        }
+        Ok(())
     }
 
     fn read_into(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), WalkError> {
@@ -275,10 +373,15 @@ struct State<'l> {
     data: Vec<Range<u64>>,
     /// Known metadata, and the data of directories and symlinks.
     meta: Vec<Range<u64>>,
+    /// The data of the regular file being mapped (one task step at a time).
+    file_pieces: Vec<Range<u64>>,
+    /// Each regular file's data, contiguous pieces merged.
+    file_extents: Vec<Range<u64>>,
     seen: HashMap<u64, Seen>,
     shared_xattrs: HashSet<u32>,
     new_shared_xattrs: Vec<u32>,
-    next_level: Vec<(u64, u64)>,
+    /// Inodes named by directories read since the last look: (nid, offset, depth).
+    new_inodes: Vec<(u64, u64, u32)>,
     inodes: u64,
     directories: u64,
     regular_files: u64,
@@ -292,6 +395,45 @@ enum Step {
     Done,
 }
 
+/// A unit of work of the walk.
+enum Job {
+    Inode(InodeTask),
+    /// A shared xattr entry at this offset, waiting for its header.
+    Xattr(u64),
+}
+
+/// Jobs waiting for bytes, keyed by the page they wait for.
+#[derive(Default)]
+struct Parked {
+    by_page: BTreeMap<u64, Vec<usize>>,
+    count: usize,
+}
+
+impl Parked {
+    fn park(&mut self, job: usize, page: u64) {
+        self.by_page.entry(page).or_default().push(job);
+        self.count += 1;
+    }
+
+    /// Jobs waiting for a page inside `got`.
+    fn wake(&mut self, got: &[Range<u64>], out: &mut Vec<usize>) {
+        for r in got {
+            let first = r.start - r.start % PAGE_SIZE;
+            let pages: Vec<u64> = self.by_page.range(first..r.end).map(|(&p, _)| p).collect();
+            for p in pages {
+                if let Some(jobs) = self.by_page.remove(&p) {
+                    self.count -= jobs.len();
+                    out.extend(jobs);
+                }
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+}
+
 impl<'l> State<'l> {
     fn new(sb: Superblock, image_size: u64, limits: &'l WalkLimits) -> Self {
         let bs = sb.block_size();
@@ -302,10 +444,12 @@ impl<'l> State<'l> {
             limits,
             data: Vec::new(),
             meta: Vec::new(),
+            file_pieces: Vec::new(),
+            file_extents: Vec::new(),
             seen: HashMap::new(),
             shared_xattrs: HashSet::new(),
             new_shared_xattrs: Vec::new(),
-            next_level: Vec::new(),
+            new_inodes: Vec::new(),
             inodes: 0,
             directories: 0,
             regular_files: 0,
@@ -315,7 +459,7 @@ impl<'l> State<'l> {
         }
     }
 
-    fn walk(&mut self, io: &mut Io) -> Result<(), WalkError> {
+    fn walk(&mut self, io: &mut Io, guess: Option<Range<u64>>) -> Result<(), WalkError> {
         // Block 0 holds the superblock and the compression configs.
         self.meta
             .push(0..self.bs.max(PAGE_SIZE).min(self.image_size));
@@ -333,7 +477,7 @@ impl<'l> State<'l> {
                 refs: 1,
             },
         );
-        let mut level = vec![(root, root_off)];
+        let mut jobs: Vec<Option<Job>> = vec![Some(Job::Inode(InodeTask::new(root, root_off, 0)))];
         let packed = self.sb.packed_nid;
         if packed != 0 && packed != root {
             // The packed inode holds fragments (and maybe long xattr prefixes):
@@ -346,27 +490,61 @@ impl<'l> State<'l> {
                     refs: 1,
                 },
             );
-            level.push((packed, off));
+            jobs.push(Some(Job::Inode(InodeTask::new(packed, off, 0))));
+        }
+        let mut runnable: Vec<usize> = (0..jobs.len()).rev().collect();
+        let mut free: Vec<usize> = Vec::new();
+        let mut parked = Parked::default();
+        if let Some(g) = guess {
+            let ranges = io.unrequested(vec![g]);
+            let now = io.submit(ranges)?;
+            parked.wake(&now, &mut runnable);
         }
 
-        let mut depth = 0u32;
-        while !level.is_empty() {
-            self.depth = depth;
-            self.run_level(io, level, depth)?;
-            if depth == 0 {
-                if self.seen.get(&root).and_then(|s| s.is_dir) != Some(true) {
-                    return Err(WalkError::Corrupt(format!(
-                        "root nid {root} is not a directory"
-                    )));
+        loop {
+            let mut needs: Vec<Range<u64>> = Vec::new();
+            while let Some(i) = runnable.pop() {
+                let Some(job) = jobs.get_mut(i).and_then(Option::as_mut) else {
+                    continue;
+                };
+                let step = match job {
+                    Job::Inode(task) => {
+                        self.file_pieces.clear();
+                        let step = task.advance(io, self)?;
+                        self.take_file_pieces();
+                        step
+                    }
+                    Job::Xattr(pos) => self.shared_xattr(io, *pos)?,
+                };
+                match step {
+                    Step::Need(rs) => {
+                        let first_missing = rs
+                            .iter()
+                            .find_map(|r| io.covered.missing(std::slice::from_ref(r)).first().map(|m| m.start));
+                        let Some(at) = first_missing else {
+                            return Err(WalkError::Io("internal: a task needs bytes it has".into()));
+                        };
+                        parked.park(i, at - at % PAGE_SIZE);
+                        needs.extend(rs);
+                    }
+                    Step::Done => {
+                        jobs[i] = None;
+                        free.push(i);
+                    }
                 }
-                if packed != 0 && self.seen.get(&packed).and_then(|s| s.is_dir) == Some(true) {
-                    return Err(WalkError::Corrupt(format!(
-                        "packed nid {packed} is a directory"
-                    )));
+                // What the step found: inodes named by a directory, shared xattrs.
+                for (nid, off, depth) in std::mem::take(&mut self.new_inodes) {
+                    self.depth = self.depth.max(depth);
+                    runnable.push(put(&mut jobs, &mut free, Job::Inode(InodeTask::new(nid, off, depth))));
+                }
+                for id in std::mem::take(&mut self.new_shared_xattrs) {
+                    let pos = self.sb.shared_xattr_offset(id).ok_or_else(|| {
+                        WalkError::Corrupt(format!("shared xattr {id}: offset overflows"))
+                    })?;
+                    self.check_meta(&(pos..pos.saturating_add(4)), &format!("shared xattr {id}"))?;
+                    runnable.push(put(&mut jobs, &mut free, Job::Xattr(pos)));
                 }
             }
-            level = std::mem::take(&mut self.next_level);
-            depth += 1;
             // Adjacent inode slots and blocks merge: keep the lists short.
             if self.meta.len() > 1 << 16 {
                 self.meta = ranges::normalize(std::mem::take(&mut self.meta));
@@ -374,78 +552,57 @@ impl<'l> State<'l> {
             if self.data.len() > 1 << 16 {
                 self.data = ranges::normalize(std::mem::take(&mut self.data));
             }
+            let now = io.submit(io.unrequested(needs))?;
+            parked.wake(&now, &mut runnable);
+            if !runnable.is_empty() {
+                continue;
+            }
+            if parked.is_empty() {
+                break;
+            }
+            if !io.in_flight() {
+                return Err(WalkError::Io("internal: walk made no progress".into()));
+            }
+            let got = io.wait()?;
+            parked.wake(&got, &mut runnable);
+        }
+
+        if self.seen.get(&root).and_then(|s| s.is_dir) != Some(true) {
+            return Err(WalkError::Corrupt(format!(
+                "root nid {root} is not a directory"
+            )));
+        }
+        if packed != 0 && packed != root && self.seen.get(&packed).and_then(|s| s.is_dir) == Some(true) {
+            return Err(WalkError::Corrupt(format!(
+                "packed nid {packed} is a directory"
+            )));
         }
         Ok(())
     }
 
-    fn run_level(
-        &mut self,
-        io: &mut Io,
-        level: Vec<(u64, u64)>,
-        depth: u32,
-    ) -> Result<(), WalkError> {
-        tracing::debug!(depth, inodes = level.len(), "erofs walk: level");
-        // First round: the page(s) holding every slot; usually the whole inode
-        // with its xattrs and inline data, and many of its neighbours.
-        let guesses = level
-            .iter()
-            .map(|&(_, off)| off..off.saturating_add(COMPACT_INODE_SIZE))
-            .collect();
-        io.prefetch(guesses)?;
-
-        let mut tasks: Vec<InodeTask> = level
-            .into_iter()
-            .map(|(nid, offset)| InodeTask::new(nid, offset, depth))
-            .collect();
-        let mut pending: Vec<usize> = (0..tasks.len()).collect();
-        let mut xattr_tasks: Vec<u64> = Vec::new();
-        loop {
-            let mut needs = Vec::new();
-            let mut still = Vec::with_capacity(pending.len());
-            for i in pending {
-                if let Some(task) = tasks.get_mut(i) {
-                    match task.advance(io, self)? {
-                        Step::Need(r) => {
-                            needs.extend(r);
-                            still.push(i);
-                        }
-                        Step::Done => task.release(),
-                    }
-                }
-            }
-            pending = still;
-
-            for id in std::mem::take(&mut self.new_shared_xattrs) {
-                let pos = self.sb.shared_xattr_offset(id).ok_or_else(|| {
-                    WalkError::Corrupt(format!("shared xattr {id}: offset overflows"))
-                })?;
-                self.check_meta(&(pos..pos.saturating_add(4)), &format!("shared xattr {id}"))?;
-                xattr_tasks.push(pos);
-            }
-            let mut waiting = Vec::new();
-            for pos in xattr_tasks {
-                let head = pos..pos + 4;
-                if io.covers(&head) {
-                    let h = io.read(head)?;
-                    let len = xattr_entry_size(&h)
-                        .ok_or_else(|| WalkError::Corrupt("shared xattr header".into()))?;
-                    let r = pos..pos.saturating_add(len);
-                    self.check_meta(&r, "shared xattr entry")?;
-                    self.meta.push(r);
-                } else {
-                    needs.push(head);
-                    waiting.push(pos);
-                }
-            }
-            xattr_tasks = waiting;
-
-            if pending.is_empty() && xattr_tasks.is_empty() {
-                return Ok(());
-            }
-            if !io.prefetch(needs)? {
-                return Err(WalkError::Io("internal: walk made no progress".into()));
-            }
+    /// A shared xattr entry: its header says how long it is.
+    fn shared_xattr(&mut self, io: &mut Io, pos: u64) -> Result<Step, WalkError> {
+        let head = pos..pos + 4;
+        if !io.covers(&head) {
+            return Ok(Step::Need(vec![head]));
         }
+        let h = io.read(head)?;
+        let len = xattr_entry_size(&h)
+            .ok_or_else(|| WalkError::Corrupt("shared xattr header".into()))?;
+        let r = pos..pos.saturating_add(len);
+        self.check_meta(&r, "shared xattr entry")?;
+        self.meta.push(r);
+        Ok(Step::Done)
+    }
+
+    /// Keeps the data pieces of the file just mapped as its extents.
+    fn take_file_pieces(&mut self) {
+        if self.file_pieces.is_empty() || self.file_extents.len() >= MAX_FILE_EXTENTS {
+            return;
+        }
+        let pieces = ranges::normalize(std::mem::take(&mut self.file_pieces));
+        let room = MAX_FILE_EXTENTS - self.file_extents.len();
+        self.file_extents.extend(pieces.into_iter().take(room));
     }
 
     fn inode_offset(&self, nid: u64, what: &str) -> Result<u64, WalkError> {
@@ -534,7 +691,7 @@ impl<'l> State<'l> {
                     is_dir: None,
                     refs: 1,
                 });
-                self.next_level.push((nid, off));
+                self.new_inodes.push((nid, off, depth));
             }
         }
         Ok(())
@@ -578,6 +735,7 @@ impl<'l> State<'l> {
         }
         let r = r.start..r.end.min(self.image_size);
         if h.kind == FileKind::Regular {
+            self.file_pieces.push(r.clone());
             self.data.push(r);
         } else {
             self.meta.push(r);
@@ -585,8 +743,9 @@ impl<'l> State<'l> {
         Ok(())
     }
 
-    fn finish(self, calls: u32) -> ImageMap {
+    fn finish(self, io: &Io, guess: Option<Range<u64>>) -> ImageMap {
         let size = self.image_size;
+        let file_extents = file_extents(self.file_extents, size);
         let data = ranges::normalize(self.data);
         // Safety net: never count a byte known to be metadata as data.
         let meta = RangeSet::from_ranges(self.meta);
@@ -617,17 +776,139 @@ impl<'l> State<'l> {
             symlinks: self.symlinks,
             shared_xattrs: self.shared_xattrs.len() as u64,
             depth: self.depth,
-            prefetch_calls: calls,
+            prefetch_calls: io.submits,
+            round_trips: io.round_trips,
+            file_extents,
+            contiguous_guess: guess.as_ref().map(|g| [g.start, g.end]),
         };
         tracing::info!(
             inodes = map.inodes,
             required_bytes = map.required_bytes(),
             required_ranges = map.required.len(),
             data_bytes = map.data_bytes(),
-            round_trips = calls,
+            batches = map.prefetch_calls,
+            round_trips = map.round_trips,
+            depth = map.depth,
+            contiguous_guess = ?guess,
             "erofs walk: done"
         );
         map
+    }
+}
+
+/// The guess of a contiguous metadata run (see the module docs): from the
+/// first block alone, the regular files found there and what the root
+/// directory (and its children in the block) name as metadata. Returns the
+/// run to ask for at once, `first_len..U` with `U` the lowest data start,
+/// when every named metadata byte lies below `U` and the run is at most
+/// `opts.contiguous_guess_max` bytes; the walk checks everything anyway.
+fn guess_contiguous(
+    io: &mut Io,
+    sb: &Superblock,
+    image_size: u64,
+    limits: &WalkLimits,
+    first_len: u64,
+    opts: &WalkOptions,
+) -> Option<Range<u64>> {
+    if opts.contiguous_guess_max == 0 || sb.meta_blkaddr != 0 || first_len >= image_size {
+        return None;
+    }
+    let mut scratch = State::new(sb.clone(), image_size, limits);
+    let mut data_start = u64::MAX;
+    let mut meta_end = first_len;
+    let in_block = |off: u64| off.checked_add(COMPACT_INODE_SIZE).is_some_and(|e| e <= first_len);
+    // Runs one inode as far as the first block allows; returns what it needs.
+    let mut run = |nid: u64, off: u64, scratch: &mut State, data_start: &mut u64| -> Vec<Range<u64>> {
+        scratch.file_pieces.clear();
+        let mut task = InodeTask::new(nid, off, 1);
+        let needs = match task.advance(io, scratch) {
+            Ok(Step::Need(rs)) => rs,
+            _ => Vec::new(),
+        };
+        for p in &scratch.file_pieces {
+            if p.start >= first_len {
+                *data_start = (*data_start).min(p.start);
+            }
+        }
+        needs
+    };
+    // The root and its children in the block: what they name is metadata.
+    let root_off = sb.inode_offset(sb.root_nid).filter(|&o| in_block(o))?;
+    let mut named: Vec<(u64, u64)> = Vec::new();
+    for r in run(sb.root_nid, root_off, &mut scratch, &mut data_start) {
+        meta_end = meta_end.max(r.end);
+    }
+    for (nid, off, _) in std::mem::take(&mut scratch.new_inodes) {
+        meta_end = meta_end.max(off.saturating_add(INODE_SLOT_SIZE));
+        named.push((nid, off));
+    }
+    for (nid, off) in named.iter().copied().filter(|&(_, o)| in_block(o)) {
+        for r in run(nid, off, &mut scratch, &mut data_start) {
+            meta_end = meta_end.max(r.end);
+        }
+        for (_, o, _) in std::mem::take(&mut scratch.new_inodes) {
+            meta_end = meta_end.max(o.saturating_add(INODE_SLOT_SIZE));
+        }
+    }
+    // Every other slot of the block, in case it holds a file: data starts only.
+    let first_slot = align_up(SUPERBLOCK_OFFSET + sb.sb_size() as u64, INODE_SLOT_SIZE)?;
+    let mut off = first_slot;
+    while in_block(off) {
+        if off != root_off && !named.iter().any(|&(_, o)| o == off) {
+            run(off / INODE_SLOT_SIZE, off, &mut scratch, &mut data_start);
+            scratch.new_inodes.clear();
+        }
+        off += INODE_SLOT_SIZE;
+    }
+    let end = if data_start != u64::MAX {
+        // The lowest data start bounds the run.
+        (meta_end <= data_start).then_some(data_start)
+    } else if meta_end > first_len && meta_end <= image_size / 2 {
+        // No file data in sight: what is named reaches into the last part
+        // of the run (our writer puts directory blocks after the inodes);
+        // a quarter more covers the rest of it in most images.
+        let grown = meta_end.saturating_add((meta_end - first_len) / 4);
+        Some(align_up(grown, PAGE_SIZE).unwrap_or(grown).min(image_size))
+    } else {
+        None
+    };
+    let end = end.unwrap_or(0);
+    let plausible = end > first_len && end <= image_size && end - first_len <= opts.contiguous_guess_max;
+    tracing::debug!(data_start, meta_end, end, plausible, "erofs walk: contiguous metadata guess");
+    plausible.then_some(first_len..end)
+}
+
+/// Files' extents for the agent's lookup: page-aligned, sorted by start,
+/// overlapping ones (shared blocks) merged, touching ones kept apart.
+fn file_extents(mut list: Vec<Range<u64>>, size: u64) -> Vec<Range<u64>> {
+    for r in list.iter_mut() {
+        let s = r.start - r.start % PAGE_SIZE;
+        let e = r.end.saturating_add(PAGE_SIZE - 1) / PAGE_SIZE * PAGE_SIZE;
+        *r = s.min(size)..e.min(size);
+    }
+    list.retain(|r| r.start < r.end);
+    list.sort_by_key(|r| r.start);
+    let mut out: Vec<Range<u64>> = Vec::with_capacity(list.len());
+    for r in list {
+        match out.last_mut() {
+            Some(last) if r.start < last.end => last.end = last.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+/// Stores a job in a free slot; returns its index.
+fn put(jobs: &mut Vec<Option<Job>>, free: &mut Vec<usize>, job: Job) -> usize {
+    match free.pop() {
+        Some(i) => {
+            jobs[i] = Some(job);
+            i
+        }
+        None => {
+            jobs.push(Some(job));
+            jobs.len() - 1
+        }
     }
 }
 
@@ -678,10 +959,6 @@ impl InodeTask {
         }
     }
 
-    fn release(&mut self) {
-        self.hdr = None;
-        self.dir_blocks = Vec::new();
-    }
 
     fn header(&self) -> Result<InodeHeader, WalkError> {
         self.hdr

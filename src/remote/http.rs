@@ -1,6 +1,7 @@
 //! Plain HTTP(S) remote: a Range-capable URL of a blob or image file.
 
 use std::ops::Range;
+use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -9,12 +10,17 @@ use reqwest::StatusCode;
 
 use crate::http::{self, redact_url, ClientConfig};
 
-use super::{check_content_range, FetchError, RangeSource, PROBE_LEN};
+use super::link::{LinkEstimate, LinkMeter, Sample};
+use super::multi::{self, MultiAnswer, MultiRangeState};
+use super::plan::MAX_PARTS;
+use super::{check_content_range, check_ranges, FetchError, MultiRange, Parts, RangeSource, PROBE_LEN};
 
 pub struct HttpSource {
     client: reqwest::Client,
     url: reqwest::Url,
     size: u64,
+    multi: MultiRangeState,
+    meter: LinkMeter,
 }
 
 /// Errors at open time, worded for the one line `erofs-mount` prints.
@@ -36,9 +42,11 @@ impl HttpSource {
         }
         let client = http::build_client(cfg).map_err(FetchError::from)?;
         let shown = redact_url(url.as_str());
+        let sent = Instant::now();
         let answer = http::follow(&client, reqwest::Method::GET, url.clone(), range_headers(&(0..PROBE_LEN))?, None)
             .await
             .map_err(FetchError::from)?;
+        let first_byte = sent.elapsed();
         let resp = answer.response;
         let status = resp.status();
         let (size, want) = match status {
@@ -66,7 +74,57 @@ impl HttpSource {
             other => return Err(FetchError::from(http::status_error(other, &shown)).into()),
         };
         let probe = http::read_exact(resp, want).await.map_err(FetchError::from)?;
-        Ok((HttpSource { client, url, size }, probe))
+        let meter = LinkMeter::default();
+        meter.observe(Sample { first_byte, body: sent.elapsed() - first_byte, bytes: want, parts: 1 });
+        Ok((HttpSource { client, url, size, multi: MultiRangeState::default(), meter }, probe))
+    }
+
+    /// One multi-range request for `ranges` (at most [`MAX_PARTS`]).
+    async fn fetch_multi(&self, ranges: &[Range<u64>]) -> Result<MultiAnswer, FetchError> {
+        let shown = self.describe();
+        let mut h = reqwest::header::HeaderMap::new();
+        let v = reqwest::header::HeaderValue::from_str(&http::multipart::range_header(ranges))
+            .map_err(|_| FetchError::Permanent("bad range".into()))?;
+        h.insert(RANGE, v);
+        let sent = Instant::now();
+        let resp = http::follow(&self.client, reqwest::Method::GET, self.url.clone(), h, None).await?.response;
+        let first_byte = sent.elapsed();
+        let answer = multi::read_multi(resp, ranges, self.size, &shown).await?;
+        if let MultiAnswer::Parts(_) = &answer {
+            let bytes = crate::ranges::total_len(ranges);
+            self.meter.observe(Sample { first_byte, body: sent.elapsed() - first_byte, bytes, parts: ranges.len() });
+        }
+        Ok(answer)
+    }
+
+    async fn fetch_many_inner(&self, ranges: Vec<Range<u64>>) -> Result<Parts, FetchError> {
+        check_ranges(&ranges, self.size)?;
+        if ranges.len() == 1 {
+            let b = self.fetch(ranges[0].clone()).await?;
+            return Ok(Parts { bytes: vec![b], requests: 1 });
+        }
+        let mut out = Parts::default();
+        for chunk in ranges.chunks(MAX_PARTS) {
+            if self.multi.get() != MultiRange::Unsupported && chunk.len() > 1 {
+                match self.fetch_multi(chunk).await? {
+                    MultiAnswer::Parts(bytes) => {
+                        self.multi.supported();
+                        out.bytes.extend(bytes);
+                        out.requests += 1;
+                        continue;
+                    }
+                    MultiAnswer::Fallback(why) => {
+                        out.requests += 1;
+                        self.multi.unsupported(&self.describe(), &why);
+                    }
+                }
+            }
+            let gap = self.meter.estimate().request_gap();
+            let got = multi::fetch_merged(|r| self.fetch(r), chunk, gap, 8 << 20).await?;
+            out.bytes.extend(got.bytes);
+            out.requests += got.requests;
+        }
+        Ok(out)
     }
 }
 
@@ -81,9 +139,11 @@ impl RangeSource for HttpSource {
                 return Err(FetchError::Permanent(format!("range {range:?} outside blob of {} bytes", self.size)));
             }
             let shown = self.describe();
+            let sent = Instant::now();
             let resp = http::follow(&self.client, reqwest::Method::GET, self.url.clone(), range_headers(&range)?, None)
                 .await?
                 .response;
+            let first_byte = sent.elapsed();
             match resp.status() {
                 StatusCode::PARTIAL_CONTENT => {
                     let cr = header_str(&resp, CONTENT_RANGE)
@@ -93,8 +153,22 @@ impl RangeSource for HttpSource {
                 StatusCode::OK if range.start == 0 && range.end == self.size => {}
                 other => return Err(http::status_error(other, &shown).into()),
             }
-            Ok(http::read_exact(resp, range.end - range.start).await?)
+            let bytes = http::read_exact(resp, range.end - range.start).await?;
+            self.meter.observe(Sample { first_byte, body: sent.elapsed() - first_byte, bytes: bytes.len() as u64, parts: 1 });
+            Ok(bytes)
         })
+    }
+
+    fn fetch_many(&self, ranges: Vec<Range<u64>>) -> BoxFuture<'_, Result<Parts, FetchError>> {
+        Box::pin(self.fetch_many_inner(ranges))
+    }
+
+    fn multi_range(&self) -> MultiRange {
+        self.multi.get()
+    }
+
+    fn link(&self) -> LinkEstimate {
+        self.meter.estimate()
     }
 
     fn describe(&self) -> String {

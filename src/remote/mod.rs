@@ -14,6 +14,9 @@
 pub mod file;
 pub mod http;
 pub mod local;
+pub mod link;
+pub mod multi;
+pub mod plan;
 pub mod retry;
 pub mod s3;
 
@@ -24,10 +27,16 @@ use futures_util::future::BoxFuture;
 
 pub use file::FileSource;
 pub use http::HttpSource;
-pub use retry::{fetch_with_retry, RetryPolicy};
+pub use link::{LinkEstimate, LinkMeter};
+pub use plan::{plan_requests, RequestLimits};
+pub use retry::{fetch_many_with_retry, fetch_with_retry, RetryPolicy};
 
-/// Bytes read when a source is opened: enough for the EROFS superblock (at 1024).
-pub const PROBE_LEN: u64 = 4096;
+/// Bytes read when a source is opened: the EROFS superblock (at 1024) and the
+/// inodes packed after it, which the metadata walk looks at first. One
+/// request either way; 128 KiB are also the smallest body the link meter
+/// takes a bandwidth sample from, so the walk's first batches are planned
+/// with the link's measured break-even gap instead of an assumed one.
+pub const PROBE_LEN: u64 = 128 << 10;
 
 /// Why a fetch failed. Transient failures are retried, permanent ones not.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +63,35 @@ impl From<crate::http::HttpError> for FetchError {
     }
 }
 
+/// Whether one request of a source can carry several ranges
+/// (`Range: bytes=a-b,c-d` answered with `206 multipart/byteranges`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MultiRange {
+    /// Not tried yet: the first multi-range request is the probe.
+    Unknown,
+    Supported,
+    /// Never asked again (the source fell back once, or cannot do it).
+    Unsupported,
+}
+
+impl MultiRange {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MultiRange::Unknown => "unknown",
+            MultiRange::Supported => "yes",
+            MultiRange::Unsupported => "no",
+        }
+    }
+}
+
+/// What [`RangeSource::fetch_many`] returns: the bytes of each asked range,
+/// in asked order, and how many requests the source made for them.
+#[derive(Debug, Default)]
+pub struct Parts {
+    pub bytes: Vec<Bytes>,
+    pub requests: u32,
+}
+
 /// A source of byte ranges of one blob.
 pub trait RangeSource: Send + Sync {
     /// Total size of the blob in bytes.
@@ -71,6 +109,24 @@ pub trait RangeSource: Send + Sync {
     /// layer's blob digest). `Ok(None)`: nothing to check.
     fn verify_complete(&self) -> BoxFuture<'_, Result<Option<bool>, FetchError>> {
         Box::pin(async { Ok(None) })
+    /// Fetches several ranges (sorted, disjoint, non-empty, inside the blob)
+    /// in as few requests as the source can: one multi-range request where
+    /// the server takes them. Returns exactly the asked bytes, in order. The
+    /// default makes one request per range, a few at a time.
+    fn fetch_many(&self, ranges: Vec<Range<u64>>) -> BoxFuture<'_, Result<Parts, FetchError>> {
+        Box::pin(async move {
+            check_ranges(&ranges, self.size())?;
+            multi::fetch_merged(|r| self.fetch(r), &ranges, 0, u64::MAX).await
+        })
+    }
+    /// Whether [`fetch_many`](Self::fetch_many) can carry several ranges in
+    /// one request (planners merge tighter when it can).
+    fn multi_range(&self) -> MultiRange {
+        MultiRange::Unsupported
+    }
+    /// What a request costs (measured where the source measures it).
+    fn link(&self) -> LinkEstimate {
+        LinkEstimate::default()
     }
     /// A short, credential-free description for logs and status.
     fn describe(&self) -> String;
@@ -85,6 +141,21 @@ pub trait RangeSource: Send + Sync {
     fn region(&self, offset: u64) -> Range<u64> {
         let _ = offset;
         0..self.size()
+    }
+}
+
+/// Checks the ranges of a `fetch_many` call: sorted, disjoint, non-empty,
+/// inside a blob of `size` bytes.
+pub fn check_ranges(ranges: &[Range<u64>], size: u64) -> Result<(), FetchError> {
+    let sorted = ranges.windows(2).all(|w| w[0].end <= w[1].start);
+    let inside = ranges.iter().all(|r| r.start < r.end && r.end <= size);
+    if sorted && inside {
+        Ok(())
+    } else {
+        Err(FetchError::Permanent(format!(
+            "{} ranges not sorted, disjoint and inside the blob of {size} bytes",
+            ranges.len()
+        )))
     }
 }
 

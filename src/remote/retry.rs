@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::{FetchError, RangeSource};
+use super::{FetchError, Parts, RangeSource};
 
 #[derive(Clone, Debug)]
 pub struct RetryPolicy {
@@ -57,6 +57,41 @@ pub async fn fetch_with_retry(
             return Err((err, failed));
         }
         tracing::warn!(range = ?range, attempt = failed, error = %err, "fetch failed; retrying");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(policy.max_backoff);
+    }
+}
+
+/// Outcome of a multi-range fetch with retries.
+pub struct FetchedMany {
+    pub parts: Parts,
+    pub failed_attempts: u32,
+}
+
+/// [`fetch_with_retry`] for [`RangeSource::fetch_many`]: the whole set is
+/// asked again on a transient failure.
+pub async fn fetch_many_with_retry(
+    source: &dyn RangeSource,
+    ranges: Vec<Range<u64>>,
+    policy: &RetryPolicy,
+) -> Result<FetchedMany, (FetchError, u32)> {
+    let started = Instant::now();
+    let mut backoff = policy.first_backoff;
+    let mut failed = 0u32;
+    loop {
+        let remaining = policy.deadline.saturating_sub(started.elapsed());
+        let attempt = tokio::time::timeout(remaining, source.fetch_many(ranges.clone())).await;
+        let err = match attempt {
+            Ok(Ok(parts)) => return Ok(FetchedMany { parts, failed_attempts: failed }),
+            Ok(Err(e)) => e,
+            Err(_) => FetchError::Transient(format!("{}: no answer within the retry deadline", source.describe())),
+        };
+        failed += 1;
+        let elapsed = started.elapsed();
+        if !err.is_transient() || failed >= policy.max_attempts || elapsed + backoff >= policy.deadline {
+            return Err((err, failed));
+        }
+        tracing::warn!(ranges = ranges.len(), attempt = failed, error = %err, "multi-range fetch failed; retrying");
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(policy.max_backoff);
     }

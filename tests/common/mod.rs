@@ -34,6 +34,7 @@ pub mod fixtures;
 pub mod http;
 pub mod http_server;
 pub mod moto;
+pub mod multipart_server;
 pub mod oci;
 pub mod prereq;
 pub mod registry;
