@@ -30,16 +30,13 @@ pub struct Lookup {
     /// Why nothing was used (when `known` is None).
     pub none_because: Option<String>,
     /// The named access traces of the layer in the artifact used.
-    pub traces: BTreeMap<String, Vec<Range<u64>>>,
+    pub traces: Traces,
 }
 
 /// `-o trace=`: which of the artifact's traces is replayed as prefetch.
 /// `None` (no option): the only one, if there is exactly one; `none`: no
 /// trace; `NAME`: that one (a warning when the artifact lacks it).
-pub fn pick_trace<'a>(
-    traces: &'a BTreeMap<String, Vec<Range<u64>>>,
-    choice: Option<&str>,
-) -> Result<Option<(&'a str, &'a [Range<u64>])>, String> {
+pub fn pick_trace<'a>(traces: &'a Traces, choice: Option<&str>) -> Result<Option<PickedTrace<'a>>, String> {
     match choice {
         Some("none") => Ok(None),
         Some(name) => match traces.get_key_value(name) {
@@ -61,6 +58,8 @@ pub fn ranges_from_doc(bytes: &[u8], digest: &str, size: u64) -> Result<Vec<Rang
 }
 
 type Traces = BTreeMap<String, Vec<Range<u64>>>;
+/// A trace's name and ranges.
+pub type PickedTrace<'a> = (&'a str, &'a [Range<u64>]);
 
 /// The metadata ranges and traces of layer `digest` in a document (every range
 /// inside the blob: checked by the parser).
@@ -247,6 +246,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::single_range_in_vec_init)]
     fn trace_choice() {
         let mut t = BTreeMap::new();
         t.insert("python".to_string(), vec![0..4096]);
