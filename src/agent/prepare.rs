@@ -77,6 +77,7 @@ pub(super) async fn prepare(cfg: &AgentConfig, ctx: &WorkerContext) -> Result<Pr
         ctx.status.say("entry_created");
     }
     let cache = Arc::new(open_cache_file(&entry, ctx)?);
+    let present_before = cache.populated_bytes();
     cache
         .write_range(0, &probe)
         .map_err(|e| AgentError::Cache(format!("cannot write the cache file: {e}")))?;
@@ -105,6 +106,13 @@ pub(super) async fn prepare(cfg: &AgentConfig, ctx: &WorkerContext) -> Result<Pr
         .ensure_present(&required)
         .await
         .map_err(|e| AgentError::Source(format!("cannot fetch the image metadata: {e}")))?;
+    if cache.populated_bytes() != present_before {
+        // Persisted now, not only every few seconds: a successor of a worker killed right after the
+        // mount finds the metadata present instead of fetching it all again.
+        if let Err(e) = crate::cache::persist(&entry, &cache) {
+            tracing::warn!(error = %e, "cannot persist the bitmap after the metadata walk");
+        }
+    }
     guard.keep();
     Ok(Prepared { entry, created_entry, cache, source, shown, digest, stats, retry, fetcher, required })
 }
