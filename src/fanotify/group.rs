@@ -67,24 +67,18 @@ impl Group {
     pub fn new_pre_content() -> Result<Group, FanotifyError> {
         let base = libc::FAN_CLASS_PRE_CONTENT | libc::FAN_CLOEXEC | libc::FAN_NONBLOCK;
         let event_f_flags = (libc::O_RDWR | libc::O_LARGEFILE | libc::O_CLOEXEC) as u32;
-        // An unlimited queue never drops events (an overflow would lose
-        // permission events' wakeups); fall back if refused.
-        let fd = match sys::fanotify_init(base | libc::FAN_UNLIMITED_QUEUE, event_f_flags) {
-            Ok(fd) => fd,
-            Err(first) => {
-                tracing::debug!(
-                    "fanotify_init with FAN_UNLIMITED_QUEUE failed ({first}); retrying without"
-                );
-                sys::fanotify_init(base, event_f_flags).map_err(|e| match e.raw_os_error() {
-                    Some(libc::EPERM) => FanotifyError::NotPermitted,
-                    Some(libc::EINVAL) | Some(libc::ENOSYS) => FanotifyError::Unsupported,
-                    _ => FanotifyError::Io {
-                        what: "fanotify_init".into(),
-                        source: e,
-                    },
-                })?
+        // Only the unlimited queue: a bounded one overflows under load, and an
+        // overflow loses permission events' wakeups (readers would hang).
+        let fd = sys::fanotify_init(base | libc::FAN_UNLIMITED_QUEUE, event_f_flags).map_err(|e| {
+            match e.raw_os_error() {
+                Some(libc::EPERM) => FanotifyError::NotPermitted,
+                Some(libc::EINVAL) | Some(libc::ENOSYS) => FanotifyError::Unsupported,
+                _ => FanotifyError::Io {
+                    what: "fanotify_init with an unlimited event queue (FAN_UNLIMITED_QUEUE)".into(),
+                    source: e,
+                },
             }
-        };
+        })?;
         let group = Group { fd };
         group.probe_pre_access()?;
         Ok(group)
