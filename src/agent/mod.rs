@@ -40,6 +40,7 @@ pub mod sources;
 pub mod stats;
 pub mod supervisor;
 pub mod trace;
+pub mod watchdog;
 pub mod worker;
 
 use std::path::PathBuf;
