@@ -36,6 +36,7 @@ pub mod http_server;
 pub mod moto;
 pub mod oci;
 pub mod prereq;
+pub mod readers;
 pub mod registry;
 pub mod token_server;
 pub mod tree;
