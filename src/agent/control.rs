@@ -32,6 +32,8 @@ pub struct ControlContext {
     pub remote: Arc<dyn crate::remote::RangeSource>,
     pub digest: Option<String>,
     pub read_ahead_kb: u32,
+    /// The agent-wide settings, shown to front ends that join (see `protocol::AgentSettings`).
+    pub settings: super::protocol::AgentSettings,
     pub socket_path: PathBuf,
     pub identity: AgentIdentity,
     /// Notified when `erofs-fanotify upgrade` asks this worker to hand over.
@@ -109,10 +111,17 @@ fn answer(req: Request, ctx: &Arc<ControlContext>, lease: &mut Option<Lease>) ->
             if lease.is_none() {
                 *lease = Some(ctx.lifecycle.lease());
             }
+            let (cache_dev, cache_ino) = {
+                use std::os::unix::fs::MetadataExt;
+                ctx.cache.as_file().metadata().map_or((0, 0), |m| (m.dev(), m.ino()))
+            };
             Reply::Prepared {
                 cache_path: ctx.cache_path.display().to_string(),
                 blob_size: ctx.cache.blob_size(),
                 read_ahead_kb: ctx.read_ahead_kb,
+                cache_dev,
+                cache_ino,
+                settings: Some(ctx.settings.clone()),
             }
         }
         Request::Attach(info) => {

@@ -32,6 +32,14 @@ impl Agent {
         if let Ok(path) = journal_path(&self.state, &self.cfg.cache_key) {
             let _ = std::fs::remove_file(path);
         }
+        // Files that agents gone before us left (their journals, old logs, locks).
+        match state::sweep_agents_dir(&self.state, &state::SweepPolicy::default(), state::unix_now()) {
+            Ok(report) if !report.removed.is_empty() => {
+                tracing::info!(files = report.removed.len(), bytes = report.freed_bytes, "removed files of agents that are gone")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot clean the state directory"),
+        }
         ctx.status.say("exit_clean");
         drop(exit_lock);
         EXIT_CLEAN

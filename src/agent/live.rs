@@ -35,7 +35,8 @@ pub(super) async fn go_live(cfg: &AgentConfig, ctx: &WorkerContext, p: Prepared)
     let blob_path = p.entry.blob_path();
     // The supervisor created the group; marking again after a restart is a no-op.
     let mask = FAN_PRE_ACCESS | (libc::FAN_OPEN | libc::FAN_CLOSE_NOWRITE | libc::FAN_CLOSE_WRITE);
-    if let Err(e) = ctx.group.mark_inode(&blob_path, mask) {
+    // On the open cache file, not a path: the inode we write is the inode marked.
+    if let Err(e) = ctx.group.mark_file(std::os::fd::AsFd::as_fd(p.cache.as_file()), mask, &blob_path) {
         return Err(remove_entry(AgentError::Fanotify(e.to_string()), &p));
     }
     let (listener, socket_path, identity) = match publish(cfg, &state) {
@@ -86,6 +87,14 @@ pub(super) async fn go_live(cfg: &AgentConfig, ctx: &WorkerContext, p: Prepared)
         remote: Arc::clone(&p.source),
         digest: p.digest.clone(),
         read_ahead_kb: cfg.read_ahead_kb,
+        settings: super::protocol::AgentSettings {
+            cache_dir: cfg.cache_dir.clone(),
+            fetch_unit: cfg.fetch_unit,
+            fetch_timeout_ms: cfg.fetch_timeout_ms,
+            retry_timeout_ms: cfg.retry_timeout_ms,
+            fetch_parallel: cfg.fetch_parallel,
+            read_ahead_kb: cfg.read_ahead_kb,
+        },
         socket_path,
         identity,
         upgrade: tokio::sync::Notify::new(),

@@ -29,6 +29,17 @@ pub enum Request {
     },
 }
 
+/// The agent-wide settings of a running agent (from the first mount's options).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AgentSettings {
+    pub cache_dir: std::path::PathBuf,
+    pub fetch_unit: u64,
+    pub fetch_timeout_ms: u64,
+    pub retry_timeout_ms: u64,
+    pub fetch_parallel: usize,
+    pub read_ahead_kb: u32,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AttachInfo {
     pub mnt_id: u64,
@@ -51,7 +62,20 @@ pub enum Reply {
         #[serde(default)]
         recording: bool,
     },
-    Prepared { cache_path: String, blob_size: u64, read_ahead_kb: u32 },
+    Prepared {
+        cache_path: String,
+        blob_size: u64,
+        read_ahead_kb: u32,
+        /// `(st_dev, st_ino)` of the cache file the agent serves: the front end mounts only that file
+        /// (0, 0 from agents that do not say).
+        #[serde(default)]
+        cache_dev: u64,
+        #[serde(default)]
+        cache_ino: u64,
+        /// What the agent runs with, for a front end to compare its own options to.
+        #[serde(default)]
+        settings: Option<AgentSettings>,
+    },
     Attached,
     /// `remaining_mounts`: records the agent still holds; with none left it
     /// leaves as soon as the superblock has closed the cache file.

@@ -27,7 +27,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use erofs_fanotify_state::{CacheDir, StateDir};
+use erofs_fanotify_state::{CacheDir, JournalHold, StateDir};
 use parking_lot::Mutex;
 
 use crate::fanotify::Group;
@@ -61,15 +61,19 @@ pub struct Supervisor {
     cache_fd: Mutex<Option<OwnedFd>>,
     /// The worker's journal, read by the watchdog (None: not watched).
     journal: Option<SharedJournalView>,
+    /// Held for our life (see `JournalHold`): the journal outlives any one worker.
+    _journal_hold: Option<JournalHold>,
 }
 
 impl Supervisor {
     pub fn new(cfg_bytes: Vec<u8>, cfg: AgentConfig, group: OwnedFd, cache_fd: Option<OwnedFd>) -> Supervisor {
         let binary = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("erofs-fanotify"));
-        let journal = StateDir::new(cfg.state_dir.clone())
-            .agent_journal_path(&cfg.cache_key)
+        let hold = JournalHold::open(&StateDir::new(cfg.state_dir.clone()), &cfg.cache_key);
+        let journal = hold
+            .as_ref()
             .map_err(|e| std::io::Error::other(e.to_string()))
-            .and_then(|path| watchdog::open_view(&path));
+            .and_then(|h| h.file().try_clone())
+            .and_then(watchdog::open_view);
         let journal = match journal {
             Ok(view) => Some(view),
             Err(e) => {
@@ -77,7 +81,7 @@ impl Supervisor {
                 None
             }
         };
-        Supervisor { cfg_bytes, cfg, group, binary, cache_fd: Mutex::new(cache_fd), journal }
+        Supervisor { cfg_bytes, cfg, group, binary, cache_fd: Mutex::new(cache_fd), journal, _journal_hold: hold.ok() }
     }
 
     /// Creates the group (reporting failure on `ready`) and runs the first
@@ -309,15 +313,8 @@ impl Supervisor {
             let _ = std::fs::remove_file(sock);
         }
         let _ = erofs_fanotify_state::remove_agent_record(&state, &self.cfg.cache_key);
-        match CacheDir::new(self.cfg.cache_dir.clone()).entry_dir(&self.cfg.cache_key) {
-            Ok(dir) => {
-                if let Err(e) = std::fs::remove_dir_all(&dir) {
-                    if e.kind() != std::io::ErrorKind::NotFound {
-                        tracing::warn!(dir = %dir.display(), error = %e, "cannot remove the half-made cache entry");
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "bad cache key"),
+        if let Err(e) = CacheDir::new(self.cfg.cache_dir.clone()).remove_entry(&self.cfg.cache_key) {
+            tracing::warn!(error = %e, "cannot remove the half-made cache entry");
         }
     }
 }

@@ -133,9 +133,9 @@ impl<W: AsRef<[AtomicU64]>> JournalView<W> {
     }
 }
 
-/// Maps the journal at `path` for reading (creating it as the worker would).
-pub fn open_view(path: &std::path::Path) -> std::io::Result<SharedJournalView> {
-    let map = crate::sys::shm::SharedMap::open(path, journal::JOURNAL_LEN)?;
+/// Maps the held journal `file` for reading (sizing it as the worker would).
+pub fn open_view(file: std::fs::File) -> std::io::Result<SharedJournalView> {
+    let map = crate::sys::shm::SharedMap::from_file(file, journal::JOURNAL_LEN)?;
     let (header, _batch, slots) = journal::map(map)?;
     JournalView::new(header, slots).ok_or_else(|| std::io::Error::other("journal header of the wrong size"))
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use erofs_fanotify_state::StateDir;
+use erofs_fanotify_state::{JournalHold, StateDir};
 
 use crate::agent::journal::{self, JOURNAL_LEN};
 use crate::agent::worker::{self, WorkerContext};
@@ -73,10 +73,17 @@ pub fn run_worker(resume: bool) -> Result<i32, CliError> {
     // Journal and fd-number reservations come before anything else opens a
     // descriptor (see agent::journal).
     let placeholder = File::open("/dev/null").map_err(|e| CliError::new(format!("cannot open /dev/null: {e}")))?;
-    let journal_path = worker::journal_path(&StateDir::new(cfg.state_dir.clone()), &cfg.cache_key).map_err(CliError::new)?;
-    let (header, batch_bytes, slot_words) = SharedMap::open(&journal_path, JOURNAL_LEN)
+    let state = StateDir::new(cfg.state_dir.clone());
+    let journal_path = worker::journal_path(&state, &cfg.cache_key).map_err(CliError::new)?;
+    let journal_error = |e: String| CliError::new(format!("cannot open the journal {}: {e}", journal_path.display()));
+    // Held for the life of the process: a journal nobody holds belongs to no living agent.
+    let journal_hold = JournalHold::open(&state, &cfg.cache_key).map_err(|e| journal_error(e.to_string()))?;
+    let (header, batch_bytes, slot_words) = journal_hold
+        .file()
+        .try_clone()
+        .and_then(|f| SharedMap::from_file(f, JOURNAL_LEN))
         .and_then(journal::map)
-        .map_err(|e| CliError::new(format!("cannot open the journal {}: {e}", journal_path.display())))?;
+        .map_err(|e| journal_error(e.to_string()))?;
     let journal::Opened { heartbeat, batch, slots, orphans, last_alive_ms } =
         journal::open(header, batch_bytes, slot_words).map_err(CliError::new)?;
     let mut reserved = Vec::new();
@@ -121,6 +128,7 @@ pub fn run_worker(resume: bool) -> Result<i32, CliError> {
     let code = worker::run_worker(cfg, ctx);
     // The placeholder stays open until here: orphan numbers must stay taken.
     drop(placeholder);
+    drop(journal_hold);
     Ok(code)
 }
 

@@ -6,7 +6,6 @@
 //! step leaves nothing behind: the agent leaves when its lease drops with no
 //! mount attached, and removes a cache entry it created for nothing.
 
-use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -135,6 +134,8 @@ pub fn mount_image(
     let state_dir = super::state_dir();
     state_dir.create().map_err(|e| CliError::new(format!("cannot create the state directory: {e}")))?;
 
+    // What a failed start must put back: the state dir as it was.
+    let before = StateBefore::of(&state_dir, &key);
     // One front end at a time per blob: no two agents for one cache entry.
     let lock = AgentLock::lock(&state_dir, &key, AGENT_START_TIMEOUT)
         .map_err(|e| CliError::new(format!("cannot lock the agent of this blob: {e}")))?;
@@ -153,10 +154,21 @@ pub fn mount_image(
                 read_ahead_kb: opts.read_ahead_kb,
                 record_trace: opts.record_trace,
             };
-            let child = spawn_agent(&cfg, &state_dir, foreground)?;
-            let conn = connect_live_agent(&state_dir, &key)
-                .ok_or_else(|| CliError::new("the agent started but does not answer on its control socket"))?;
-            (conn, Some(child))
+            let mut child = match spawn_agent(&cfg, &state_dir, foreground) {
+                Ok(child) => child,
+                Err(e) => {
+                    before.restore(&state_dir, &key, lock);
+                    return Err(e);
+                }
+            };
+            match connect_live_agent(&state_dir, &key) {
+                Some(conn) => (conn, Some(child)),
+                None => {
+                    drop(lock);
+                    before.restore_after(&state_dir, &key, &mut child);
+                    return Err(CliError::new("the agent started but does not answer on its control socket"));
+                }
+            }
         }
     };
     let result = mount_with_agent(&mut conn, placement);
@@ -170,7 +182,16 @@ pub fn mount_image(
     }
     drop(conn);
     drop(lock);
-    let placed = result?;
+    let placed = match (result, child) {
+        (Ok(placed), child) => (placed, child),
+        (Err(e), Some(mut child)) => {
+            // The agent we started leaves by itself (no mount holds it); then put back what it made.
+            before.restore_after(&state_dir, &key, &mut child);
+            return Err(e);
+        }
+        (Err(e), None) => return Err(e),
+    };
+    let (placed, child) = placed;
     if let Some(max) = opts.cache_max {
         // The new mount's entry is in use (its agent is live), so it is never the one removed.
         match super::cache_cmd::prune(&opts.cache_dir, &state_dir, Some(max), None) {
@@ -193,14 +214,74 @@ pub fn mount_image(
     Ok(MountedImage { placed, cache_key: key })
 }
 
+/// What of an agent's files in the state dir existed before a front end tried to start it, so that
+/// a failed start leaves the state dir as it was (its cause is the one line printed).
+struct StateBefore {
+    lock: bool,
+    journal: bool,
+    log_len: Option<u64>,
+}
+
+/// How long a failed start waits for the agent it started to leave.
+const AGENT_LEAVE_WAIT: Duration = Duration::from_secs(15);
+
+impl StateBefore {
+    fn of(state_dir: &StateDir, key: &str) -> StateBefore {
+        let exists = |p: Result<PathBuf, state::StateError>| p.is_ok_and(|p| p.symlink_metadata().is_ok());
+        StateBefore {
+            lock: exists(state_dir.agent_lock_path(key)),
+            journal: exists(state_dir.agent_journal_path(key)),
+            log_len: state_dir.agent_log_path(key).ok().and_then(|p| p.symlink_metadata().ok()).map(|m| m.len()),
+        }
+    }
+
+    /// Under the agent lock, with no agent of `key` left: removes what the attempt created.
+    fn restore(&self, state_dir: &StateDir, key: &str, lock: AgentLock) {
+        if !self.journal {
+            let _ = state::remove_unheld_journal(state_dir, key);
+        }
+        let _ = state::restore_agent_log(state_dir, key, self.log_len);
+        if !self.lock {
+            let _ = lock.remove();
+        }
+    }
+
+    /// After a failure with the agent we started still running: waits for it to leave (bounded),
+    /// then restores unless another front end or agent uses the key meanwhile.
+    fn restore_after(&self, state_dir: &StateDir, key: &str, child: &mut std::process::Child) {
+        let deadline = std::time::Instant::now() + AGENT_LEAVE_WAIT;
+        while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if !matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        if let Ok(Some(lock)) = AgentLock::try_lock(state_dir, key) {
+            let live = state::read_agent_record(state_dir, key).ok().flatten().is_some_and(|r| r.identity.is_alive());
+            if !live {
+                self.restore(state_dir, key, lock);
+            }
+        }
+    }
+}
+
 fn mount_with_agent(conn: &mut AgentConn, placement: &mut dyn Placement) -> Result<Placed, CliError> {
-    let (cache_path, read_ahead_kb) = match conn.call(&Request::Prepare) {
-        Ok(Reply::Prepared { cache_path, read_ahead_kb, .. }) => (PathBuf::from(cache_path), read_ahead_kb),
+    let (cache_path, read_ahead_kb, identity) = match conn.call(&Request::Prepare) {
+        Ok(Reply::Prepared { cache_path, read_ahead_kb, cache_dev, cache_ino, .. }) => {
+            (PathBuf::from(cache_path), read_ahead_kb, (cache_dev, cache_ino))
+        }
         Ok(Reply::Error { message }) => return Err(CliError::new(message)),
         Ok(other) => return Err(CliError::new(format!("unexpected agent reply {other:?}"))),
         Err(e) => return Err(CliError::new(format!("the agent does not answer: {e}"))),
     };
+    // The kernel opens the cache file by path: make sure that path (no symlink below the cache
+    // dir) is the file the agent marked, before and after the mount.
+    verify_cache_file(&cache_path, identity)?;
     let placed = placement.place(&cache_path, read_ahead_kb)?;
+    if let Err(e) = verify_cache_file(&cache_path, identity) {
+        placement.undo();
+        return Err(e);
+    }
     let info = AttachInfo {
         mnt_id: placed.id.id,
         mnt_id_unique: placed.id.unique,
@@ -219,6 +300,28 @@ fn mount_with_agent(conn: &mut AgentConn, placement: &mut dyn Placement) -> Resu
         return Err(e);
     }
     Ok(placed)
+}
+
+/// `cache_path` is `<cache_dir>/<key>/blob`: opened below `<cache_dir>` (which may be a symlink,
+/// the admin's choice) without following any symlink, it must be the agent's file `(dev, ino)`.
+fn verify_cache_file(cache_path: &Path, (dev, ino): (u64, u64)) -> Result<(), CliError> {
+    if ino == 0 {
+        return Ok(()); // an agent that does not say
+    }
+    let refuse = |why: String| CliError::new(format!("refusing to mount {}: {why}", cache_path.display()));
+    let entry = cache_path.parent().ok_or_else(|| refuse("not a cache file path".into()))?;
+    let root = entry.parent().ok_or_else(|| refuse("not a cache file path".into()))?;
+    let rel = cache_path.strip_prefix(root).map_err(|_| refuse("not a cache file path".into()))?;
+    let root_fd = std::fs::File::open(root).map_err(|e| refuse(format!("cannot open {}: {e}", root.display())))?;
+    let file = sys::mount::open_path_beneath(std::os::fd::AsFd::as_fd(&root_fd), rel).map_err(|e| match e.raw_os_error() {
+        Some(libc::ELOOP) | Some(libc::EXDEV) => refuse("a symbolic link in its path".into()),
+        _ => refuse(e.to_string()),
+    })?;
+    let got = sys::mount::file_identity(std::os::fd::AsFd::as_fd(&file)).map_err(|e| refuse(e.to_string()))?;
+    if got != (dev, ino) {
+        return Err(refuse("it is not the file the agent serves (the entry was replaced)".into()));
+    }
+    Ok(())
 }
 
 fn check_mountpoint(path: &Path) -> Result<PathBuf, CliError> {
@@ -265,10 +368,8 @@ fn spawn_agent(cfg: &AgentConfig, state_dir: &StateDir, foreground: bool) -> Res
         Stdio::inherit()
     } else {
         let log = agent_log_path(state_dir, &cfg.cache_key);
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
+        let file = state_dir
+            .open_agent_log(&cfg.cache_key)
             .map_err(|e| CliError::new(format!("cannot open the agent log {}: {e}", log.display())))?;
         Stdio::from(file)
     };
@@ -299,10 +400,17 @@ fn spawn_agent(cfg: &AgentConfig, state_dir: &StateDir, foreground: bool) -> Res
     let _ = child.wait();
     match answer.get("error").and_then(|v| v.as_str()) {
         Some(msg) => Err(CliError::new(msg.to_string())),
-        None => Err(CliError::new(format!(
-            "the agent exited during startup; see {}",
-            agent_log_path(state_dir, &cfg.cache_key).display()
-        ))),
+        // The log goes with the failed start: its last line is the cause.
+        None => {
+            let log = agent_log_path(state_dir, &cfg.cache_key);
+            let last = std::fs::read_to_string(&log)
+                .ok()
+                .and_then(|text| text.lines().rev().find(|l| !l.trim().is_empty()).map(str::to_string));
+            Err(CliError::new(match last {
+                Some(line) => format!("the agent exited during startup: {}", line.trim()),
+                None => "the agent exited during startup".to_string(),
+            }))
+        }
     }
 }
 

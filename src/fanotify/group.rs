@@ -127,6 +127,20 @@ impl Group {
             .map_err(|e| mark_error(e, path, mask, "add"))
     }
 
+    /// Puts (adds to) an inode mark for `mask` on the open file `file`: no path
+    /// lookup, so the mark is on exactly the inode we write, whatever a path
+    /// names meanwhile.
+    pub fn mark_file(&self, file: BorrowedFd<'_>, mask: u64, shown: &Path) -> Result<(), FanotifyError> {
+        let flags = libc::FAN_MARK_ADD | libc::FAN_MARK_INODE;
+        sys::fanotify_mark_fd(self.as_fd(), flags, mask, file).map_err(|e| mark_error(e, shown, mask, "add"))
+    }
+
+    /// Removes `mask` from the inode mark on the open file `file`.
+    pub fn unmark_file(&self, file: BorrowedFd<'_>, mask: u64, shown: &Path) -> Result<(), FanotifyError> {
+        let flags = libc::FAN_MARK_REMOVE | libc::FAN_MARK_INODE;
+        sys::fanotify_mark_fd(self.as_fd(), flags, mask, file).map_err(|e| mark_error(e, shown, mask, "remove"))
+    }
+
     /// Removes `mask` from the inode mark on `path`. Removing the
     /// pre-access bit before the file is complete makes holes read as zeros.
     pub fn unmark_inode(&self, path: &Path, mask: u64) -> Result<(), FanotifyError> {
