@@ -30,6 +30,8 @@ pub struct ControlContext {
     pub source: String,
     /// The remote, for which endpoint served data last (mirrors, redirects).
     pub remote: Arc<dyn crate::remote::RangeSource>,
+    /// Where sources named by later mounts are added (the same object as `remote`).
+    pub added_sources: Arc<super::added_sources::AddedSources>,
     pub digest: Option<String>,
     pub read_ahead_kb: u32,
     /// The agent-wide settings, shown to front ends that join (see `protocol::AgentSettings`).
@@ -72,6 +74,12 @@ async fn handle(stream: UnixStream, ctx: Arc<ControlContext>) -> std::io::Result
             return Ok(());
         }
         let reply = match serde_json::from_str::<Request>(line.trim_end()) {
+            // Opening a source talks to the network: the one request answered asynchronously.
+            Ok(Request::AddSource { source }) => match ctx.added_sources.add(source).await {
+                Ok(super::added_sources::Added::Known) => Reply::SourceAdded { added: false, source: String::new() },
+                Ok(super::added_sources::Added::Added(shown)) => Reply::SourceAdded { added: true, source: shown },
+                Err(message) => Reply::Error { message },
+            },
             Ok(req) => answer(req, &ctx, &mut lease),
             Err(e) => Reply::Error { message: format!("bad request: {e}") },
         };
@@ -83,6 +91,7 @@ async fn handle(stream: UnixStream, ctx: Arc<ControlContext>) -> std::io::Result
 
 fn answer(req: Request, ctx: &Arc<ControlContext>, lease: &mut Option<Lease>) -> Reply {
     match req {
+        Request::AddSource { .. } => Reply::Error { message: "AddSource is answered by handle()".into() },
         Request::Ping => Reply::Pong { pid: ctx.identity.pid },
         Request::Prefetch { all, ranges, rate } => {
             let size = ctx.cache.blob_size();

@@ -10,6 +10,7 @@ use tokio::net::UnixListener;
 
 use crate::fanotify::FAN_PRE_ACCESS;
 
+use super::added_sources::AddedSources;
 use super::complete::Completion;
 use super::control::ControlContext;
 use super::event_loop::AgentScheduler;
@@ -48,9 +49,13 @@ pub(super) async fn go_live(cfg: &AgentConfig, ctx: &WorkerContext, p: Prepared)
     if ctx.resume {
         lifecycle.adopt_records(&cfg.cache_key, identity);
     }
+    // Sources later mounts of the blob name serve it too.
+    let http = crate::http::ClientConfig { request_timeout: cfg.fetch_timeout(), ..Default::default() };
+    let sources = Arc::new(AddedSources::new(Arc::clone(&p.source), cfg.source.clone(), http));
+    let remote: Arc<dyn crate::remote::RangeSource> = Arc::clone(&sources) as Arc<dyn crate::remote::RangeSource>;
     let scheduler = AgentScheduler::new(
         Arc::clone(&p.cache),
-        Arc::clone(&p.source),
+        Arc::clone(&remote),
         Arc::clone(&p.stats),
         SchedulerConfig {
             fetch_unit: cfg.fetch_unit,
@@ -84,7 +89,8 @@ pub(super) async fn go_live(cfg: &AgentConfig, ctx: &WorkerContext, p: Prepared)
         cache_dir: cfg.cache_dir.clone(),
         cache_key: cfg.cache_key.clone(),
         source: p.shown.clone(),
-        remote: Arc::clone(&p.source),
+        remote,
+        added_sources: sources,
         digest: p.digest.clone(),
         read_ahead_kb: cfg.read_ahead_kb,
         settings: super::protocol::AgentSettings {

@@ -24,6 +24,7 @@
 //! decides when the agent may leave. `control` is the unix socket the front
 //! ends talk to; `protocol` holds its message types.
 
+pub mod added_sources;
 pub mod complete;
 pub mod control;
 pub mod event_loop;

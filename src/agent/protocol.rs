@@ -18,6 +18,8 @@ pub enum Request {
     Stats,
     /// Hand over to a worker started from the binary now on disk.
     Upgrade,
+    /// A later mount names this blob by `source`: serve it from there too (see `added_sources`).
+    AddSource { source: super::sources::SourceSpec },
     /// Fetch in the background: the whole blob, or the given byte ranges.
     Prefetch { all: bool, ranges: Vec<[u64; 2]>, rate: Option<u64> },
     /// The byte ranges readers asked for while recording (since the start or
@@ -55,6 +57,8 @@ pub enum Reply {
     Pong { pid: i32 },
     Upgrading { pid: i32 },
     Prefetching { bytes: u64 },
+    /// `added`: false when the source already serves the blob.
+    SourceAdded { added: bool, source: String },
     Trace {
         digest: Option<String>,
         blob_size: u64,

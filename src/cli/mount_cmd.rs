@@ -140,7 +140,10 @@ pub fn mount_image(
     let lock = AgentLock::lock(&state_dir, &key, AGENT_START_TIMEOUT)
         .map_err(|e| CliError::new(format!("cannot lock the agent of this blob: {e}")))?;
     let (mut conn, child) = match connect_live_agent(&state_dir, &key) {
-        Some(conn) => (conn, None),
+        Some(mut conn) => {
+            join_agent(prog, &mut conn, &source, opts)?;
+            (conn, None)
+        }
         None => {
             let cfg = AgentConfig {
                 source,
@@ -171,7 +174,8 @@ pub fn mount_image(
             }
         }
     };
-    let result = mount_with_agent(&mut conn, placement);
+    let read_ahead = opts.given.contains("read_ahead_kb").then_some(opts.read_ahead_kb);
+    let result = mount_with_agent(&mut conn, placement, read_ahead);
     if result.is_ok() {
         // The mount stands; a prefetch that cannot start is only reported.
         let mut ranges = prefetch_ranges;
@@ -265,10 +269,74 @@ impl StateBefore {
     }
 }
 
-fn mount_with_agent(conn: &mut AgentConn, placement: &mut dyn Placement) -> Result<Placed, CliError> {
+/// A mount of a blob whose agent runs already: its options are honoured or refused, never ignored.
+/// Agent-wide settings (`cache_dir`, `fetch_*`) given and different from the agent's refuse the mount
+/// with one line; another source of the blob is added to the agent (a mirror); `record_trace` turns
+/// the agent's recording on. Per-mount options (`read_ahead_kb`, `prefetch*`, `cache_max`) apply to
+/// this mount as for any other.
+fn join_agent(prog: &str, conn: &mut AgentConn, source: &SourceSpec, opts: &MountOptions) -> Result<(), CliError> {
+    let settings = match conn.call(&Request::Prepare) {
+        Ok(Reply::Prepared { settings, .. }) => settings,
+        Ok(Reply::Error { message }) => return Err(CliError::new(message)),
+        Ok(other) => return Err(CliError::new(format!("unexpected agent reply {other:?}"))),
+        Err(e) => return Err(CliError::new(format!("the agent does not answer: {e}"))),
+    };
+    if let Some(settings) = settings {
+        if let Some(why) = join_conflict(&settings, opts) {
+            return Err(CliError::new(why));
+        }
+    }
+    match conn.call(&Request::AddSource { source: source.clone() }) {
+        Ok(Reply::SourceAdded { added: true, source }) => {
+            tracing::info!(%source, "the running agent serves this blob from this mount's source too")
+        }
+        Ok(Reply::SourceAdded { added: false, .. }) => {}
+        Ok(Reply::Error { message }) => eprintln!(
+            "{prog}: {} is served by its running agent; this mount's source could not be added to it: {message}",
+            source.describe()
+        ),
+        Ok(other) => eprintln!("{prog}: the running agent did not take this mount's source: {other:?}"),
+        Err(e) => return Err(CliError::new(format!("the agent does not answer: {e}"))),
+    }
+    if opts.record_trace {
+        let _ = conn.call(&Request::Trace { reset: false, record: Some(true) });
+    }
+    Ok(())
+}
+
+/// The first agent-wide option given in `opts` that differs from the running agent's, as the line
+/// that refuses the mount.
+fn join_conflict(agent: &crate::agent::protocol::AgentSettings, opts: &MountOptions) -> Option<String> {
+    let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let refuse = |what: String| {
+        Some(format!(
+            "this image is already served by a running agent with {what}; a second mount cannot change it (use the same value, or leave the option out)"
+        ))
+    };
+    if opts.given.contains("cache_dir") && canonical(&opts.cache_dir) != canonical(&agent.cache_dir) {
+        return refuse(format!("cache_dir={}", agent.cache_dir.display()));
+    }
+    let secs = |ms: u64| format!("{}", ms as f64 / 1000.0);
+    if opts.given.contains("fetch_unit") && opts.fetch_unit != agent.fetch_unit {
+        return refuse(format!("fetch_unit={}K", agent.fetch_unit >> 10));
+    }
+    if opts.given.contains("fetch_parallel") && opts.fetch_parallel != agent.fetch_parallel {
+        return refuse(format!("fetch_parallel={}", agent.fetch_parallel));
+    }
+    if opts.given.contains("fetch_timeout") && opts.fetch_timeout.as_millis() as u64 != agent.fetch_timeout_ms {
+        return refuse(format!("fetch_timeout={}", secs(agent.fetch_timeout_ms)));
+    }
+    if opts.given.contains("retry_timeout") && opts.retry_timeout.as_millis() as u64 != agent.retry_timeout_ms {
+        return refuse(format!("retry_timeout={}", secs(agent.retry_timeout_ms)));
+    }
+    None
+}
+
+fn mount_with_agent(conn: &mut AgentConn, placement: &mut dyn Placement, read_ahead: Option<u32>) -> Result<Placed, CliError> {
     let (cache_path, read_ahead_kb, identity) = match conn.call(&Request::Prepare) {
         Ok(Reply::Prepared { cache_path, read_ahead_kb, cache_dev, cache_ino, .. }) => {
-            (PathBuf::from(cache_path), read_ahead_kb, (cache_dev, cache_ino))
+            // The mount's own read_ahead_kb when given; else the agent's (the first mount's).
+            (PathBuf::from(cache_path), read_ahead.unwrap_or(read_ahead_kb), (cache_dev, cache_ino))
         }
         Ok(Reply::Error { message }) => return Err(CliError::new(message)),
         Ok(other) => return Err(CliError::new(format!("unexpected agent reply {other:?}"))),
@@ -519,4 +587,36 @@ fn notify_ready() -> std::io::Result<()> {
         socket.send_to(message.as_bytes(), &target)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::protocol::AgentSettings;
+
+    fn agent() -> AgentSettings {
+        AgentSettings {
+            cache_dir: PathBuf::from("/nonexistent/a"),
+            fetch_unit: 256 << 10,
+            fetch_timeout_ms: 10_000,
+            retry_timeout_ms: 30_000,
+            fetch_parallel: 8,
+            read_ahead_kb: 512,
+        }
+    }
+
+    #[test]
+    fn only_given_agent_wide_options_that_differ_refuse_a_joining_mount() {
+        let parse = |o: &str| MountOptions::parse(o).unwrap();
+        // Defaults that differ from the agent's are not "given": the mount joins.
+        assert_eq!(join_conflict(&AgentSettings { fetch_unit: 64 << 10, ..agent() }, &parse("")), None);
+        assert_eq!(join_conflict(&agent(), &parse("cache_dir=/nonexistent/a,fetch_unit=256K,retry_timeout=30")), None);
+        // Per-mount options never refuse.
+        assert_eq!(join_conflict(&agent(), &parse("read_ahead_kb=2048,prefetch=all")), None);
+        let line = join_conflict(&agent(), &parse("cache_dir=/nonexistent/b")).unwrap();
+        assert!(line.contains("cache_dir=/nonexistent/a"), "{line}");
+        assert!(join_conflict(&agent(), &parse("fetch_unit=64K")).unwrap().contains("fetch_unit=256K"));
+        assert!(join_conflict(&agent(), &parse("retry_timeout=5")).unwrap().contains("retry_timeout=30"));
+        assert!(join_conflict(&agent(), &parse("fetch_parallel=2")).is_some());
+    }
 }

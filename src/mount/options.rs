@@ -61,6 +61,8 @@ pub struct MountOptions {
     pub oci: OciOptions,
     /// `s3.*`: the S3 source's own options (parsed by `remote::s3`).
     pub s3: crate::remote::s3::S3Options,
+    /// The keys given (not defaults): a mount joining a running agent compares only these.
+    pub given: std::collections::BTreeSet<String>,
 }
 
 impl Default for MountOptions {
@@ -80,6 +82,7 @@ impl Default for MountOptions {
             cache_max: None,
             oci: OciOptions::default(),
             s3: Default::default(),
+            given: Default::default(),
         }
     }
 }
@@ -105,6 +108,7 @@ impl MountOptions {
                 Some((k, v)) => (k, Some(v)),
                 None => (item, None),
             };
+            o.given.insert(key.to_string());
             let need = |v: Option<&str>| -> Result<String, OptionError> {
                 match v {
                     Some(v) if !v.is_empty() => Ok(v.to_string()),
@@ -239,6 +243,8 @@ mod tests {
     #[test]
     fn defaults_when_empty() {
         assert_eq!(MountOptions::parse("").unwrap(), MountOptions::default());
+        let o = MountOptions::parse("fetch_unit=256K,ro").unwrap();
+        assert!(o.given.contains("fetch_unit") && !o.given.contains("cache_dir"), "{:?}", o.given);
     }
 
     #[test]
