@@ -33,6 +33,7 @@ pub mod journal;
 pub mod lifecycle;
 mod live;
 pub mod metadata;
+pub mod offline;
 mod prepare;
 pub mod protocol;
 pub mod scheduler;

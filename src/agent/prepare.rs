@@ -36,6 +36,8 @@ pub(super) struct Prepared {
     pub fetcher: Arc<Fetcher>,
     /// The metadata ranges (local now).
     pub required: Vec<Range<u64>>,
+    /// Set when the source could not be opened and the entry is served from the cache (offline).
+    pub offline: Option<String>,
 }
 
 /// Removes a cache entry this worker created unless the preparation got through.
@@ -61,7 +63,10 @@ impl Drop for NewEntryGuard {
 
 pub(super) async fn prepare(cfg: &AgentConfig, ctx: &WorkerContext) -> Result<Prepared, AgentError> {
     let http = ClientConfig { request_timeout: cfg.fetch_timeout(), ..ClientConfig::default() };
-    let opened = super::sources::open_source(&cfg.source, &http).await.map_err(|e| AgentError::Source(e.to_string()))?;
+    let opened = match super::sources::open_source(&cfg.source, &http).await {
+        Ok(opened) => opened,
+        Err(e) => return super::offline::prepare_offline(cfg, ctx, http, e.to_string()),
+    };
     let (source, probe) = (opened.source, opened.probe);
     let shown = cfg.source.describe();
     erofs::probe_superblock(&probe).map_err(|e| AgentError::NotErofs(format!("{shown} is not an EROFS image ({e})")))?;
@@ -114,7 +119,7 @@ pub(super) async fn prepare(cfg: &AgentConfig, ctx: &WorkerContext) -> Result<Pr
         }
     }
     guard.keep();
-    Ok(Prepared { entry, created_entry, cache, source, shown, digest, stats, retry, fetcher, required })
+    Ok(Prepared { entry, created_entry, cache, source, shown, digest, stats, retry, fetcher, required, offline: None })
 }
 
 /// Opens the cache file before the mark: writes through this fd raise no
@@ -122,7 +127,7 @@ pub(super) async fn prepare(cfg: &AgentConfig, ctx: &WorkerContext) -> Result<Pr
 /// opened now would raise events to ourselves: the mark exists); the first
 /// worker shares its fd with the supervisor for successors. A trusted
 /// persisted bitmap is restored; a damaged one is discarded.
-fn open_cache_file(entry: &CacheEntry, ctx: &WorkerContext) -> Result<CacheFile, AgentError> {
+pub(super) fn open_cache_file(entry: &CacheEntry, ctx: &WorkerContext) -> Result<CacheFile, AgentError> {
     let inherited = ctx.cache_fd.lock().as_ref().and_then(|f| f.try_clone().ok());
     if ctx.resume && inherited.is_none() {
         return Err(AgentError::Cache("a resumed worker needs the cache fd opened before the mark".into()));
