@@ -33,6 +33,10 @@ pub struct ControlContext {
     /// Where sources named by later mounts are added (the same object as `remote`).
     pub added_sources: Arc<super::added_sources::AddedSources>,
     pub digest: Option<String>,
+    /// See `MountStatus::offline`.
+    pub offline: Option<String>,
+    /// See `MountStatus::fail_open` (set by the takeover, after the context is made).
+    pub fail_open: parking_lot::Mutex<Option<super::protocol::FailOpenWindow>>,
     pub read_ahead_kb: u32,
     /// The agent-wide settings, shown to front ends that join (see `protocol::AgentSettings`).
     pub settings: super::protocol::AgentSettings,
@@ -179,6 +183,8 @@ fn answer(req: Request, ctx: &Arc<ControlContext>, lease: &mut Option<Lease>) ->
             prefetched_bytes: Stats::get(&ctx.scheduler.prefetched_bytes),
             fetch_latency: ctx.stats.fetch_latency.snapshot(),
             event_wait: ctx.stats.event_wait.snapshot(),
+            offline: ctx.offline.clone(),
+            fail_open: ctx.fail_open.lock().clone(),
             ..MountStatus::default()
         })),
     }

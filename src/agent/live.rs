@@ -92,6 +92,8 @@ pub(super) async fn go_live(cfg: &AgentConfig, ctx: &WorkerContext, p: Prepared)
         remote,
         added_sources: sources,
         digest: p.digest.clone(),
+        offline: p.offline.clone(),
+        fail_open: parking_lot::Mutex::new(None),
         read_ahead_kb: cfg.read_ahead_kb,
         settings: super::protocol::AgentSettings {
             cache_dir: cfg.cache_dir.clone(),

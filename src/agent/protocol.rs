@@ -137,4 +137,23 @@ pub struct MountStatus {
     pub fetch_latency: super::stats::HistogramSnapshot,
     #[serde(default)]
     pub event_wait: super::stats::HistogramSnapshot,
+    /// Set when the agent started without reaching its source and serves the cache (offline).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offline: Option<String>,
+    /// A gap in which no agent answered this entry's events (its agents died): reads were allowed
+    /// unanswered and holes read as zeros, until this agent took the mounts over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail_open: Option<FailOpenWindow>,
+}
+
+/// When the fail-open gap began (the dead agent's last heartbeat; 0 when unknown) and ended (the
+/// re-mark), in Unix ms, and what the takeover did about it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailOpenWindow {
+    pub started_unix_ms: u64,
+    pub ended_unix_ms: u64,
+    pub duration_ms: u64,
+    /// Mounts taken over, and files whose page cache was dropped.
+    pub mounts: u64,
+    pub files_dropped: u64,
 }

@@ -129,7 +129,7 @@ pub fn mount_image(
     state::check_cache_filesystem(&opts.cache_dir).map_err(|e| CliError::new(e.to_string()))?;
     let prefetch_ranges = read_prefetch_trace(opts)?;
     let prefetch_paths = read_prefetch_files(opts)?;
-    let source = resolve_source(source, opts)?;
+    let (source, remember) = resolve_source(source, opts)?;
     let key = source.cache_key().map_err(CliError::new)?;
     let state_dir = super::state_dir();
     state_dir.create().map_err(|e| CliError::new(format!("cannot create the state directory: {e}")))?;
@@ -196,6 +196,9 @@ pub fn mount_image(
         (Err(e), None) => return Err(e),
     };
     let (placed, child) = placed;
+    if let Some(remember) = remember {
+        remember.store(&opts.cache_dir);
+    }
     if let Some(max) = opts.cache_max {
         // The new mount's entry is in use (its agent is live), so it is never the one removed.
         match super::cache_cmd::prune(&opts.cache_dir, &state_dir, Some(max), None) {
@@ -489,13 +492,13 @@ pub fn agent_log_path(state_dir: &StateDir, key: &str) -> PathBuf {
 
 /// An http(s) URL is used as is; `s3://BUCKET/KEY`, or `BUCKET/KEY` with `s3.endpoint=`, is an S3
 /// object; anything else is an image reference.
-fn resolve_source(source: &str, opts: &MountOptions) -> Result<SourceSpec, CliError> {
+fn resolve_source(source: &str, opts: &MountOptions) -> Result<(SourceSpec, Option<Remember>), CliError> {
     if source.starts_with("http://") || source.starts_with("https://") {
-        return Ok(SourceSpec::Url { url: source.to_string() });
+        return Ok((SourceSpec::Url { url: source.to_string() }, None));
     }
     if crate::remote::s3::is_s3_source(source, &opts.s3) {
         return crate::remote::s3::resolve_object(source, &opts.s3)
-            .map(|spec| SourceSpec::S3(Box::new(spec)))
+            .map(|spec| (SourceSpec::S3(Box::new(spec)), None))
             .map_err(|e| CliError::new(e.to_string()));
     }
     if opts.s3.is_set() {
@@ -503,7 +506,105 @@ fn resolve_source(source: &str, opts: &MountOptions) -> Result<SourceSpec, CliEr
             "s3.* options need an s3://BUCKET/KEY source or s3.endpoint=URL with BUCKET/KEY, not {source:?}"
         )));
     }
-    crate::oci::resolve_reference(source, &opts.oci).map(|spec| SourceSpec::Oci(Box::new(spec))).map_err(|e| CliError::new(e.to_string()))
+    resolve_reference_or_cached(source, opts).map(|(spec, remember)| (SourceSpec::Oci(Box::new(spec)), remember))
+}
+
+/// A resolution to store once the mount stands (a failed mount leaves nothing in the cache dir).
+pub struct Remember {
+    lookup: String,
+    resolved: state::ResolvedRef,
+}
+
+impl Remember {
+    fn store(self, cache_dir: &Path) {
+        if let Err(e) = state::write_resolved_ref(&state::CacheDir::new(cache_dir), &self.lookup, &self.resolved) {
+            tracing::warn!(reference = %self.resolved.reference, error = %e, "cannot remember what the reference resolved to");
+        }
+    }
+}
+
+/// What selects a blob for a reference: the reference and the options that choose the layer.
+fn reference_lookup_key(source: &str, o: &crate::oci::options::OciOptions) -> String {
+    serde_json::json!({
+        "reference": source,
+        "blob": o.blob,
+        "layer": o.layer,
+        "platform": o.platform.clone().unwrap_or_else(|| std::env::consts::ARCH.to_string()),
+        "insecure": o.insecure,
+    })
+    .to_string()
+}
+
+/// Resolves an image reference at its registry and remembers the answer in the cache dir. When the
+/// registry cannot be reached, the blob the reference resolved to last is mounted from the cache,
+/// if the cache holds it: a digest reference names its manifest, so that is the registry's answer
+/// too; a tag may have moved meanwhile, so that fallback prints one warning line, and
+/// `oci.offline=never` refuses it.
+fn resolve_reference_or_cached(
+    source: &str,
+    opts: &MountOptions,
+) -> Result<(crate::oci::OciBlobSpec, Option<Remember>), CliError> {
+    use crate::oci::OciError;
+    let cache = state::CacheDir::new(opts.cache_dir.clone());
+    let lookup = reference_lookup_key(source, &opts.oci);
+    let unreachable = match crate::oci::resolve_reference(source, &opts.oci) {
+        Ok(spec) => {
+            let remember = remember_resolution(lookup, &spec);
+            return Ok((spec, remember));
+        }
+        Err(e @ OciError::Unreachable { .. }) => e,
+        Err(e) => return Err(CliError::new(e.to_string())),
+    };
+    let by_digest = source.contains("@sha256:");
+    if !by_digest && !opts.oci_offline_fallback {
+        return Err(CliError::new(format!("{unreachable} (oci.offline=never: not mounting the blob this tag resolved to last)")));
+    }
+    let Some(resolved) = state::read_resolved_ref(&cache, &lookup).ok().flatten() else {
+        return Err(CliError::new(unreachable.to_string()));
+    };
+    // Only a blob the cache holds: otherwise the registry's error is the answer.
+    let held = state::cache_key_for_digest(&resolved.digest)
+        .ok()
+        .and_then(|key| cache.read_entry_meta(&key).ok().flatten())
+        .is_some_and(|meta| meta.required.is_some());
+    if !held {
+        return Err(CliError::new(unreachable.to_string()));
+    }
+    let mut spec: crate::oci::OciBlobSpec = serde_json::from_value(resolved.source)
+        .map_err(|_| CliError::new(unreachable.to_string()))?;
+    if spec.digest != resolved.digest {
+        return Err(CliError::new(unreachable.to_string()));
+    }
+    spec.credentials = match (&opts.oci.username, &opts.oci.password) {
+        (Some(u), Some(p)) => Some(crate::oci::credentials::Credentials::Basic { username: u.clone(), password: p.clone() }),
+        _ => crate::oci::credentials::CredentialFiles::from_env().lookup(&spec.registry, &spec.repository).ok().flatten(),
+    };
+    if !by_digest {
+        let ago = state::unix_now().saturating_sub(resolved.resolved_unix);
+        eprintln!(
+            "erofs-mount: warning: {unreachable}; mounting {} from the cache, which {source} resolved to {ago} s ago (oci.offline=never refuses this)",
+            resolved.digest
+        );
+    }
+    Ok((spec, None))
+}
+
+/// Stores what `source` resolved to, without credentials or tokens.
+fn remember_resolution(lookup: String, spec: &crate::oci::OciBlobSpec) -> Option<Remember> {
+    let mut stored = spec.clone();
+    stored.credentials = None;
+    stored.auth_handoff = None;
+    for m in &mut stored.mirrors {
+        m.credentials = None;
+    }
+    let value = serde_json::to_value(&stored).ok()?;
+    let resolved = state::ResolvedRef {
+        reference: spec.reference.clone(),
+        digest: spec.digest.clone(),
+        resolved_unix: state::unix_now(),
+        source: value,
+    };
+    Some(Remember { lookup, resolved })
 }
 
 /// Reads `prefetch_trace=FILE` before anything is set up, so a bad file

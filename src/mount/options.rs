@@ -59,6 +59,9 @@ pub struct MountOptions {
     /// `cache_max=SIZE`: after mounting, prune unused cache entries (oldest first) down to SIZE on disk.
     pub cache_max: Option<u64>,
     pub oci: OciOptions,
+    /// `oci.offline=never`: a reference whose registry cannot be reached fails the mount instead of
+    /// mounting, from the cache, the blob it resolved to last (`oci.offline=fallback`, the default).
+    pub oci_offline_fallback: bool,
     /// `s3.*`: the S3 source's own options (parsed by `remote::s3`).
     pub s3: crate::remote::s3::S3Options,
     /// The keys given (not defaults): a mount joining a running agent compares only these.
@@ -81,6 +84,7 @@ impl Default for MountOptions {
             prefetch_files: None,
             cache_max: None,
             oci: OciOptions::default(),
+            oci_offline_fallback: true,
             s3: Default::default(),
             given: Default::default(),
         }
@@ -204,6 +208,14 @@ impl MountOptions {
                 "oci.username" => o.oci.username = Some(need(value)?),
                 "oci.password" => o.oci.password = Some(need(value)?),
                 "oci.insecure" => o.oci.insecure = true,
+                "oci.offline" => {
+                    let v = need(value)?;
+                    o.oci_offline_fallback = match v.as_str() {
+                        "fallback" => true,
+                        "never" => false,
+                        _ => return Err(bad(&v, "expected never or fallback")),
+                    };
+                }
                 "oci.mirror" => o.oci.mirrors.push(need(value)?),
                 "oci.cafile" => {
                     let v = need(value)?;
@@ -295,6 +307,10 @@ mod tests {
         assert_eq!(o.oci.cafile, Some(PathBuf::from("/etc/ca.pem")));
         assert!(MountOptions::parse("oci.cafile=ca.pem").is_err());
         assert!(MountOptions::parse("oci.mirror").is_err());
+        assert!(MountOptions::parse("").unwrap().oci_offline_fallback);
+        assert!(!MountOptions::parse("oci.offline=never").unwrap().oci_offline_fallback);
+        assert!(MountOptions::parse("oci.offline=fallback").unwrap().oci_offline_fallback);
+        assert!(MountOptions::parse("oci.offline=sometimes").is_err());
     }
 
     #[test]

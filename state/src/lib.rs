@@ -33,6 +33,7 @@ mod identity;
 mod keys;
 mod mount_record;
 mod paths;
+mod resolved;
 mod sweep;
 
 pub use agent::{
@@ -50,6 +51,7 @@ pub use mount_record::{
     list_mount_records, read_mount_record, remove_mount_record, write_mount_record, MountRecord,
 };
 pub use paths::{CacheDir, StateDir};
+pub use resolved::{read_resolved_ref, write_resolved_ref, ResolvedRef};
 pub use sweep::{remove_unheld_journal, restore_agent_log, sweep_agents_dir, SweepPolicy, SweepReport};
 
 /// Seconds since the Unix epoch (0 if the clock is before it).
