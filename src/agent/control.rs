@@ -37,6 +37,8 @@ pub struct ControlContext {
     pub offline: Option<String>,
     /// See `MountStatus::fail_open` (set by the takeover, after the context is made).
     pub fail_open: parking_lot::Mutex<Option<super::protocol::FailOpenWindow>>,
+    /// True once mounts taken over from a dead agent had their page cache dropped (at once when none).
+    pub takeover_done: tokio::sync::watch::Receiver<bool>,
     pub read_ahead_kb: u32,
     /// The agent-wide settings, shown to front ends that join (see `protocol::AgentSettings`).
     pub settings: super::protocol::AgentSettings,
@@ -65,6 +67,9 @@ pub async fn serve(listener: UnixListener, ctx: Arc<ControlContext>) {
     }
 }
 
+/// Bound on how long a front end's prepare waits for a takeover to finish.
+const TAKEOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 async fn handle(stream: UnixStream, ctx: Arc<ControlContext>) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
@@ -84,6 +89,12 @@ async fn handle(stream: UnixStream, ctx: Arc<ControlContext>) -> std::io::Result
                 Ok(super::added_sources::Added::Added(shown)) => Reply::SourceAdded { added: true, source: shown },
                 Err(message) => Reply::Error { message },
             },
+            Ok(Request::Prepare) => {
+                // A mount made now must not race the takeover's drop of what the gap cached.
+                let mut done = ctx.takeover_done.clone();
+                let _ = tokio::time::timeout(TAKEOVER_WAIT, done.wait_for(|d| *d)).await;
+                answer(Request::Prepare, &ctx, &mut lease)
+            }
             Ok(req) => answer(req, &ctx, &mut lease),
             Err(e) => Reply::Error { message: format!("bad request: {e}") },
         };

@@ -46,9 +46,15 @@ pub(super) async fn go_live(cfg: &AgentConfig, ctx: &WorkerContext, p: Prepared)
     };
 
     let lifecycle = Lifecycle::new(state.clone());
-    if ctx.resume {
+    // A successor adopts its predecessor's mounts; a new agent takes over the mounts of an agent
+    // that died with its supervisor (the mark is back now; their page cache is dropped below).
+    let takeover = if ctx.resume {
         lifecycle.adopt_records(&cfg.cache_key, identity);
-    }
+        None
+    } else {
+        super::takeover::adopt_dead_mounts(&state, &cfg.cache_key, identity, &lifecycle, ctx.predecessor_alive_ms)
+    };
+    let (takeover_done, takeover_rx) = tokio::sync::watch::channel(takeover.is_none());
     // Sources later mounts of the blob name serve it too.
     let http = crate::http::ClientConfig { request_timeout: cfg.fetch_timeout(), ..Default::default() };
     let sources = Arc::new(AddedSources::new(Arc::clone(&p.source), cfg.source.clone(), http));
@@ -93,7 +99,8 @@ pub(super) async fn go_live(cfg: &AgentConfig, ctx: &WorkerContext, p: Prepared)
         added_sources: sources,
         digest: p.digest.clone(),
         offline: p.offline.clone(),
-        fail_open: parking_lot::Mutex::new(None),
+        fail_open: parking_lot::Mutex::new(takeover.as_ref().map(|t| t.window.clone())),
+        takeover_done: takeover_rx,
         read_ahead_kb: cfg.read_ahead_kb,
         settings: super::protocol::AgentSettings {
             cache_dir: cfg.cache_dir.clone(),
@@ -107,6 +114,20 @@ pub(super) async fn go_live(cfg: &AgentConfig, ctx: &WorkerContext, p: Prepared)
         identity,
         upgrade: tokio::sync::Notify::new(),
     });
+    if let Some(takeover) = takeover {
+        // Reads the mounts' directories: events this worker's loop answers once it serves.
+        let control = Arc::clone(&control);
+        let spawned = std::thread::Builder::new().name("takeover".into()).spawn(move || {
+            let files = super::takeover::drop_page_caches(&takeover.mounts);
+            if let Some(window) = control.fail_open.lock().as_mut() {
+                window.files_dropped = files;
+            }
+            let _ = takeover_done.send(true);
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start dropping the page cache of the taken-over mounts");
+        }
+    }
     Ok(Agent {
         cfg: cfg.clone(),
         state,
@@ -132,7 +153,12 @@ fn publish(cfg: &AgentConfig, state: &StateDir) -> Result<(UnixListener, std::pa
         .map_err(|e| AgentError::Io(format!("cannot listen on {}: {e}", socket_path.display())))?;
     let identity = AgentIdentity::current().map_err(|e| AgentError::Io(format!("cannot read own identity: {e}")));
     let record = identity.and_then(|identity| {
-        let record = AgentRecord { identity, socket: socket_path.clone(), cache_key: cfg.cache_key.clone() };
+        let record = AgentRecord {
+            identity,
+            socket: socket_path.clone(),
+            cache_key: cfg.cache_key.clone(),
+            config: Some(super::takeover::restartable_config(cfg)),
+        };
         state::write_agent_record(state, &record)
             .map(|()| identity)
             .map_err(|e| AgentError::Io(format!("cannot write the agent record: {e}")))

@@ -41,6 +41,7 @@ mod serve;
 pub mod sources;
 pub mod stats;
 pub mod supervisor;
+pub mod takeover;
 pub mod trace;
 pub mod watchdog;
 pub mod worker;

@@ -490,6 +490,40 @@ pub fn agent_log_path(state_dir: &StateDir, key: &str) -> PathBuf {
     state_dir.agents_dir().join(format!("{key}.log"))
 }
 
+/// Starts a new agent for the cache entry `key` whose agent died (worker and supervisor) while its
+/// mounts were live, from the configuration its record keeps; the new agent takes those mounts over
+/// (see `agent::takeover`). Returns the dead and the new agent's pids.
+pub fn restart_dead_agent(state_dir: &StateDir, key: &str) -> Result<(i32, i32), CliError> {
+    let lock = AgentLock::lock(state_dir, key, AGENT_START_TIMEOUT)
+        .map_err(|e| CliError::new(format!("cannot lock the agent of this blob: {e}")))?;
+    let record = state::read_agent_record(state_dir, key)
+        .map_err(|e| CliError::new(format!("cannot read the agent record: {e}")))?
+        .ok_or_else(|| CliError::new("no agent record is left to restart the agent from"))?;
+    // A supervisor between a dead worker and its successor still holds the journal: not dead.
+    if record.identity.is_alive() || state::journal_held(state_dir, key).unwrap_or(true) {
+        return Err(CliError::new("the agent of this mount is alive but does not answer (a worker is being replaced); try again"));
+    }
+    let cfg: AgentConfig = record
+        .config
+        .and_then(|c| serde_json::from_value(c).ok())
+        .ok_or_else(|| CliError::new("the dead agent's record does not say how to restart it"))?;
+    if cfg.cache_key != key {
+        return Err(CliError::new("the dead agent's record names another cache entry"));
+    }
+    let _child = spawn_agent(&cfg, state_dir, false)?;
+    let mut conn = connect_live_agent(state_dir, key)
+        .ok_or_else(|| CliError::new("the agent started but does not answer on its control socket"))?;
+    // Answered once the takeover dropped what the gap cached.
+    let new = match conn.call(&Request::Prepare).and_then(|_| conn.call(&Request::Ping)) {
+        Ok(Reply::Pong { pid }) => pid,
+        Ok(other) => return Err(CliError::new(format!("unexpected agent reply {other:?}"))),
+        Err(e) => return Err(CliError::new(format!("the agent does not answer: {e}"))),
+    };
+    drop(conn);
+    drop(lock);
+    Ok((record.identity.pid, new))
+}
+
 /// An http(s) URL is used as is; `s3://BUCKET/KEY`, or `BUCKET/KEY` with `s3.endpoint=`, is an S3
 /// object; anything else is an image reference.
 fn resolve_source(source: &str, opts: &MountOptions) -> Result<(SourceSpec, Option<Remember>), CliError> {

@@ -32,6 +32,10 @@ pub struct AgentRecord {
     pub identity: AgentIdentity,
     pub socket: PathBuf,
     pub cache_key: String,
+    /// The agent's configuration without credentials, so that an agent that died can be started
+    /// again for its live mounts (`erofs-fanotify upgrade`).
+    #[serde(default)]
+    pub config: Option<serde_json::Value>,
 }
 
 fn agents_dir(state: &StateDir) -> Result<Dir, StateError> {
@@ -202,6 +206,7 @@ mod tests {
             identity: AgentIdentity::current().unwrap(),
             socket: state.agent_socket_path(KEY).unwrap(),
             cache_key: KEY.into(),
+            config: Some(serde_json::json!({"source": {"kind": "url"}})),
         };
         write_agent_record(&state, &r).unwrap();
         assert_eq!(read_agent_record(&state, KEY).unwrap(), Some(r.clone()));

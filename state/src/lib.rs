@@ -52,7 +52,7 @@ pub use mount_record::{
 };
 pub use paths::{CacheDir, StateDir};
 pub use resolved::{read_resolved_ref, write_resolved_ref, ResolvedRef};
-pub use sweep::{remove_unheld_journal, restore_agent_log, sweep_agents_dir, SweepPolicy, SweepReport};
+pub use sweep::{journal_held, remove_unheld_journal, restore_agent_log, sweep_agents_dir, SweepPolicy, SweepReport};
 
 /// Seconds since the Unix epoch (0 if the clock is before it).
 pub fn unix_now() -> u64 {

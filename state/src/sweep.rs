@@ -149,6 +149,19 @@ pub fn remove_unheld_journal(state: &StateDir, key: &str) -> Result<bool, StateE
     }
 }
 
+/// Whether a process (an agent's supervisor or worker) holds the journal of `key`: a live agent
+/// does, even between a dead worker and its successor. False when there is no journal.
+pub fn journal_held(state: &StateDir, key: &str) -> Result<bool, StateError> {
+    let name = journal_name(key)?;
+    let Some(dir) = state.agents(false)? else { return Ok(false) };
+    let Some(file) = dir.open_file(&name, false)? else { return Ok(false) };
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(_unlocked_on_drop) => Ok(false),
+        Err((_, Errno::EWOULDBLOCK)) => Ok(true),
+        Err((_, e)) => Err(StateError::io("flock", dir.join(&name), e.into())),
+    }
+}
+
 /// Puts the log of `key` back as it was: removed when it did not exist (`None`), else cut back to
 /// `len` bytes (what a failed start appended goes; its cause was printed).
 pub fn restore_agent_log(state: &StateDir, key: &str, len: Option<u64>) -> Result<(), StateError> {
@@ -205,7 +218,7 @@ mod tests {
         // A live agent: record naming us, its journal held, its log.
         write_agent_record(
             &state,
-            &AgentRecord { identity: AgentIdentity::current().unwrap(), socket: state.agent_socket_path(&live).unwrap(), cache_key: live.clone() },
+            &AgentRecord { identity: AgentIdentity::current().unwrap(), socket: state.agent_socket_path(&live).unwrap(), cache_key: live.clone(), config: None },
         )
         .unwrap();
         let _hold = JournalHold::open(&state, &live).unwrap();
@@ -213,7 +226,7 @@ mod tests {
         // A dead agent: a record of a process that does not exist, its journal, lock, old log.
         write_agent_record(
             &state,
-            &AgentRecord { identity: AgentIdentity { pid: i32::MAX - 1, start_time: 1 }, socket: state.agent_socket_path(&dead).unwrap(), cache_key: dead.clone() },
+            &AgentRecord { identity: AgentIdentity { pid: i32::MAX - 1, start_time: 1 }, socket: state.agent_socket_path(&dead).unwrap(), cache_key: dead.clone(), config: None },
         )
         .unwrap();
         drop(JournalHold::open(&state, &dead).unwrap());
