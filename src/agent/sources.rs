@@ -69,22 +69,46 @@ pub struct OpenedSource {
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct OpenError(pub String);
+pub struct OpenError(pub String, pub Transience);
+
+/// Whether opening again later may succeed (a 503, a refused connection), or not (a 404, not a blob).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transience {
+    Transient,
+    Permanent,
+}
+
+impl OpenError {
+    pub fn is_transient(&self) -> bool {
+        self.1 == Transience::Transient
+    }
+}
+
+fn transience(transient: bool) -> Transience {
+    if transient {
+        Transience::Transient
+    } else {
+        Transience::Permanent
+    }
+}
 
 pub async fn open_source(spec: &SourceSpec, http: &ClientConfig) -> Result<OpenedSource, OpenError> {
     match spec {
         SourceSpec::Url { url } => {
-            let (source, probe) = HttpSource::open(url, http).await.map_err(|e| OpenError(e.to_string()))?;
+            let (source, probe) = HttpSource::open(url, http).await.map_err(|e| {
+                let transient = matches!(&e, crate::remote::http::OpenError::Fetch(f) if f.is_transient());
+                OpenError(e.to_string(), transience(transient))
+            })?;
             Ok(OpenedSource { source: Arc::new(source), probe })
         }
         SourceSpec::Oci(blob) => {
             let (source, probe) =
-                crate::oci::open_blob(blob, http).await.map_err(|e| OpenError(e.to_string()))?;
+                crate::oci::open_blob(blob, http).await.map_err(|e| OpenError(e.to_string(), transience(e.is_transient())))?;
             Ok(OpenedSource { source, probe })
         }
         SourceSpec::S3(object) => {
             let (source, probe) =
-                crate::remote::s3::open_object(object, http).await.map_err(|e| OpenError(e.to_string()))?;
+                crate::remote::s3::open_object(object, http).await.map_err(|e| OpenError(e.to_string(), Transience::Permanent))?;
             Ok(OpenedSource { source, probe })
         }
     }
