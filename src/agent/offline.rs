@@ -25,6 +25,33 @@ use super::stats::Stats;
 use super::worker::WorkerContext;
 use super::{AgentConfig, AgentError};
 
+/// How long a transient failure to open the source is retried: long enough for a blip (a 503, a
+/// reset), short enough that a mount of a host that is down fails soon with its one line.
+const OPEN_RETRY_BOUND: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Opens the source again after the transient failure `first`, with backoff, until
+/// `min(retry_timeout, 5 s)` has passed; a permanent failure ends it at once.
+pub(super) async fn open_retrying(
+    cfg: &AgentConfig,
+    http: &ClientConfig,
+    first: super::sources::OpenError,
+) -> Result<super::sources::OpenedSource, AgentError> {
+    let started = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(100);
+    let mut last = first;
+    let bound = cfg.retry_timeout().min(OPEN_RETRY_BOUND);
+    while last.is_transient() && started.elapsed() + pause < bound {
+        tracing::info!(error = %last, "opening the source failed; trying again");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_secs(2));
+        match open_source(&cfg.source, http).await {
+            Ok(opened) => return Ok(opened),
+            Err(e) => last = e,
+        }
+    }
+    Err(AgentError::Source(last.to_string()))
+}
+
 /// Stage 1 when the source cannot be opened: the cache entry of a blob named by digest, with its
 /// metadata local, is served from the cache. Anything less fails with `why` (the open error), and
 /// leaves the entry as it was.

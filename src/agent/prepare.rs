@@ -65,7 +65,12 @@ pub(super) async fn prepare(cfg: &AgentConfig, ctx: &WorkerContext) -> Result<Pr
     let http = ClientConfig { request_timeout: cfg.fetch_timeout(), ..ClientConfig::default() };
     let opened = match super::sources::open_source(&cfg.source, &http).await {
         Ok(opened) => opened,
-        Err(e) => return super::offline::prepare_offline(cfg, ctx, http, e.to_string()),
+        // From the cache when it can serve; else a transient failure is retried within retry_timeout.
+        Err(e) => match super::offline::prepare_offline(cfg, ctx, http.clone(), e.to_string()) {
+            Ok(prepared) => return Ok(prepared),
+            Err(_) if e.is_transient() => super::offline::open_retrying(cfg, &http, e).await?,
+            Err(refused) => return Err(refused),
+        },
     };
     let (source, probe) = (opened.source, opened.probe);
     let shown = cfg.source.describe();
