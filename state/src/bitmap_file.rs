@@ -114,7 +114,7 @@ pub(crate) fn save_bitmap_in(
     let digest = identity.digest.as_deref().map(str::as_bytes);
     if digest.is_some_and(|d| d.len() > MAX_DIGEST_LEN) {
         return Err(StateError::Serialize {
-            path: path.into(),
+            path,
             reason: "digest too long".into(),
         });
     }
@@ -125,7 +125,7 @@ pub(crate) fn save_bitmap_in(
     compact
         .serialize_into(&mut payload)
         .map_err(|e| StateError::Serialize {
-            path: path.into(),
+            path: path.clone(),
             reason: e.to_string(),
         })?;
 
