@@ -139,7 +139,7 @@ pub fn mount_image(
     // One front end at a time per blob: no two agents for one cache entry.
     let lock = AgentLock::lock(&state_dir, &key, AGENT_START_TIMEOUT)
         .map_err(|e| CliError::new(format!("cannot lock the agent of this blob: {e}")))?;
-    let (mut conn, child) = match connect_live_agent(&state_dir, &key) {
+    let (mut conn, child) = match connect_live_agent(&state_dir, &key).or_else(|| wait_for_successor(&state_dir, &key)) {
         Some(mut conn) => {
             join_agent(prog, &mut conn, &source, opts)?;
             (conn, None)
@@ -418,6 +418,29 @@ fn connect_live_agent(state_dir: &StateDir, key: &str) -> Option<AgentConn> {
     match conn.call(&Request::Ping) {
         Ok(Reply::Pong { .. }) => Some(conn),
         _ => None,
+    }
+}
+
+/// How long a front end waits for a supervisor to replace its dead worker.
+const SUCCESSOR_WAIT: Duration = Duration::from_secs(30);
+
+/// The agent's worker is dead but its supervisor still holds the journal: a successor is coming
+/// (starting another agent would put two on one cache entry, and take its mounts over). Waits for
+/// the successor, bounded; `None` when there is nothing to wait for.
+fn wait_for_successor(state_dir: &StateDir, key: &str) -> Option<AgentConn> {
+    let deadline = std::time::Instant::now() + SUCCESSOR_WAIT;
+    loop {
+        let record = state::read_agent_record(state_dir, key).ok().flatten()?;
+        if record.identity.is_alive() || !state::journal_held(state_dir, key).unwrap_or(false) {
+            return connect_live_agent(state_dir, key);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        if let Some(conn) = connect_live_agent(state_dir, key) {
+            return Some(conn);
+        }
     }
 }
 
