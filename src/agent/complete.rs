@@ -159,7 +159,7 @@ impl Completion {
                 }
             }
             verified => {
-                if let Err(e) = self.group.unmark_inode(&self.blob_path, FAN_PRE_ACCESS) {
+                if let Err(e) = self.group.unmark_file(std::os::fd::AsFd::as_fd(self.cache.as_file()), FAN_PRE_ACCESS, &self.blob_path) {
                     tracing::error!(error = %e, "cannot remove the pre-access mark");
                     self.set(CompletionState::Lazy);
                     return;

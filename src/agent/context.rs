@@ -15,7 +15,7 @@ use crate::fanotify::Group;
 use super::complete::Completion;
 use super::control::ControlContext;
 use super::event_loop::AgentScheduler;
-use super::journal::{Orphan, SharedBatch, SharedSlots};
+use super::journal::{Orphan, SharedBatch, SharedHeartbeat, SharedSlots};
 use super::lifecycle::Lifecycle;
 use super::metadata::Fetcher;
 use super::stats::Stats;
@@ -43,6 +43,10 @@ pub struct WorkerContext {
     /// starts), the slots are shared.
     pub batch: Option<SharedBatch>,
     pub slots: Arc<SharedSlots>,
+    /// Beaten by the event loop and the runtime; read by the supervisor's watchdog.
+    pub heartbeat: Arc<SharedHeartbeat>,
+    /// When the previous worker of this journal last turned its event loop (Unix ms, 0: never).
+    pub predecessor_alive_ms: u64,
     pub orphans: Vec<Orphan>,
     /// Placeholders occupying orphan fd numbers until those are answered.
     pub reserved: Vec<(i32, OwnedFd)>,

@@ -32,8 +32,18 @@ pub struct ControlContext {
     pub remote: Arc<dyn crate::remote::RangeSource>,
     /// Where the address space's bytes come from.
     pub layout: crate::segments::Layout,
+    /// Where sources named by later mounts are added (the same object as `remote`).
+    pub added_sources: Arc<super::added_sources::AddedSources>,
     pub digest: Option<String>,
+    /// See `MountStatus::offline`.
+    pub offline: Option<String>,
+    /// See `MountStatus::fail_open` (set by the takeover, after the context is made).
+    pub fail_open: parking_lot::Mutex<Option<super::protocol::FailOpenWindow>>,
+    /// True once mounts taken over from a dead agent had their page cache dropped (at once when none).
+    pub takeover_done: tokio::sync::watch::Receiver<bool>,
     pub read_ahead_kb: u32,
+    /// The agent-wide settings, shown to front ends that join (see `protocol::AgentSettings`).
+    pub settings: super::protocol::AgentSettings,
     pub socket_path: PathBuf,
     pub identity: AgentIdentity,
     /// Notified when `erofs-fanotify upgrade` asks this worker to hand over.
@@ -59,6 +69,9 @@ pub async fn serve(listener: UnixListener, ctx: Arc<ControlContext>) {
     }
 }
 
+/// Bound on how long a front end's prepare waits for a takeover to finish.
+const TAKEOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 async fn handle(stream: UnixStream, ctx: Arc<ControlContext>) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
@@ -72,6 +85,18 @@ async fn handle(stream: UnixStream, ctx: Arc<ControlContext>) -> std::io::Result
             return Ok(());
         }
         let reply = match serde_json::from_str::<Request>(line.trim_end()) {
+            // Opening a source talks to the network: the one request answered asynchronously.
+            Ok(Request::AddSource { source }) => match ctx.added_sources.add(source).await {
+                Ok(super::added_sources::Added::Known) => Reply::SourceAdded { added: false, source: String::new() },
+                Ok(super::added_sources::Added::Added(shown)) => Reply::SourceAdded { added: true, source: shown },
+                Err(message) => Reply::Error { message },
+            },
+            Ok(Request::Prepare) => {
+                // A mount made now must not race the takeover's drop of what the gap cached.
+                let mut done = ctx.takeover_done.clone();
+                let _ = tokio::time::timeout(TAKEOVER_WAIT, done.wait_for(|d| *d)).await;
+                answer(Request::Prepare, &ctx, &mut lease)
+            }
             Ok(req) => answer(req, &ctx, &mut lease),
             Err(e) => Reply::Error { message: format!("bad request: {e}") },
         };
@@ -83,6 +108,7 @@ async fn handle(stream: UnixStream, ctx: Arc<ControlContext>) -> std::io::Result
 
 fn answer(req: Request, ctx: &Arc<ControlContext>, lease: &mut Option<Lease>) -> Reply {
     match req {
+        Request::AddSource { .. } => Reply::Error { message: "AddSource is answered by handle()".into() },
         Request::Ping => Reply::Pong { pid: ctx.identity.pid },
         Request::Prefetch { all, ranges, rate } => {
             let size = ctx.cache.blob_size();
@@ -111,10 +137,17 @@ fn answer(req: Request, ctx: &Arc<ControlContext>, lease: &mut Option<Lease>) ->
             if lease.is_none() {
                 *lease = Some(ctx.lifecycle.lease());
             }
+            let (cache_dev, cache_ino) = {
+                use std::os::unix::fs::MetadataExt;
+                ctx.cache.as_file().metadata().map_or((0, 0), |m| (m.dev(), m.ino()))
+            };
             Reply::Prepared {
                 cache_path: ctx.cache_path.display().to_string(),
                 blob_size: ctx.cache.blob_size(),
                 read_ahead_kb: ctx.read_ahead_kb,
+                cache_dev,
+                cache_ino,
+                settings: Some(ctx.settings.clone()),
             }
         }
         Request::Attach(info) => {
@@ -177,6 +210,8 @@ fn answer(req: Request, ctx: &Arc<ControlContext>, lease: &mut Option<Lease>) ->
                 })
                 .collect(),
             index: ctx.stats.index.lock().clone(),
+            offline: ctx.offline.clone(),
+            fail_open: ctx.fail_open.lock().clone(),
             ..MountStatus::default()
         })),
     }

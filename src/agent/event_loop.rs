@@ -24,7 +24,7 @@ use crate::cache::CacheFile;
 use crate::fanotify::{self, Event, Group, PermissionEvent, Response};
 use crate::sys::fanotify::PERMISSION_EVENTS;
 
-use super::journal::{SharedBatch, SharedSlots};
+use super::journal::{SharedBatch, SharedHeartbeat, SharedSlots};
 use super::lifecycle::Lifecycle;
 use super::scheduler::{Scheduler, Waiter};
 use super::stats::Stats;
@@ -83,6 +83,8 @@ pub struct EventLoop {
     pub stats: Arc<Stats>,
     pub batch: SharedBatch,
     pub slots: Arc<SharedSlots>,
+    /// Beaten on every turn: the supervisor's watchdog tells a stopped worker by it.
+    pub heartbeat: Arc<SharedHeartbeat>,
     /// Set to stop reading (a live upgrade hands the group to a successor).
     pub stop: Arc<AtomicBool>,
     pub trace: Arc<Trace>,
@@ -93,13 +95,16 @@ impl EventLoop {
     /// runtime, and fetches are handed to the scheduler's runtime.
     pub fn run(mut self) -> io::Result<()> {
         while !self.stop.load(Ordering::SeqCst) {
+            self.heartbeat.beat_events();
             let mut fds = [PollFd::new(self.group.as_fd(), PollFlags::POLLIN)];
             match poll(&mut fds, PollTimeout::from(200u16)) {
                 Ok(_) => {}
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => return Err(e.into()),
             }
-            while !self.stop.load(Ordering::SeqCst) && self.read_one_batch()? {}
+            while !self.stop.load(Ordering::SeqCst) && self.read_one_batch()? {
+                self.heartbeat.beat_events();
+            }
         }
         Ok(())
     }

@@ -32,6 +32,14 @@ impl Agent {
         if let Ok(path) = journal_path(&self.state, &self.cfg.cache_key) {
             let _ = std::fs::remove_file(path);
         }
+        // Files that agents gone before us left (their journals, old logs, locks).
+        match state::sweep_agents_dir(&self.state, &state::SweepPolicy::default(), state::unix_now()) {
+            Ok(report) if !report.removed.is_empty() => {
+                tracing::info!(files = report.removed.len(), bytes = report.freed_bytes, "removed files of agents that are gone")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot clean the state directory"),
+        }
         ctx.status.say("exit_clean");
         drop(exit_lock);
         EXIT_CLEAN
@@ -53,6 +61,8 @@ impl Agent {
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         while (self.scheduler.waiting() > 0 || ctx.slots.pending() > 0) && tokio::time::Instant::now() < deadline {
+            // The event loop stopped on purpose: not a stopped worker.
+            ctx.heartbeat.beat_events();
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         self.persist();
@@ -74,6 +84,20 @@ impl Agent {
             let slots = Arc::clone(&ctx.slots);
             let placeholder = ctx.reserved.iter().position(|(n, _)| *n == orphan.fd).map(|i| ctx.reserved.swap_remove(i));
             let size = self.cache.blob_size();
+            if placeholder.is_none() {
+                // Its number could not be reserved (one of our own descriptors holds it,
+                // or it is above our fd limit): answer it now, before this worker reads
+                // any event of its own, so no new event can share the number meanwhile.
+                let range = orphan.range.map_or(0..size, |r| r.offset.min(size)..r.end().min(size));
+                let response = if self.cache.contains(range.clone()) { Response::Allow } else { Response::Deny(libc::EIO) };
+                match self.group.respond(orphan.fd, response) {
+                    Ok(()) => tracing::warn!(fd = orphan.fd, ?range, ?response, "orphaned event with an unreservable number answered at once"),
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(e) => tracing::error!(fd = orphan.fd, error = %e, "answering an orphaned event failed"),
+                }
+                ctx.slots.answered(orphan.slot);
+                continue;
+            }
             tokio::spawn(async move {
                 let range = match orphan.range {
                     Some(r) => r.offset.min(size)..r.end().min(size),

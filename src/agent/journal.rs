@@ -20,6 +20,14 @@
 //! A successor collects both as orphans, occupies their fd numbers in its own
 //! table (so none of its new events can share a number with an orphan),
 //! fetches their ranges, and answers them.
+//!
+//! The **header** (the first 64 bytes, 8 words) holds the magic and the
+//! worker's heartbeats ([`Heartbeat`]): one counter the event loop advances on
+//! every turn, one the async runtime advances every second, and the wall-clock
+//! time of the last turn. The supervisor reads them (and counts pending slots,
+//! [`pending_slots`]) to tell a stopped worker from a slow one; an agent that
+//! starts after its predecessors all died reads the time to say how long the
+//! kernel served holes unchecked.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -27,7 +35,13 @@ use crate::fanotify::event::{parse_batch, FileRange};
 use crate::sys::fanotify::PERMISSION_EVENTS;
 
 const MAGIC: &[u8; 8] = b"EFJRNL02";
-const HEADER_LEN: usize = 64;
+/// The header: 8 words (magic, heartbeats).
+pub const HEADER_LEN: usize = 64;
+const HEADER_WORDS: usize = HEADER_LEN / 8;
+const H_MAGIC: usize = 0;
+const H_EVENT_BEATS: usize = 1;
+const H_RUNTIME_BEATS: usize = 2;
+const H_ALIVE_MS: usize = 3;
 /// Size of one read(2) of the group.
 pub const BATCH_LEN: usize = 64 * 1024;
 /// Bytes before the slot table (header + batch area): where the mapping splits.
@@ -76,7 +90,7 @@ pub struct Orphan {
     pub slot: u32,
 }
 
-/// The batch area (header + the bytes of the last read).
+/// The batch area (the bytes of the last read).
 pub struct Batch<B: BatchBytes> {
     buf: B,
     /// Bytes written by the last read (to zero them).
@@ -91,34 +105,67 @@ pub struct Slots<W: AsRef<[AtomicU64]>> {
     pending: AtomicUsize,
 }
 
-/// The agent's journal halves.
+/// The header words: heartbeats written by the worker, read by its supervisor.
+pub struct Heartbeat<H: AsRef<[AtomicU64]>> {
+    words: H,
+}
+
+/// The agent's journal parts.
+pub type SharedHeartbeat = Heartbeat<crate::sys::shm::SharedWords>;
 pub type SharedBatch = Batch<crate::sys::shm::SharedBytes>;
 pub type SharedSlots = Slots<crate::sys::shm::SharedWords>;
 
-/// Opens a journal in its two halves, returning the orphans a previous
+/// What [`open`] found.
+pub struct Opened<H: AsRef<[AtomicU64]>, B: BatchBytes, W: AsRef<[AtomicU64]>> {
+    pub heartbeat: Heartbeat<H>,
+    pub batch: Batch<B>,
+    pub slots: Slots<W>,
+    /// Events a previous worker left unanswered.
+    pub orphans: Vec<Orphan>,
+    /// Wall-clock time (Unix ms) of the previous worker's last event-loop turn; 0 if none.
+    pub last_alive_ms: u64,
+}
+
+/// Maps a journal file in its three parts (header words, batch bytes, slot
+/// words), for [`open`] or, in the supervisor, for reading the heartbeats.
+pub fn map(
+    map: crate::sys::shm::SharedMap,
+) -> std::io::Result<(crate::sys::shm::SharedWords, crate::sys::shm::SharedBytes, crate::sys::shm::SharedWords)> {
+    map.split3(HEADER_LEN, SLOTS_OFF)
+}
+
+/// Opens a journal in its three parts, returning the orphans a previous
 /// worker left. Storage of the wrong size is an error; without the magic it
 /// starts empty.
-pub fn open<B: BatchBytes, W: AsRef<[AtomicU64]>>(
+pub fn open<H: AsRef<[AtomicU64]>, B: BatchBytes, W: AsRef<[AtomicU64]>>(
+    header: H,
     batch: B,
     words: W,
-) -> Result<(Batch<B>, Slots<W>, Vec<Orphan>), String> {
-    if batch.bytes().len() != SLOTS_OFF || words.as_ref().len() != MAX_ENTRIES * SLOT_WORDS {
+) -> Result<Opened<H, B, W>, String> {
+    if header.as_ref().len() != HEADER_WORDS
+        || batch.bytes().len() != BATCH_LEN
+        || words.as_ref().len() != MAX_ENTRIES * SLOT_WORDS
+    {
         return Err(format!(
-            "journal halves are {} bytes and {} words, expected {SLOTS_OFF} and {}",
+            "journal parts are {} words, {} bytes and {} words, expected {HEADER_WORDS}, {BATCH_LEN} and {}",
+            header.as_ref().len(),
             batch.bytes().len(),
             words.as_ref().len(),
             MAX_ENTRIES * SLOT_WORDS
         ));
     }
+    let heartbeat = Heartbeat { words: header };
     let mut batch = Batch { buf: batch, used: BATCH_LEN };
     let slots = Slots { words, cursor: AtomicUsize::new(0), pending: AtomicUsize::new(0) };
-    if &batch.buf.bytes()[..8] != MAGIC {
+    let magic = u64::from_ne_bytes(*MAGIC);
+    if heartbeat.words.as_ref()[H_MAGIC].load(Ordering::Acquire) != magic {
         batch.buf.bytes_mut().fill(0);
-        batch.buf.bytes_mut()[..8].copy_from_slice(MAGIC);
-        for w in slots.words.as_ref() {
+        for w in heartbeat.words.as_ref().iter().chain(slots.words.as_ref()) {
             w.store(0, Ordering::Relaxed);
         }
+        heartbeat.words.as_ref()[H_MAGIC].store(magic, Ordering::Release);
     }
+    let last_alive_ms = heartbeat.words.as_ref()[H_ALIVE_MS].load(Ordering::Relaxed);
     let mut orphans = Vec::new();
     for slot in 0..MAX_ENTRIES as u32 {
         match slots.read(slot) {
@@ -128,7 +175,7 @@ pub fn open<B: BatchBytes, W: AsRef<[AtomicU64]>>(
     }
     slots.pending.store(orphans.len(), Ordering::Relaxed);
     // Events dequeued into the batch area but never recorded.
-    let parsed = parse_batch(&batch.buf.bytes()[HEADER_LEN..]);
+    let parsed = parse_batch(batch.buf.bytes());
     for ev in parsed.events {
         if ev.mask & PERMISSION_EVENTS == 0 || ev.fd < 0 || orphans.iter().any(|o| o.fd == ev.fd) {
             continue;
@@ -138,26 +185,69 @@ pub fn open<B: BatchBytes, W: AsRef<[AtomicU64]>>(
         }
     }
     batch.clear();
-    Ok((batch, slots, orphans))
+    Ok(Opened { heartbeat, batch, slots, orphans, last_alive_ms })
+}
+
+/// Heartbeat counters `(event loop, runtime)` as last written.
+pub type Beats = (u64, u64);
+
+impl<H: AsRef<[AtomicU64]>> Heartbeat<H> {
+    /// Wraps header words for reading (the supervisor); never writes.
+    pub fn reader(words: H) -> Option<Heartbeat<H>> {
+        (words.as_ref().len() == HEADER_WORDS).then_some(Heartbeat { words })
+    }
+
+    /// The event loop made a turn (or, handing over, waits on purpose).
+    pub fn beat_events(&self) {
+        let w = self.words.as_ref();
+        w[H_EVENT_BEATS].fetch_add(1, Ordering::Relaxed);
+        w[H_ALIVE_MS].store(now_unix_ms(), Ordering::Relaxed);
+    }
+
+    /// The async runtime ran its timer.
+    pub fn beat_runtime(&self) {
+        self.words.as_ref()[H_RUNTIME_BEATS].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn beats(&self) -> Beats {
+        let w = self.words.as_ref();
+        (w[H_EVENT_BEATS].load(Ordering::Relaxed), w[H_RUNTIME_BEATS].load(Ordering::Relaxed))
+    }
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis().min(u128::from(u64::MAX)) as u64)
+        .unwrap_or(0)
+}
+
+/// Pending permission events recorded in a slot table (read-only: for the
+/// supervisor, which never frees or allocates slots).
+pub fn pending_slots(words: &[AtomicU64]) -> usize {
+    words
+        .chunks(SLOT_WORDS)
+        .filter(|slot| slot.first().is_some_and(|head| head.load(Ordering::Acquire) >> 32 == PENDING))
+        .count()
 }
 
 impl<B: BatchBytes> Batch<B> {
     /// The batch area, zeroed, for the next read(2) of the group.
     pub fn area_for_read(&mut self) -> &mut [u8] {
         self.clear();
-        &mut self.buf.bytes_mut()[HEADER_LEN..]
+        self.buf.bytes_mut()
     }
 
     /// The first `n` bytes read into the batch area.
     pub fn read(&mut self, n: usize) -> &[u8] {
         self.used = n.min(BATCH_LEN);
-        &self.buf.bytes()[HEADER_LEN..HEADER_LEN + self.used]
+        &self.buf.bytes()[..self.used]
     }
 
     /// Forgets the batch once its events are recorded.
     pub fn clear(&mut self) {
         let used = self.used;
-        self.buf.bytes_mut()[HEADER_LEN..HEADER_LEN + used].fill(0);
+        self.buf.bytes_mut()[..used].fill(0);
         self.used = 0;
     }
 }
@@ -222,8 +312,22 @@ impl<W: AsRef<[AtomicU64]>> Slots<W> {
 mod tests {
     use super::*;
 
-    fn storage() -> (Vec<u8>, Vec<AtomicU64>) {
-        (vec![0u8; SLOTS_OFF], (0..MAX_ENTRIES * SLOT_WORDS).map(|_| AtomicU64::new(0)).collect())
+    type Words = Vec<AtomicU64>;
+
+    fn words(n: usize) -> Words {
+        (0..n).map(|_| AtomicU64::new(0)).collect()
+    }
+
+    fn storage() -> (Words, Vec<u8>, Words) {
+        (words(HEADER_WORDS), vec![0u8; BATCH_LEN], words(MAX_ENTRIES * SLOT_WORDS))
+    }
+
+    fn open3(parts: (Words, Vec<u8>, Words)) -> Opened<Words, Vec<u8>, Words> {
+        open(parts.0, parts.1, parts.2).unwrap()
+    }
+
+    fn reopen(o: Opened<Words, Vec<u8>, Words>) -> Opened<Words, Vec<u8>, Words> {
+        open3((o.heartbeat.words, o.batch.buf, o.slots.words))
     }
 
     fn event_bytes(fd: i32, mask: u64, range: Option<(u64, u64)>) -> Vec<u8> {
@@ -250,17 +354,17 @@ mod tests {
 
     #[test]
     fn fresh_journal_has_no_orphans() {
-        let (b, w) = storage();
-        let (_, slots, orphans) = open(b, w).unwrap();
-        assert!(orphans.is_empty());
-        assert_eq!(slots.pending(), 0);
-        assert!(open(vec![0u8; 10], Vec::<AtomicU64>::new()).is_err());
+        let o = open3(storage());
+        assert!(o.orphans.is_empty());
+        assert_eq!(o.slots.pending(), 0);
+        assert_eq!(o.last_alive_ms, 0);
+        assert!(open(words(8), vec![0u8; 10], Vec::<AtomicU64>::new()).is_err());
     }
 
     #[test]
     fn recorded_and_unanswered_events_become_orphans() {
-        let (b, w) = storage();
-        let (batch, slots, _) = open(b, w).unwrap();
+        let o = open3(storage());
+        let slots = &o.slots;
         let a = slots.record(7, Some(FileRange { offset: 4096, count: 8192 })).unwrap();
         let b = slots.record(9, None).unwrap();
         let c = slots.record(11, Some(FileRange { offset: 0, count: 4096 })).unwrap();
@@ -268,7 +372,8 @@ mod tests {
         slots.answered(b);
         slots.answered(b);
         assert_eq!(slots.pending(), 2, "answering twice counts once");
-        let (_, slots2, orphans) = open(batch.buf, slots.words).unwrap();
+        let o = reopen(o);
+        let (slots2, orphans) = (&o.slots, &o.orphans);
         assert_eq!(slots2.pending(), 2);
         let fds: Vec<i32> = orphans.iter().map(|o| o.fd).collect();
         assert!(fds.contains(&7) && fds.contains(&11) && !fds.contains(&9));
@@ -279,28 +384,27 @@ mod tests {
 
     #[test]
     fn events_left_in_the_batch_area_become_orphans_once() {
-        let (b, w) = storage();
-        let (mut batch, slots, _) = open(b, w).unwrap();
+        let mut o = open3(storage());
         let mut bytes = event_bytes(5, crate::sys::fanotify::FAN_PRE_ACCESS, Some((0, 16384)));
         bytes.extend(event_bytes(6, libc::FAN_OPEN, None));
         bytes.extend(event_bytes(8, crate::sys::fanotify::FAN_PRE_ACCESS, Some((65536, 4096))));
-        let area = batch.area_for_read();
+        let area = o.batch.area_for_read();
         area[..bytes.len()].copy_from_slice(&bytes);
         // fd 8 was recorded before the crash, fd 5 not yet.
-        slots.record(8, Some(FileRange { offset: 65536, count: 4096 }));
-        let (batch2, slots2, orphans) = open(batch.buf, slots.words).unwrap();
-        let mut fds: Vec<i32> = orphans.iter().map(|o| o.fd).collect();
+        o.slots.record(8, Some(FileRange { offset: 65536, count: 4096 }));
+        let o = reopen(o);
+        let mut fds: Vec<i32> = o.orphans.iter().map(|o| o.fd).collect();
         fds.sort();
         assert_eq!(fds, vec![5, 8], "notification events are not orphans; no duplicates");
         // The batch area was cleared: a second successor finds the same two, recorded.
-        let (_, _, again) = open(batch2.buf, slots2.words).unwrap();
-        assert_eq!(again.len(), 2);
+        let again = reopen(o);
+        assert_eq!(again.orphans.len(), 2);
     }
 
     #[test]
     fn a_full_table_refuses_more() {
-        let (b, w) = storage();
-        let (_, slots, _) = open(b, w).unwrap();
+        let o = open3(storage());
+        let slots = &o.slots;
         for i in 0..MAX_ENTRIES {
             assert!(slots.record(i as i32 + 3, None).is_some());
         }
@@ -311,9 +415,8 @@ mod tests {
 
     #[test]
     fn slots_are_freed_from_other_threads() {
-        let (b, w) = storage();
-        let (_, slots, _) = open(b, w).unwrap();
-        let slots = std::sync::Arc::new(slots);
+        let o = open3(storage());
+        let slots = std::sync::Arc::new(o.slots);
         let taken: Vec<u32> = (0..1000).map(|i| slots.record(i + 3, None).unwrap()).collect();
         let freers: Vec<_> = taken
             .chunks(250)
@@ -329,24 +432,45 @@ mod tests {
     }
 
     #[test]
+    fn heartbeats_and_pending_slots_are_readable_by_another_party() {
+        let o = open3(storage());
+        o.heartbeat.beat_events();
+        o.heartbeat.beat_events();
+        o.heartbeat.beat_runtime();
+        assert_eq!(o.heartbeat.beats(), (2, 1));
+        let reader = Heartbeat::reader(&o.heartbeat.words[..]).unwrap();
+        assert_eq!(reader.beats(), (2, 1));
+        assert!(Heartbeat::reader(&o.heartbeat.words[..3]).is_none());
+        let a = o.slots.record(7, None).unwrap();
+        o.slots.record(9, None).unwrap();
+        assert_eq!(pending_slots(&o.slots.words), 2);
+        o.slots.answered(a);
+        assert_eq!(pending_slots(&o.slots.words), 1);
+        // A successor sees when the predecessor was last alive.
+        let again = reopen(o);
+        assert!(again.last_alive_ms > 1_600_000_000_000, "{}", again.last_alive_ms);
+        assert_eq!(again.heartbeat.beats(), (2, 1), "the counters go on across workers");
+    }
+
+    #[test]
     fn garbage_never_panics() {
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         for _ in 0..50 {
-            let (mut b, w) = storage();
-            b[..8].copy_from_slice(MAGIC);
+            let (h, mut b, w) = storage();
+            h[0].store(u64::from_ne_bytes(*MAGIC), Ordering::Relaxed);
             let mut next = || {
                 seed ^= seed << 13;
                 seed ^= seed >> 7;
                 seed ^= seed << 17;
                 seed
             };
-            for x in b[8..].iter_mut().step_by(7) {
+            for x in b.iter_mut().step_by(7) {
                 *x = next() as u8;
             }
             for x in w.iter().step_by(3) {
                 x.store(next(), Ordering::Relaxed);
             }
-            let _ = open(b, w);
+            let _ = open(h, b, w);
         }
     }
 }

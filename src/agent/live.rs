@@ -10,6 +10,7 @@ use tokio::net::UnixListener;
 
 use crate::fanotify::FAN_PRE_ACCESS;
 
+use super::added_sources::AddedSources;
 use super::complete::Completion;
 use super::control::ControlContext;
 use super::event_loop::AgentScheduler;
@@ -35,7 +36,8 @@ pub(super) async fn go_live(cfg: &AgentConfig, ctx: &WorkerContext, p: Prepared)
     let blob_path = p.entry.blob_path();
     // The supervisor created the group; marking again after a restart is a no-op.
     let mask = FAN_PRE_ACCESS | (libc::FAN_OPEN | libc::FAN_CLOSE_NOWRITE | libc::FAN_CLOSE_WRITE);
-    if let Err(e) = ctx.group.mark_inode(&blob_path, mask) {
+    // On the open cache file, not a path: the inode we write is the inode marked.
+    if let Err(e) = ctx.group.mark_file(std::os::fd::AsFd::as_fd(p.cache.as_file()), mask, &blob_path) {
         return Err(remove_entry(AgentError::Fanotify(e.to_string()), &p));
     }
     let (listener, socket_path, identity) = match publish(cfg, &state) {
@@ -44,12 +46,22 @@ pub(super) async fn go_live(cfg: &AgentConfig, ctx: &WorkerContext, p: Prepared)
     };
 
     let lifecycle = Lifecycle::new(state.clone());
-    if ctx.resume {
+    // A successor adopts its predecessor's mounts; a new agent takes over the mounts of an agent
+    // that died with its supervisor (the mark is back now; their page cache is dropped below).
+    let takeover = if ctx.resume {
         lifecycle.adopt_records(&cfg.cache_key, identity);
-    }
+        None
+    } else {
+        super::takeover::adopt_dead_mounts(&state, &cfg.cache_key, identity, &lifecycle, ctx.predecessor_alive_ms)
+    };
+    let (takeover_done, takeover_rx) = tokio::sync::watch::channel(takeover.is_none());
+    // Sources later mounts of the blob name serve it too.
+    let http = crate::http::ClientConfig { request_timeout: cfg.fetch_timeout(), ..Default::default() };
+    let sources = Arc::new(AddedSources::new(Arc::clone(&p.source), cfg.source.clone(), http));
+    let remote: Arc<dyn crate::remote::RangeSource> = Arc::clone(&sources) as Arc<dyn crate::remote::RangeSource>;
     let scheduler = AgentScheduler::new(
         Arc::clone(&p.cache),
-        Arc::clone(&p.source),
+        Arc::clone(&remote),
         Arc::clone(&p.stats),
         SchedulerConfig {
             fetch_unit: cfg.fetch_unit,
@@ -85,14 +97,40 @@ pub(super) async fn go_live(cfg: &AgentConfig, ctx: &WorkerContext, p: Prepared)
         cache_dir: cfg.cache_dir.clone(),
         cache_key: cfg.cache_key.clone(),
         source: p.shown.clone(),
-        remote: Arc::clone(&p.source),
+        remote,
+        added_sources: sources,
         layout: p.layout.clone(),
         digest: p.digest.clone(),
+        offline: p.offline.clone(),
+        fail_open: parking_lot::Mutex::new(takeover.as_ref().map(|t| t.window.clone())),
+        takeover_done: takeover_rx,
         read_ahead_kb: cfg.read_ahead_kb,
+        settings: super::protocol::AgentSettings {
+            cache_dir: cfg.cache_dir.clone(),
+            fetch_unit: cfg.fetch_unit,
+            fetch_timeout_ms: cfg.fetch_timeout_ms,
+            retry_timeout_ms: cfg.retry_timeout_ms,
+            fetch_parallel: cfg.fetch_parallel,
+            read_ahead_kb: cfg.read_ahead_kb,
+        },
         socket_path,
         identity,
         upgrade: tokio::sync::Notify::new(),
     });
+    if let Some(takeover) = takeover {
+        // Reads the mounts' directories: events this worker's loop answers once it serves.
+        let control = Arc::clone(&control);
+        let spawned = std::thread::Builder::new().name("takeover".into()).spawn(move || {
+            let files = super::takeover::drop_page_caches(&takeover.mounts);
+            if let Some(window) = control.fail_open.lock().as_mut() {
+                window.files_dropped = files;
+            }
+            let _ = takeover_done.send(true);
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start dropping the page cache of the taken-over mounts");
+        }
+    }
     Ok(Agent {
         cfg: cfg.clone(),
         state,
@@ -118,7 +156,12 @@ fn publish(cfg: &AgentConfig, state: &StateDir) -> Result<(UnixListener, std::pa
         .map_err(|e| AgentError::Io(format!("cannot listen on {}: {e}", socket_path.display())))?;
     let identity = AgentIdentity::current().map_err(|e| AgentError::Io(format!("cannot read own identity: {e}")));
     let record = identity.and_then(|identity| {
-        let record = AgentRecord { identity, socket: socket_path.clone(), cache_key: cfg.cache_key.clone() };
+        let record = AgentRecord {
+            identity,
+            socket: socket_path.clone(),
+            cache_key: cfg.cache_key.clone(),
+            config: Some(super::takeover::restartable_config(cfg)),
+        };
         state::write_agent_record(state, &record)
             .map(|()| identity)
             .map_err(|e| AgentError::Io(format!("cannot write the agent record: {e}")))

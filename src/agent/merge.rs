@@ -35,7 +35,7 @@ use crate::ranges;
 use crate::remote::{fetch_with_retry, FetchError, RangeSource, RetryPolicy, PROBE_LEN};
 use crate::segments::{Layout, Segment, SegmentedSource};
 
-use super::sources::{open_one, LayersSpec, OpenError};
+use super::sources::{open_one, LayersSpec, OpenError, Transience};
 
 /// Label of the merged metadata's segment.
 pub const MERGED_LABEL: &str = "merged";
@@ -100,16 +100,16 @@ pub async fn open_layers(
 ) -> Result<OpenedLayers, OpenError> {
     let name = &spec.name;
     if spec.layers.is_empty() {
-        return Err(OpenError(format!("{name}: an image without layers")));
+        return Err(OpenError(format!("{name}: an image without layers"), Transience::Permanent));
     }
     let opened = try_join_all(spec.layers.iter().map(|l| open_one(l, http))).await?;
     let mut blobs = Vec::with_capacity(opened.len());
     for (layer, (source, probe)) in spec.layers.iter().zip(&opened) {
-        let digest = layer.digest().ok_or_else(|| OpenError(format!("{name}: layer {} has no digest", layer.describe())))?;
-        let erofs = probe_erofs(source.as_ref(), probe, retry).await.map_err(|e| OpenError(format!("{name}: layer {digest}: {e}")))?;
+        let digest = layer.digest().ok_or_else(|| OpenError(format!("{name}: layer {} has no digest", layer.describe()), Transience::Permanent))?;
+        let erofs = probe_erofs(source.as_ref(), probe, retry).await.map_err(|e| OpenError(format!("{name}: layer {digest}: {e}"), Transience::Permanent))?;
         blobs.push(BlobInfo { digest, size: source.size(), erofs });
     }
-    let groups = group_layers(&blobs).map_err(|e| OpenError(format!("{name}: {e}")))?;
+    let groups = group_layers(&blobs).map_err(|e| OpenError(format!("{name}: {e}"), Transience::Permanent))?;
     // Bytes another cache entry of the same blob holds are read from there, not fetched.
     let sources: Vec<Arc<dyn RangeSource>> = opened
         .iter()
@@ -152,7 +152,7 @@ pub async fn open_layers(
     let mut pieces: Vec<(usize, u64, Bytes)> = Vec::new();
     let requests = Arc::new(AtomicU64::new(0));
     for g in &groups {
-        let space = group_space(g, &blobs, &sources).map_err(|e| OpenError(format!("{name}: {e}")))?;
+        let space = group_space(g, &blobs, &sources).map_err(|e| OpenError(format!("{name}: {e}"), Transience::Permanent))?;
         let bytes = LayerBytes {
             source: space,
             image: Mutex::new(SparseImage::new(g.flat_size(&blobs))),
@@ -170,8 +170,8 @@ pub async fn open_layers(
             Ok::<_, WalkError>((tree, held))
         })
         .await
-        .map_err(|e| OpenError(format!("{name}: the metadata walk failed: {e}")))?
-        .map_err(|e| OpenError(format!("{name}: layer {shown}: cannot read its EROFS metadata: {e}")))?;
+        .map_err(|e| OpenError(format!("{name}: the metadata walk failed: {e}"), Transience::Permanent))?
+        .map_err(|e| OpenError(format!("{name}: layer {shown}: cannot read its EROFS metadata: {e}"), Transience::Permanent))?;
         trees.push(tree);
         for (off, b) in held {
             let end = off + b.len() as u64;
@@ -188,8 +188,8 @@ pub async fn open_layers(
     }
     let merged = tokio::task::spawn_blocking(move || build_merged_aligned(&blobs, &groups, &trees, blob_align))
         .await
-        .map_err(|e| OpenError(format!("{name}: the merge failed: {e}")))?
-        .map_err(|e| OpenError(format!("{name}: {e}")))?;
+        .map_err(|e| OpenError(format!("{name}: the merge failed: {e}"), Transience::Permanent))?
+        .map_err(|e| OpenError(format!("{name}: {e}"), Transience::Permanent))?;
     let rec = MergedRecord {
         kind: RECORD_KIND.into(),
         image_len: merged.image.len() as u64,
@@ -284,7 +284,7 @@ fn flatdev(
     for d in &g.devices {
         segments.push(Segment { label: blobs[d.blob].digest.clone(), start: d.start, len: d.len, source_offset: 0, source: Arc::clone(&sources[d.blob]) });
     }
-    let layout = Layout::new(segments, g.flat_size(blobs)).map_err(|e| OpenError(format!("{name}: {e}")))?;
+    let layout = Layout::new(segments, g.flat_size(blobs)).map_err(|e| OpenError(format!("{name}: {e}"), Transience::Permanent))?;
     let want = PROBE_LEN.min(layout.size()) as usize;
     Ok(OpenedLayers {
         source: Arc::new(SegmentedSource::new(layout.clone())),
@@ -312,7 +312,7 @@ fn merged_layout(
     for (b, s) in rec.blobs.iter().zip(sources) {
         segments.push(Segment { label: b.digest.clone(), start: b.base, len: b.size, source_offset: 0, source: Arc::clone(s) });
     }
-    Layout::new(segments, rec.size).map_err(|e| OpenError(format!("{name}: the merged address space: {e}")))
+    Layout::new(segments, rec.size).map_err(|e| OpenError(format!("{name}: the merged address space: {e}"), Transience::Permanent))
 }
 
 /// The merged image as a source: it is written to the cache file before

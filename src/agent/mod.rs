@@ -24,6 +24,7 @@
 //! decides when the agent may leave. `control` is the unix socket the front
 //! ends talk to; `protocol` holds its message types.
 
+pub mod added_sources;
 pub mod complete;
 mod context;
 pub mod control;
@@ -36,6 +37,7 @@ mod live;
 pub mod merge;
 pub mod share;
 pub mod metadata;
+pub mod offline;
 mod prepare;
 pub mod protocol;
 pub mod scheduler;
@@ -43,7 +45,9 @@ mod serve;
 pub mod sources;
 pub mod stats;
 pub mod supervisor;
+pub mod takeover;
 pub mod trace;
+pub mod watchdog;
 pub mod worker;
 
 use std::path::PathBuf;

@@ -42,6 +42,8 @@ pub(super) struct Prepared {
     /// Each regular file's data (sorted, disjoint; empty when unknown): a
     /// miss inside one fetches it whole.
     pub file_extents: Vec<Range<u64>>,
+    /// Set when the source could not be opened and the entry is served from the cache (offline).
+    pub offline: Option<String>,
 }
 
 /// Removes a cache entry this worker created unless the preparation got through.
@@ -81,7 +83,15 @@ pub(super) async fn prepare(cfg: &AgentConfig, ctx: &WorkerContext) -> Result<Pr
     let (source, layout, probe) = match &layers {
         Some((_, l)) => (Arc::clone(&l.source), l.layout.clone(), l.head.clone()),
         None => {
-            let opened = super::sources::open_source(&cfg.source, &http).await.map_err(|e| AgentError::Source(e.to_string()))?;
+            let opened = match super::sources::open_source(&cfg.source, &http).await {
+                Ok(opened) => opened,
+                // From the cache when it can serve; else a transient failure is retried within retry_timeout.
+                Err(e) => match super::offline::prepare_offline(cfg, ctx, http.clone(), e.to_string()) {
+                    Ok(prepared) => return Ok(prepared),
+                    Err(_) if e.is_transient() => super::offline::open_retrying(cfg, &http, e).await?,
+                    Err(refused) => return Err(refused),
+                },
+            };
             (opened.source, opened.layout, Some(opened.probe))
         }
     };
@@ -97,6 +107,7 @@ pub(super) async fn prepare(cfg: &AgentConfig, ctx: &WorkerContext) -> Result<Pr
         ctx.status.say("entry_created");
     }
     let cache = Arc::new(open_cache_file(&entry, ctx)?);
+    let present_before = cache.populated_bytes();
     let mut source = source;
     let mut layout = layout;
     let mut probe = probe;
@@ -175,8 +186,15 @@ pub(super) async fn prepare(cfg: &AgentConfig, ctx: &WorkerContext) -> Result<Pr
     // The probe (opening the source) was the first request to the blob.
     Stats::add(&stats.mount_requests, 1 + Stats::get(&stats.fetch_requests));
     tracing::debug!(requests = Stats::get(&stats.mount_requests), "metadata local");
+    if cache.populated_bytes() != present_before {
+        // Persisted now, not only every few seconds: a successor of a worker killed right after the
+        // mount finds the metadata present instead of fetching it all again.
+        if let Err(e) = crate::cache::persist(&entry, &cache) {
+            tracing::warn!(error = %e, "cannot persist the bitmap after the metadata walk");
+        }
+    }
     guard.keep();
-    Ok(Prepared { entry, created_entry, cache, source, layout, shown, digest, stats, retry, fetcher, required, file_extents })
+    Ok(Prepared { entry, created_entry, cache, source, layout, shown, digest, stats, retry, fetcher, required, file_extents, offline: None })
 }
 
 /// Opens the cache file before the mark: writes through this fd raise no
@@ -184,7 +202,7 @@ pub(super) async fn prepare(cfg: &AgentConfig, ctx: &WorkerContext) -> Result<Pr
 /// opened now would raise events to ourselves: the mark exists); the first
 /// worker shares its fd with the supervisor for successors. A trusted
 /// persisted bitmap is restored; a damaged one is discarded.
-fn open_cache_file(entry: &CacheEntry, ctx: &WorkerContext) -> Result<CacheFile, AgentError> {
+pub(super) fn open_cache_file(entry: &CacheEntry, ctx: &WorkerContext) -> Result<CacheFile, AgentError> {
     let inherited = ctx.cache_fd.lock().as_ref().and_then(|f| f.try_clone().ok());
     if ctx.resume && inherited.is_none() {
         return Err(AgentError::Cache("a resumed worker needs the cache fd opened before the mark".into()));

@@ -18,6 +18,8 @@ pub enum Request {
     Stats,
     /// Hand over to a worker started from the binary now on disk.
     Upgrade,
+    /// A later mount names this blob by `source`: serve it from there too (see `added_sources`).
+    AddSource { source: super::sources::SourceSpec },
     /// Fetch in the background: the whole blob, or the given byte ranges.
     Prefetch { all: bool, ranges: Vec<[u64; 2]>, rate: Option<u64> },
     /// The byte ranges readers asked for while recording (since the start or
@@ -27,6 +29,17 @@ pub enum Request {
         #[serde(default)]
         record: Option<bool>,
     },
+}
+
+/// The agent-wide settings of a running agent (from the first mount's options).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AgentSettings {
+    pub cache_dir: std::path::PathBuf,
+    pub fetch_unit: u64,
+    pub fetch_timeout_ms: u64,
+    pub retry_timeout_ms: u64,
+    pub fetch_parallel: usize,
+    pub read_ahead_kb: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -44,6 +57,8 @@ pub enum Reply {
     Pong { pid: i32 },
     Upgrading { pid: i32 },
     Prefetching { bytes: u64 },
+    /// `added`: false when the source already serves the blob.
+    SourceAdded { added: bool, source: String },
     Trace {
         digest: Option<String>,
         blob_size: u64,
@@ -51,7 +66,20 @@ pub enum Reply {
         #[serde(default)]
         recording: bool,
     },
-    Prepared { cache_path: String, blob_size: u64, read_ahead_kb: u32 },
+    Prepared {
+        cache_path: String,
+        blob_size: u64,
+        read_ahead_kb: u32,
+        /// `(st_dev, st_ino)` of the cache file the agent serves: the front end mounts only that file
+        /// (0, 0 from agents that do not say).
+        #[serde(default)]
+        cache_dev: u64,
+        #[serde(default)]
+        cache_ino: u64,
+        /// What the agent runs with, for a front end to compare its own options to.
+        #[serde(default)]
+        settings: Option<AgentSettings>,
+    },
     Attached,
     /// `remaining_mounts`: records the agent still holds; with none left it
     /// leaves as soon as the superblock has closed the cache file.
@@ -121,6 +149,13 @@ pub struct MountStatus {
     /// The index artifact whose metadata ranges the mount used (none: walked).
     #[serde(default)]
     pub index: Option<String>,
+    /// Set when the agent started without reaching its source and serves the cache (offline).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offline: Option<String>,
+    /// A gap in which no agent answered this entry's events (its agents died): reads were allowed
+    /// unanswered and holes read as zeros, until this agent took the mounts over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail_open: Option<FailOpenWindow>,
 }
 
 /// One region of the image's address space and its source.
@@ -131,4 +166,16 @@ pub struct SegmentStatus {
     pub start: u64,
     pub size: u64,
     pub present_bytes: u64,
+}
+
+/// When the fail-open gap began (the dead agent's last heartbeat; 0 when unknown) and ended (the
+/// re-mark), in Unix ms, and what the takeover did about it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailOpenWindow {
+    pub started_unix_ms: u64,
+    pub ended_unix_ms: u64,
+    pub duration_ms: u64,
+    /// Mounts taken over, and files whose page cache was dropped.
+    pub mounts: u64,
+    pub files_dropped: u64,
 }

@@ -33,6 +33,7 @@ impl Agent {
             stats: Arc::clone(&self.stats),
             batch,
             slots: Arc::clone(&ctx.slots),
+            heartbeat: Arc::clone(&ctx.heartbeat),
             stop: Arc::clone(&stop),
             trace: Arc::clone(&self.control.trace),
         };
@@ -60,6 +61,18 @@ impl Agent {
                 None
             }
         };
+        {
+            // The runtime's heartbeat: a runtime too busy or stuck to run a timer
+            // cannot complete fetches either.
+            let heartbeat = Arc::clone(&ctx.heartbeat);
+            tokio::spawn(async move {
+                let mut beat = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    beat.tick().await;
+                    heartbeat.beat_runtime();
+                }
+            });
+        }
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut last_persist = tokio::time::Instant::now();
         let mut persisted_bytes = self.cache.populated_bytes();

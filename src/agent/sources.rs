@@ -191,13 +191,34 @@ pub struct OpenedSource {
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct OpenError(pub String);
+pub struct OpenError(pub String, pub Transience);
+
+/// Whether opening again later may succeed (a 503, a refused connection), or not (a 404, not a blob).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transience {
+    Transient,
+    Permanent,
+}
+
+impl OpenError {
+    pub fn is_transient(&self) -> bool {
+        self.1 == Transience::Transient
+    }
+}
+
+fn transience(transient: bool) -> Transience {
+    if transient {
+        Transience::Transient
+    } else {
+        Transience::Permanent
+    }
+}
 
 /// Opens the source of a spec and puts it in its layout. The probe is the
 /// one its first segment's source read when it opened (no second request).
 pub async fn open_source(spec: &SourceSpec, http: &ClientConfig) -> Result<OpenedSource, OpenError> {
     let (layout, first_probe) = match spec {
-        SourceSpec::Layers(l) => return Err(OpenError(format!("{}: internal: layers are opened by the merge", l.name))),
+        SourceSpec::Layers(l) => return Err(OpenError(format!("{}: internal: layers are opened by the merge", l.name), Transience::Permanent)),
         SourceSpec::Layout(l) => {
             let mut segments = Vec::with_capacity(l.segments.len());
             let mut first_probe = None;
@@ -208,11 +229,11 @@ pub async fn open_source(spec: &SourceSpec, http: &ClientConfig) -> Result<Opene
                 }
                 segments.push(Segment { label: s.source.label(), start: s.start, len: s.len, source_offset: s.source_offset, source });
             }
-            (Layout::new(segments, l.size).map_err(|e| OpenError(format!("{}: {e}", l.name)))?, first_probe)
+            (Layout::new(segments, l.size).map_err(|e| OpenError(format!("{}: {e}", l.name), Transience::Permanent))?, first_probe)
         }
         SourceSpec::BucketImage(b) => {
             let (image, probe) = open_one(&b.image, http).await?;
-            let layout = crate::bucket::open::layout(b, image, &probe, b.image.label(), http).await.map_err(OpenError)?;
+            let layout = crate::bucket::open::layout(b, image, &probe, b.image.label(), http).await.map_err(|e| OpenError(e, Transience::Permanent))?;
             (layout, Some(probe))
         }
         single => {
@@ -224,7 +245,7 @@ pub async fn open_source(spec: &SourceSpec, http: &ClientConfig) -> Result<Opene
     let want = PROBE_LEN.min(source.size()) as usize;
     let probe = match first_probe {
         Some(p) if p.len() >= want => p.slice(..want),
-        _ => source.fetch(0..want as u64).await.map_err(|e| OpenError(e.to_string()))?,
+        _ => source.fetch(0..want as u64).await.map_err(|e| OpenError(e.to_string(), Transience::Permanent))?,
     };
     Ok(OpenedSource { source, layout, probe })
 }
@@ -237,28 +258,33 @@ pub fn open_one<'a>(spec: &'a SourceSpec, http: &'a ClientConfig) -> BoxFuture<'
     Box::pin(async move {
         match spec {
             SourceSpec::Url { url } => {
-                let (source, probe) = HttpSource::open(url, http).await.map_err(|e| OpenError(e.to_string()))?;
+                let (source, probe) = HttpSource::open(url, http).await.map_err(|e| {
+                    let transient = matches!(&e, crate::remote::http::OpenError::Fetch(f) if f.is_transient());
+                    OpenError(e.to_string(), transience(transient))
+                })?;
                 Ok((Arc::new(source) as Arc<dyn RangeSource>, probe))
             }
-            SourceSpec::Oci(blob) => crate::oci::open_blob(blob, http).await.map_err(|e| OpenError(e.to_string())),
+            SourceSpec::Oci(blob) => {
+                crate::oci::open_blob(blob, http).await.map_err(|e| OpenError(e.to_string(), transience(e.is_transient())))
+            }
             SourceSpec::S3(object) => {
-                crate::remote::s3::open_object(object, http).await.map_err(|e| OpenError(e.to_string()))
+                crate::remote::s3::open_object(object, http).await.map_err(|e| OpenError(e.to_string(), Transience::Permanent))
             }
             SourceSpec::File(f) => {
-                let source = crate::remote::local::LocalFileSource::open(f).map_err(OpenError)?;
-                let probe = source.fetch(0..PROBE_LEN.min(source.size())).await.map_err(|e| OpenError(e.to_string()))?;
+                let source = crate::remote::local::LocalFileSource::open(f).map_err(|e| OpenError(e, Transience::Permanent))?;
+                let probe = source.fetch(0..PROBE_LEN.min(source.size())).await.map_err(|e| OpenError(e.to_string(), Transience::Permanent))?;
                 Ok((Arc::new(source) as Arc<dyn RangeSource>, probe))
             }
-            SourceSpec::Layout(l) => Err(OpenError(format!("{}: a layout inside a layout", l.name))),
-            SourceSpec::Layers(l) => Err(OpenError(format!("{}: layers inside a layout", l.name))),
+            SourceSpec::Layout(l) => Err(OpenError(format!("{}: a layout inside a layout", l.name), Transience::Permanent)),
+            SourceSpec::Layers(l) => Err(OpenError(format!("{}: layers inside a layout", l.name), Transience::Permanent)),
             SourceSpec::LocalFile(f) => {
                 let source = open_local_file(f).await?;
                 let want = PROBE_LEN.min(source.size());
-                let probe = source.fetch(0..want).await.map_err(|e| OpenError(format!("{}: {e}", f.path.display())))?;
+                let probe = source.fetch(0..want).await.map_err(|e| OpenError(format!("{}: {e}", f.path.display()), Transience::Permanent))?;
                 Ok((Arc::new(source) as Arc<dyn RangeSource>, probe))
             }
             SourceSpec::GzipTar(g) => open_gzip_tar(g, http).await,
-            SourceSpec::BucketImage(b) => Err(OpenError(format!("{}: a bucket image inside a layout", b.describe()))),
+            SourceSpec::BucketImage(b) => Err(OpenError(format!("{}: a bucket image inside a layout", b.describe()), Transience::Permanent)),
         }
     })
 }
@@ -275,13 +301,13 @@ fn sha256_of(bytes: &[u8]) -> String {
 /// Reads a local file whole, capped: index files and zinfos are metadata.
 fn read_capped(path: &std::path::Path, cap: u64) -> Result<Vec<u8>, OpenError> {
     use std::io::Read;
-    let file = std::fs::File::open(path).map_err(|e| OpenError(format!("cannot open {}: {e}", path.display())))?;
+    let file = std::fs::File::open(path).map_err(|e| OpenError(format!("cannot open {}: {e}", path.display()), Transience::Permanent))?;
     let mut bytes = Vec::new();
     file.take(cap + 1)
         .read_to_end(&mut bytes)
-        .map_err(|e| OpenError(format!("cannot read {}: {e}", path.display())))?;
+        .map_err(|e| OpenError(format!("cannot read {}: {e}", path.display()), Transience::Permanent))?;
     if bytes.len() as u64 > cap {
-        return Err(OpenError(format!("{} is larger than {cap} bytes", path.display())));
+        return Err(OpenError(format!("{} is larger than {cap} bytes", path.display()), Transience::Permanent));
     }
     Ok(bytes)
 }
@@ -294,15 +320,15 @@ async fn open_local_file(f: &LocalFileSpec) -> Result<crate::remote::FileSource,
     let path = f.path.clone();
     let want = f.sha256.clone();
     tokio::task::spawn_blocking(move || {
-        let source = crate::remote::FileSource::open(&path).map_err(|e| OpenError(format!("cannot open {}: {e}", path.display())))?;
+        let source = crate::remote::FileSource::open(&path).map_err(|e| OpenError(format!("cannot open {}: {e}", path.display()), Transience::Permanent))?;
         let bytes = read_capped(&path, MAX_LOCAL_FILE)?;
         if sha256_of(&bytes) != want || bytes.len() as u64 != source.size() {
-            return Err(OpenError(format!("{} changed since the mount began", path.display())));
+            return Err(OpenError(format!("{} changed since the mount began", path.display()), Transience::Permanent));
         }
         Ok(source)
     })
     .await
-    .map_err(|e| OpenError(format!("reading a local file failed: {e}")))?
+    .map_err(|e| OpenError(format!("reading a local file failed: {e}"), Transience::Permanent))?
 }
 
 /// The blob, its zinfo checked and the tar's size (measured when not
@@ -316,21 +342,21 @@ async fn open_gzip_tar(g: &GzipTarSpec, http: &ClientConfig) -> Result<(Arc<dyn 
     let zinfo = tokio::task::spawn_blocking(move || {
         let bytes = read_capped(&path, MAX_LOCAL_FILE)?;
         if sha256_of(&bytes) != want {
-            return Err(OpenError(format!("{} changed since the mount began", path.display())));
+            return Err(OpenError(format!("{} changed since the mount began", path.display()), Transience::Permanent));
         }
-        Zinfo::parse(bytes).map_err(|e| OpenError(format!("{} is not a zinfo: {e}", path.display())))
+        Zinfo::parse(bytes).map_err(|e| OpenError(format!("{} is not a zinfo: {e}", path.display()), Transience::Permanent))
     })
     .await
-    .map_err(|e| OpenError(format!("reading the zinfo failed: {e}")))??;
+    .map_err(|e| OpenError(format!("reading the zinfo failed: {e}"), Transience::Permanent))??;
     let label = g.blob.label();
     let tar_size = match g.tar_size {
         Some(n) => n,
-        None => GzipSpans::measure_tar_size(blob.as_ref(), &zinfo, &label).await.map_err(|e| OpenError(e.to_string()))?,
+        None => GzipSpans::measure_tar_size(blob.as_ref(), &zinfo, &label).await.map_err(|e| OpenError(e.to_string(), Transience::Permanent))?,
     };
     let mut cfg = GzipSpanConfig::new(label, tar_size);
     cfg.span_sha256 = g.span_sha256.clone();
     cfg.blob_digest = g.blob.digest();
-    let spans = GzipSpans::new(blob, zinfo, cfg).map_err(|e| OpenError(e.to_string()))?;
+    let spans = GzipSpans::new(blob, zinfo, cfg).map_err(|e| OpenError(e.to_string(), Transience::Permanent))?;
     Ok((Arc::new(spans) as Arc<dyn RangeSource>, Bytes::new()))
 }
 

@@ -8,6 +8,10 @@
 //! word means the worker died: a new one is started (with backoff) in resume
 //! mode, and it answers the events the dead one left (see `journal`).
 //!
+//! A worker that stops answering (SIGSTOP, a wedged event loop or runtime)
+//! while readers wait is killed by the watchdog (`watchdog`: heartbeats in
+//! the journal header, read here) and replaced like a dead one.
+//!
 //! If the supervisor dies instead, the worker keeps the group alive and
 //! starts a new supervisor in *adopt* mode, which watches the existing worker.
 //! When every process dies at once the kernel closes the group and allows
@@ -23,12 +27,13 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use erofs_fanotify_state::{CacheDir, StateDir};
+use erofs_fanotify_state::{CacheDir, JournalHold, StateDir};
 use parking_lot::Mutex;
 
 use crate::fanotify::Group;
 use crate::sys;
 
+use super::watchdog::{self, SharedJournalView, Watch};
 use super::AgentConfig;
 
 /// Fd numbers of what a worker or supervisor inherits.
@@ -43,6 +48,8 @@ struct WorkerReport {
     entry_created: bool,
     ready: bool,
     exit: Option<String>,
+    /// The watchdog killed it: start the successor at once.
+    killed: bool,
 }
 
 pub struct Supervisor {
@@ -52,12 +59,29 @@ pub struct Supervisor {
     binary: PathBuf,
     /// The first worker's pre-mark fd of the cache file, for its successors.
     cache_fd: Mutex<Option<OwnedFd>>,
+    /// The worker's journal, read by the watchdog (None: not watched).
+    journal: Option<SharedJournalView>,
+    /// Held for our life (see `JournalHold`): the journal outlives any one worker.
+    _journal_hold: Option<JournalHold>,
 }
 
 impl Supervisor {
     pub fn new(cfg_bytes: Vec<u8>, cfg: AgentConfig, group: OwnedFd, cache_fd: Option<OwnedFd>) -> Supervisor {
         let binary = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("erofs-fanotify"));
-        Supervisor { cfg_bytes, cfg, group, binary, cache_fd: Mutex::new(cache_fd) }
+        let hold = JournalHold::open(&StateDir::new(cfg.state_dir.clone()), &cfg.cache_key);
+        let journal = hold
+            .as_ref()
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|h| h.file().try_clone())
+            .and_then(watchdog::open_view);
+        let journal = match journal {
+            Ok(view) => Some(view),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot map the journal; workers are not watched");
+                None
+            }
+        };
+        Supervisor { cfg_bytes, cfg, group, binary, cache_fd: Mutex::new(cache_fd), journal, _journal_hold: hold.ok() }
     }
 
     /// Creates the group (reporting failure on `ready`) and runs the first
@@ -92,7 +116,9 @@ impl Supervisor {
     ) -> i32 {
         let sup = Supervisor::new(cfg_bytes, cfg, group, cache_fd);
         tracing::info!(worker_pid, "supervisor adopting a running worker");
-        sup.watch(RunningWorker { pid: worker_pid, child: None, status }, true)
+        // The worker that started us is alive (it waits for us): the pidfd is its.
+        let pidfd = sys::process::pidfd_open(worker_pid).ok();
+        sup.watch(RunningWorker { pid: worker_pid, child: None, status, pidfd, resumed: false }, true)
     }
 
     fn watch(&self, mut worker: RunningWorker, adopted: bool) -> i32 {
@@ -125,6 +151,10 @@ impl Supervisor {
                     // Successors keep failing and no mount needs this agent.
                     tracing::error!("workers keep failing to start and no mount is left; supervisor leaving");
                     return 1;
+                }
+                _ if report.killed => {
+                    // Readers are waiting: no backoff.
+                    tracing::error!(pid = worker.pid, "stopped worker killed; starting a successor");
                 }
                 _ => {
                     if report.ready {
@@ -170,11 +200,13 @@ impl Supervisor {
         }
         let mut child = sys::process::spawn_with_fds(&mut cmd, &fds)?;
         drop(theirs);
+        // Our unreaped child: the pid cannot be reused before we wait for it.
+        let pidfd = sys::process::pidfd_open(child.id() as i32).ok();
         if let Some(mut stdin) = child.stdin.take() {
             stdin.write_all(&self.cfg_bytes)?;
         }
         tracing::info!(pid = child.id(), resume, "worker started");
-        Ok(RunningWorker { pid: child.id() as i32, child: Some(child), status: ours })
+        Ok(RunningWorker { pid: child.id() as i32, child: Some(child), status: ours, pidfd, resumed: resume })
     }
 
     /// Whether any mount record still names this agent's cache entry. While
@@ -188,12 +220,32 @@ impl Supervisor {
         }
     }
 
-    /// Reads status words (and the cache fd) until the worker's end closes.
+    /// Reads status words (and the cache fd) until the worker's end closes,
+    /// checking between words whether the worker has stopped (see `watchdog`).
     fn read_reports(&self, worker: &mut RunningWorker) -> WorkerReport {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         let mut report = WorkerReport::default();
         let mut text = Vec::new();
         let mut buf = [0u8; 512];
+        let startup = watchdog::startup_bound(self.cfg.fetch_timeout(), self.cfg.retry_timeout());
+        let mut watch = self.journal.as_ref().map(|j| Watch::new(j.beats(), Instant::now(), worker.resumed));
         loop {
+            let readable = {
+                let mut fds = [PollFd::new(worker.status.as_fd(), PollFlags::POLLIN)];
+                match poll(&mut fds, PollTimeout::from(500u16)) {
+                    Ok(n) => n > 0,
+                    Err(nix::errno::Errno::EINTR) => false,
+                    Err(_) => true,
+                }
+            };
+            if !readable {
+                if let (Some(journal), Some(watch)) = (self.journal.as_ref(), watch.as_mut()) {
+                    if !report.killed {
+                        report.killed = self.check_worker(journal, watch, worker, startup);
+                    }
+                }
+                continue;
+            }
             let (n, fds) = match sys::process::recv_with_fds(worker.status.as_fd(), &mut buf) {
                 Ok(received) => received,
                 Err(_) => break,
@@ -219,6 +271,40 @@ impl Supervisor {
         report
     }
 
+    /// One look at the worker's heartbeats; kills it when it has stopped
+    /// while readers wait. True if it was killed.
+    fn check_worker(&self, journal: &SharedJournalView, watch: &mut Watch, worker: &RunningWorker, startup: Duration) -> bool {
+        let now = Instant::now();
+        watch.observe(journal.beats(), now);
+        let owes = || (journal.pending(), self.events_queued());
+        let Some(stopped) = watch.verdict(now, startup, owes) else { return false };
+        tracing::error!(
+            pid = worker.pid,
+            quiet_ms = stopped.quiet.as_millis() as u64,
+            pending = stopped.pending,
+            queued = stopped.queued,
+            "worker stopped answering while readers wait; killing it"
+        );
+        let killed = match worker.pidfd.as_ref() {
+            Some(pidfd) => pidfd.send_signal(libc::SIGKILL),
+            None => Err(std::io::Error::other("no pidfd for the worker")),
+        };
+        match killed {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(pid = worker.pid, error = %e, "cannot kill the stopped worker");
+                false
+            }
+        }
+    }
+
+    /// Whether the kernel holds events for the group that nobody has read.
+    fn events_queued(&self) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let mut fds = [PollFd::new(self.group.as_fd(), PollFlags::POLLIN)];
+        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+    }
+
     /// A worker killed during its first startup may leave a cache entry it
     /// created; a failed mount leaves nothing behind.
     fn remove_half_made_entry(&self) {
@@ -227,15 +313,8 @@ impl Supervisor {
             let _ = std::fs::remove_file(sock);
         }
         let _ = erofs_fanotify_state::remove_agent_record(&state, &self.cfg.cache_key);
-        match CacheDir::new(self.cfg.cache_dir.clone()).entry_dir(&self.cfg.cache_key) {
-            Ok(dir) => {
-                if let Err(e) = std::fs::remove_dir_all(&dir) {
-                    if e.kind() != std::io::ErrorKind::NotFound {
-                        tracing::warn!(dir = %dir.display(), error = %e, "cannot remove the half-made cache entry");
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "bad cache key"),
+        if let Err(e) = CacheDir::new(self.cfg.cache_dir.clone()).remove_entry(&self.cfg.cache_key) {
+            tracing::warn!(error = %e, "cannot remove the half-made cache entry");
         }
     }
 }
@@ -245,6 +324,10 @@ struct RunningWorker {
     /// Our child (first supervisor); an adopted worker is not.
     child: Option<std::process::Child>,
     status: UnixStream,
+    /// Opened while the pid surely named this worker: signals never hit another process.
+    pidfd: Option<sys::process::PidFd>,
+    /// Started in resume mode (a successor): judged during its start too.
+    resumed: bool,
 }
 
 impl RunningWorker {

@@ -19,7 +19,7 @@ pub mod file;
 pub use bitmap::{PresenceError, PresenceMap, BLOCK, MAX_BLOB_SIZE};
 pub use file::{CacheFile, CacheFileError};
 
-use erofs_fanotify_state::{load_bitmap, save_bitmap, CacheEntry, LoadedBitmap, StateError};
+use erofs_fanotify_state::{CacheEntry, LoadedBitmap, StateError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -40,12 +40,14 @@ pub fn open_entry(entry: &CacheEntry) -> Result<CacheFile, CacheError> {
 /// instead of opening `blob` again when given.
 pub fn open_entry_with(entry: &CacheEntry, file: Option<std::fs::File>) -> Result<CacheFile, CacheError> {
     let empty = PresenceMap::new(entry.blob_size()).map_err(CacheFileError::from)?;
-    let plain = match file {
-        Some(f) => CacheFile::from_file(f, &entry.blob_path(), empty)?,
-        None => CacheFile::open(&entry.blob_path(), entry.blob_size())?,
+    let file = match file {
+        Some(f) => f,
+        // Through the entry's directory descriptor, never through a symlink.
+        None => entry.open_blob()?,
     };
+    let plain = CacheFile::from_file(file, &entry.blob_path(), empty)?;
     let identity = entry.bitmap_identity(plain.inode());
-    let map = match load_bitmap(&entry.bitmap_path(), &identity)? {
+    let map = match entry.load_bitmap(&identity)? {
         LoadedBitmap::Missing => return Ok(plain),
         LoadedBitmap::Loaded(bits) => match PresenceMap::from_roaring(entry.blob_size(), bits) {
             Ok(map) => map,
@@ -66,11 +68,7 @@ pub fn open_entry_with(entry: &CacheEntry, file: Option<std::fs::File>) -> Resul
 /// atomic write of the bitmap. Safe to call at any time from any thread.
 pub fn persist(entry: &CacheEntry, file: &CacheFile) -> Result<(), CacheError> {
     let bits = file.durable_snapshot()?;
-    save_bitmap(
-        &entry.bitmap_path(),
-        &bits,
-        &entry.bitmap_identity(file.inode()),
-    )?;
+    entry.save_bitmap(&bits, &entry.bitmap_identity(file.inode()))?;
     Ok(())
 }
 

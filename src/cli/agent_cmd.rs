@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use erofs_fanotify_state::StateDir;
+use erofs_fanotify_state::{JournalHold, StateDir};
 
-use crate::agent::journal::{self, JOURNAL_LEN, SLOTS_OFF};
+use crate::agent::journal::{self, JOURNAL_LEN};
 use crate::agent::worker::{self, WorkerContext};
 use crate::agent::supervisor::{self, StatusPipe, Supervisor, CACHE_FD, GROUP_FD, STATUS_FD};
 use crate::agent::AgentConfig;
@@ -34,6 +34,8 @@ fn read_config() -> Result<(Vec<u8>, AgentConfig), CliError> {
 
 /// `erofs-fanotify agent [--foreground]`: the supervisor of a new agent.
 pub fn run_supervisor(foreground: bool, adopt: Option<i32>) -> Result<i32, CliError> {
+    // Workers inherit it; the supervisor's own group reads stay small.
+    let _ = sys::process::raise_open_file_limit(sys::process::WANTED_OPEN_FILES);
     if let Some(worker_pid) = adopt {
         let (bytes, cfg) = read_config()?;
         init_agent_logging();
@@ -62,17 +64,28 @@ pub fn run_supervisor(foreground: bool, adopt: Option<i32>) -> Result<i32, CliEr
 /// `erofs-fanotify worker [--resume]`: started by a supervisor only.
 pub fn run_worker(resume: bool) -> Result<i32, CliError> {
     let (bytes, cfg) = read_config()?;
+    // Before the orphans' numbers are reserved: a predecessor may have used numbers up to its
+    // own (raised) limit. Never raised again, so a number above it can never become an event's.
+    let open_files = sys::process::raise_open_file_limit(sys::process::WANTED_OPEN_FILES);
     let group = sys::process::take_inherited_fd(GROUP_FD).ok_or_else(|| CliError::new("no fanotify group inherited"))?;
     let status = sys::process::take_inherited_fd(STATUS_FD).map(UnixStream::from);
     let cache_fd = Arc::new(Mutex::new(sys::process::take_inherited_fd(CACHE_FD).map(File::from)));
     // Journal and fd-number reservations come before anything else opens a
     // descriptor (see agent::journal).
     let placeholder = File::open("/dev/null").map_err(|e| CliError::new(format!("cannot open /dev/null: {e}")))?;
-    let journal_path = worker::journal_path(&StateDir::new(cfg.state_dir.clone()), &cfg.cache_key).map_err(CliError::new)?;
-    let (bytes_half, words_half) = SharedMap::open(&journal_path, JOURNAL_LEN)
-        .and_then(|map| map.split(SLOTS_OFF))
-        .map_err(|e| CliError::new(format!("cannot open the journal {}: {e}", journal_path.display())))?;
-    let (batch, slots, orphans) = journal::open(bytes_half, words_half).map_err(CliError::new)?;
+    let state = StateDir::new(cfg.state_dir.clone());
+    let journal_path = worker::journal_path(&state, &cfg.cache_key).map_err(CliError::new)?;
+    let journal_error = |e: String| CliError::new(format!("cannot open the journal {}: {e}", journal_path.display()));
+    // Held for the life of the process: a journal nobody holds belongs to no living agent.
+    let journal_hold = JournalHold::open(&state, &cfg.cache_key).map_err(|e| journal_error(e.to_string()))?;
+    let (header, batch_bytes, slot_words) = journal_hold
+        .file()
+        .try_clone()
+        .and_then(|f| SharedMap::from_file(f, JOURNAL_LEN))
+        .and_then(journal::map)
+        .map_err(|e| journal_error(e.to_string()))?;
+    let journal::Opened { heartbeat, batch, slots, orphans, last_alive_ms } =
+        journal::open(header, batch_bytes, slot_words).map_err(CliError::new)?;
     let mut reserved = Vec::new();
     for orphan in &orphans {
         if let Ok(Some(fd)) = sys::process::reserve_fd_number(orphan.fd, std::os::fd::AsFd::as_fd(&placeholder)) {
@@ -80,6 +93,11 @@ pub fn run_worker(resume: bool) -> Result<i32, CliError> {
         }
     }
     init_agent_logging();
+    match open_files {
+        Ok(n) if n < sys::process::WANTED_OPEN_FILES => tracing::warn!(limit = n, "open file limit stays below what bursts of events need"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
+    }
     if !orphans.is_empty() {
         tracing::warn!(orphans = orphans.len(), reserved = reserved.len(), "journal holds unanswered events");
     }
@@ -101,6 +119,8 @@ pub fn run_worker(resume: bool) -> Result<i32, CliError> {
         resume,
         batch: Some(batch),
         slots: Arc::new(slots),
+        heartbeat: Arc::new(heartbeat),
+        predecessor_alive_ms: last_alive_ms,
         orphans,
         reserved,
         cache_fd,
@@ -108,6 +128,7 @@ pub fn run_worker(resume: bool) -> Result<i32, CliError> {
     let code = worker::run_worker(cfg, ctx);
     // The placeholder stays open until here: orphan numbers must stay taken.
     drop(placeholder);
+    drop(journal_hold);
     Ok(code)
 }
 

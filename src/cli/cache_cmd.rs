@@ -13,12 +13,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use erofs_fanotify_state::{self as state, AgentLock, EntryMeta, StateDir};
+use erofs_fanotify_state::{self as state, AgentLock, StateDir};
 
 use super::CliError;
-
-/// `entry.json` is small; anything larger is not ours.
-const MAX_META_BYTES: u64 = 1 << 20;
 
 /// One cache entry as found on disk.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -53,14 +50,15 @@ pub fn list_entries(cache_dir: &Path, state_dir: &StateDir) -> Result<Vec<EntryI
         if state::validate_cache_key(&key).is_err() || !item.file_type().is_ok_and(|t| t.is_dir()) {
             continue;
         }
-        entries.push(inspect_entry(&key, &item.path(), state_dir));
+        entries.push(inspect_entry(cache_dir, &key, &item.path(), state_dir));
     }
     entries.sort_by(|a, b| a.key.cmp(&b.key));
     Ok(entries)
 }
 
-fn inspect_entry(key: &str, dir: &Path, state_dir: &StateDir) -> EntryInfo {
-    let meta = read_meta(&dir.join("entry.json"));
+fn inspect_entry(cache_dir: &Path, key: &str, dir: &Path, state_dir: &StateDir) -> EntryInfo {
+    // Through the cache dir's descriptor: an entry that is not ours reads as incomplete.
+    let meta = state::CacheDir::new(cache_dir).read_entry_meta(key).ok().flatten();
     let present_bytes = allocated_bytes(&dir.join("blob"));
     let disk_bytes = dir_disk_usage(dir);
     EntryInfo {
@@ -75,14 +73,6 @@ fn inspect_entry(key: &str, dir: &Path, state_dir: &StateDir) -> EntryInfo {
         in_use: agent_alive(state_dir, key),
         incomplete: meta.is_none(),
     }
-}
-
-fn read_meta(path: &Path) -> Option<EntryMeta> {
-    use std::io::Read;
-    let file = std::fs::File::open(path).ok()?;
-    let mut bytes = Vec::new();
-    file.take(MAX_META_BYTES).read_to_end(&mut bytes).ok()?;
-    serde_json::from_slice(&bytes).ok()
 }
 
 fn allocated_bytes(path: &Path) -> u64 {
@@ -145,26 +135,13 @@ pub fn prune(cache_dir: &Path, state_dir: &StateDir, max_size: Option<u64>, unus
             report.skipped_in_use.push(key);
             continue;
         }
-        remove_entry_dir(&entry.dir).map_err(|e| CliError::new(format!("cannot remove {}: {e}", entry.dir.display())))?;
+        state::CacheDir::new(cache_dir).remove_entry(&key).map_err(|e| CliError::new(format!("cannot remove {}: {e}", entry.dir.display())))?;
         tracing::info!(key = %key, bytes = entry.disk_bytes, "pruned cache entry");
         drop(lock);
         report.freed_bytes += entry.disk_bytes;
         report.removed.push(key);
     }
     Ok(report)
-}
-
-fn remove_entry_dir(dir: &Path) -> std::io::Result<()> {
-    // entry.json first: if the rest fails, what is left is recognisably half-made.
-    match std::fs::remove_file(dir.join("entry.json")) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    match std::fs::remove_dir_all(dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    }
 }
 
 /// `30s`, `15m`, `12h`, `7d`, `2w`, or plain seconds.
@@ -220,9 +197,18 @@ pub fn run_prune(cache_dir: &Path, max_size: Option<&str>, unused_for: Option<&s
     if max_size.is_none() && unused_for.is_none() {
         return Err(CliError::new("cache prune needs --max-size and/or --unused-for"));
     }
-    let report = prune(cache_dir, &super::state_dir(), max_size, unused_for)?;
+    let state_dir = super::state_dir();
+    let report = prune(cache_dir, &state_dir, max_size, unused_for)?;
     for key in &report.removed {
         println!("removed {key}");
+    }
+    // And what agents that are gone left in the state dir (journals, old logs, locks).
+    match state::sweep_agents_dir(&state_dir, &state::SweepPolicy::default(), state::unix_now()) {
+        Ok(swept) if !swept.removed.is_empty() => {
+            println!("removed {} files of agents that are gone ({})", swept.removed.len(), human_bytes(swept.freed_bytes))
+        }
+        Ok(_) => {}
+        Err(e) => eprintln!("erofs-fanotify: cannot clean the state directory: {e}"),
     }
     for key in &report.skipped_in_use {
         println!("kept {key} (in use)");

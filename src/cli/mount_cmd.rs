@@ -6,7 +6,6 @@
 //! step leaves nothing behind: the agent leaves when its lease drops with no
 //! mount attached, and removes a cache entry it created for nothing.
 
-use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -130,16 +129,21 @@ pub fn mount_image(
     state::check_cache_filesystem(&opts.cache_dir).map_err(|e| CliError::new(e.to_string()))?;
     let mut prefetch_ranges = read_prefetch_trace(opts)?;
     let prefetch_paths = read_prefetch_files(opts)?;
-    let source = resolve_source(source, opts)?;
+    let (source, remember) = resolve_source(source, opts)?;
     let key = source.cache_key().map_err(CliError::new)?;
     let state_dir = super::state_dir();
     state_dir.create().map_err(|e| CliError::new(format!("cannot create the state directory: {e}")))?;
 
+    // What a failed start must put back: the state dir as it was.
+    let before = StateBefore::of(&state_dir, &key);
     // One front end at a time per blob: no two agents for one cache entry.
     let lock = AgentLock::lock(&state_dir, &key, AGENT_START_TIMEOUT)
         .map_err(|e| CliError::new(format!("cannot lock the agent of this blob: {e}")))?;
-    let (mut conn, child) = match connect_live_agent(&state_dir, &key) {
-        Some(conn) => (conn, None),
+    let (mut conn, child) = match connect_live_agent(&state_dir, &key).or_else(|| wait_for_successor(&state_dir, &key)) {
+        Some(mut conn) => {
+            join_agent(prog, &mut conn, &source, opts)?;
+            (conn, None)
+        }
         None => {
             let (known_metadata, trace) = index_lookup(prog, &source, &key, opts)?;
             // The artifact's trace replays after a trace the user named.
@@ -157,13 +161,25 @@ pub fn mount_image(
                 record_trace: opts.record_trace,
                 known_metadata,
             };
-            let child = spawn_agent(&cfg, &state_dir, foreground)?;
-            let conn = connect_live_agent(&state_dir, &key)
-                .ok_or_else(|| CliError::new("the agent started but does not answer on its control socket"))?;
-            (conn, Some(child))
+            let mut child = match spawn_agent(&cfg, &state_dir, foreground) {
+                Ok(child) => child,
+                Err(e) => {
+                    before.restore(&state_dir, &key, lock);
+                    return Err(e);
+                }
+            };
+            match connect_live_agent(&state_dir, &key) {
+                Some(conn) => (conn, Some(child)),
+                None => {
+                    drop(lock);
+                    before.restore_after(&state_dir, &key, &mut child);
+                    return Err(CliError::new("the agent started but does not answer on its control socket"));
+                }
+            }
         }
     };
-    let result = mount_with_agent(&mut conn, placement);
+    let read_ahead = opts.given.contains("read_ahead_kb").then_some(opts.read_ahead_kb);
+    let result = mount_with_agent(&mut conn, placement, read_ahead);
     if result.is_ok() {
         // The mount stands; a prefetch that cannot start is only reported.
         let mut ranges = prefetch_ranges;
@@ -174,7 +190,19 @@ pub fn mount_image(
     }
     drop(conn);
     drop(lock);
-    let placed = result?;
+    let placed = match (result, child) {
+        (Ok(placed), child) => (placed, child),
+        (Err(e), Some(mut child)) => {
+            // The agent we started leaves by itself (no mount holds it); then put back what it made.
+            before.restore_after(&state_dir, &key, &mut child);
+            return Err(e);
+        }
+        (Err(e), None) => return Err(e),
+    };
+    let (placed, child) = placed;
+    if let Some(remember) = remember {
+        remember.store(&opts.cache_dir);
+    }
     if let Some(max) = opts.cache_max {
         // The new mount's entry is in use (its agent is live), so it is never the one removed.
         match super::cache_cmd::prune(&opts.cache_dir, &state_dir, Some(max), None) {
@@ -197,14 +225,138 @@ pub fn mount_image(
     Ok(MountedImage { placed, cache_key: key })
 }
 
-fn mount_with_agent(conn: &mut AgentConn, placement: &mut dyn Placement) -> Result<Placed, CliError> {
-    let (cache_path, read_ahead_kb) = match conn.call(&Request::Prepare) {
-        Ok(Reply::Prepared { cache_path, read_ahead_kb, .. }) => (PathBuf::from(cache_path), read_ahead_kb),
+/// What of an agent's files in the state dir existed before a front end tried to start it, so that
+/// a failed start leaves the state dir as it was (its cause is the one line printed).
+struct StateBefore {
+    lock: bool,
+    journal: bool,
+    log_len: Option<u64>,
+}
+
+/// How long a failed start waits for the agent it started to leave.
+const AGENT_LEAVE_WAIT: Duration = Duration::from_secs(15);
+
+impl StateBefore {
+    fn of(state_dir: &StateDir, key: &str) -> StateBefore {
+        let exists = |p: Result<PathBuf, state::StateError>| p.is_ok_and(|p| p.symlink_metadata().is_ok());
+        StateBefore {
+            lock: exists(state_dir.agent_lock_path(key)),
+            journal: exists(state_dir.agent_journal_path(key)),
+            log_len: state_dir.agent_log_path(key).ok().and_then(|p| p.symlink_metadata().ok()).map(|m| m.len()),
+        }
+    }
+
+    /// Under the agent lock, with no agent of `key` left: removes what the attempt created.
+    fn restore(&self, state_dir: &StateDir, key: &str, lock: AgentLock) {
+        if !self.journal {
+            let _ = state::remove_unheld_journal(state_dir, key);
+        }
+        let _ = state::restore_agent_log(state_dir, key, self.log_len);
+        if !self.lock {
+            let _ = lock.remove();
+        }
+    }
+
+    /// After a failure with the agent we started still running: waits for it to leave (bounded),
+    /// then restores unless another front end or agent uses the key meanwhile.
+    fn restore_after(&self, state_dir: &StateDir, key: &str, child: &mut std::process::Child) {
+        let deadline = std::time::Instant::now() + AGENT_LEAVE_WAIT;
+        while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if !matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        if let Ok(Some(lock)) = AgentLock::try_lock(state_dir, key) {
+            let live = state::read_agent_record(state_dir, key).ok().flatten().is_some_and(|r| r.identity.is_alive());
+            if !live {
+                self.restore(state_dir, key, lock);
+            }
+        }
+    }
+}
+
+/// A mount of a blob whose agent runs already: its options are honoured or refused, never ignored.
+/// Agent-wide settings (`cache_dir`, `fetch_*`) given and different from the agent's refuse the mount
+/// with one line; another source of the blob is added to the agent (a mirror); `record_trace` turns
+/// the agent's recording on. Per-mount options (`read_ahead_kb`, `prefetch*`, `cache_max`) apply to
+/// this mount as for any other.
+fn join_agent(prog: &str, conn: &mut AgentConn, source: &SourceSpec, opts: &MountOptions) -> Result<(), CliError> {
+    let settings = match conn.call(&Request::Prepare) {
+        Ok(Reply::Prepared { settings, .. }) => settings,
         Ok(Reply::Error { message }) => return Err(CliError::new(message)),
         Ok(other) => return Err(CliError::new(format!("unexpected agent reply {other:?}"))),
         Err(e) => return Err(CliError::new(format!("the agent does not answer: {e}"))),
     };
+    if let Some(settings) = settings {
+        if let Some(why) = join_conflict(&settings, opts) {
+            return Err(CliError::new(why));
+        }
+    }
+    match conn.call(&Request::AddSource { source: source.clone() }) {
+        Ok(Reply::SourceAdded { added: true, source }) => {
+            tracing::info!(%source, "the running agent serves this blob from this mount's source too")
+        }
+        Ok(Reply::SourceAdded { added: false, .. }) => {}
+        Ok(Reply::Error { message }) => eprintln!(
+            "{prog}: {} is served by its running agent; this mount's source could not be added to it: {message}",
+            source.describe()
+        ),
+        Ok(other) => eprintln!("{prog}: the running agent did not take this mount's source: {other:?}"),
+        Err(e) => return Err(CliError::new(format!("the agent does not answer: {e}"))),
+    }
+    if opts.record_trace {
+        let _ = conn.call(&Request::Trace { reset: false, record: Some(true) });
+    }
+    Ok(())
+}
+
+/// The first agent-wide option given in `opts` that differs from the running agent's, as the line
+/// that refuses the mount.
+fn join_conflict(agent: &crate::agent::protocol::AgentSettings, opts: &MountOptions) -> Option<String> {
+    let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let refuse = |what: String| {
+        Some(format!(
+            "this image is already served by a running agent with {what}; a second mount cannot change it (use the same value, or leave the option out)"
+        ))
+    };
+    if opts.given.contains("cache_dir") && canonical(&opts.cache_dir) != canonical(&agent.cache_dir) {
+        return refuse(format!("cache_dir={}", agent.cache_dir.display()));
+    }
+    let secs = |ms: u64| format!("{}", ms as f64 / 1000.0);
+    if opts.given.contains("fetch_unit") && opts.fetch_unit != agent.fetch_unit {
+        return refuse(format!("fetch_unit={}K", agent.fetch_unit >> 10));
+    }
+    if opts.given.contains("fetch_parallel") && opts.fetch_parallel != agent.fetch_parallel {
+        return refuse(format!("fetch_parallel={}", agent.fetch_parallel));
+    }
+    if opts.given.contains("fetch_timeout") && opts.fetch_timeout.as_millis() as u64 != agent.fetch_timeout_ms {
+        return refuse(format!("fetch_timeout={}", secs(agent.fetch_timeout_ms)));
+    }
+    if opts.given.contains("retry_timeout") && opts.retry_timeout.as_millis() as u64 != agent.retry_timeout_ms {
+        return refuse(format!("retry_timeout={}", secs(agent.retry_timeout_ms)));
+    }
+    None
+}
+
+fn mount_with_agent(conn: &mut AgentConn, placement: &mut dyn Placement, read_ahead: Option<u32>) -> Result<Placed, CliError> {
+    let (cache_path, read_ahead_kb, identity) = match conn.call(&Request::Prepare) {
+        Ok(Reply::Prepared { cache_path, read_ahead_kb, cache_dev, cache_ino, .. }) => {
+            // The mount's own read_ahead_kb when given; else the agent's (the first mount's).
+            (PathBuf::from(cache_path), read_ahead.unwrap_or(read_ahead_kb), (cache_dev, cache_ino))
+        }
+        Ok(Reply::Error { message }) => return Err(CliError::new(message)),
+        Ok(other) => return Err(CliError::new(format!("unexpected agent reply {other:?}"))),
+        Err(e) => return Err(CliError::new(format!("the agent does not answer: {e}"))),
+    };
+    // The kernel opens the cache file by path: make sure that path (no symlink below the cache
+    // dir) is the file the agent marked, before and after the mount.
+    verify_cache_file(&cache_path, identity)?;
     let placed = placement.place(&cache_path, read_ahead_kb)?;
+    if let Err(e) = verify_cache_file(&cache_path, identity) {
+        placement.undo();
+        return Err(e);
+    }
     let info = AttachInfo {
         mnt_id: placed.id.id,
         mnt_id_unique: placed.id.unique,
@@ -223,6 +375,28 @@ fn mount_with_agent(conn: &mut AgentConn, placement: &mut dyn Placement) -> Resu
         return Err(e);
     }
     Ok(placed)
+}
+
+/// `cache_path` is `<cache_dir>/<key>/blob`: opened below `<cache_dir>` (which may be a symlink,
+/// the admin's choice) without following any symlink, it must be the agent's file `(dev, ino)`.
+fn verify_cache_file(cache_path: &Path, (dev, ino): (u64, u64)) -> Result<(), CliError> {
+    if ino == 0 {
+        return Ok(()); // an agent that does not say
+    }
+    let refuse = |why: String| CliError::new(format!("refusing to mount {}: {why}", cache_path.display()));
+    let entry = cache_path.parent().ok_or_else(|| refuse("not a cache file path".into()))?;
+    let root = entry.parent().ok_or_else(|| refuse("not a cache file path".into()))?;
+    let rel = cache_path.strip_prefix(root).map_err(|_| refuse("not a cache file path".into()))?;
+    let root_fd = std::fs::File::open(root).map_err(|e| refuse(format!("cannot open {}: {e}", root.display())))?;
+    let file = sys::mount::open_path_beneath(std::os::fd::AsFd::as_fd(&root_fd), rel).map_err(|e| match e.raw_os_error() {
+        Some(libc::ELOOP) | Some(libc::EXDEV) => refuse("a symbolic link in its path".into()),
+        _ => refuse(e.to_string()),
+    })?;
+    let got = sys::mount::file_identity(std::os::fd::AsFd::as_fd(&file)).map_err(|e| refuse(e.to_string()))?;
+    if got != (dev, ino) {
+        return Err(refuse("it is not the file the agent serves (the entry was replaced)".into()));
+    }
+    Ok(())
 }
 
 fn check_mountpoint(path: &Path) -> Result<PathBuf, CliError> {
@@ -251,6 +425,29 @@ fn connect_live_agent(state_dir: &StateDir, key: &str) -> Option<AgentConn> {
     }
 }
 
+/// How long a front end waits for a supervisor to replace its dead worker.
+const SUCCESSOR_WAIT: Duration = Duration::from_secs(30);
+
+/// The agent's worker is dead but its supervisor still holds the journal: a successor is coming
+/// (starting another agent would put two on one cache entry, and take its mounts over). Waits for
+/// the successor, bounded; `None` when there is nothing to wait for.
+fn wait_for_successor(state_dir: &StateDir, key: &str) -> Option<AgentConn> {
+    let deadline = std::time::Instant::now() + SUCCESSOR_WAIT;
+    loop {
+        let record = state::read_agent_record(state_dir, key).ok().flatten()?;
+        if record.identity.is_alive() || !state::journal_held(state_dir, key).unwrap_or(false) {
+            return connect_live_agent(state_dir, key);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        if let Some(conn) = connect_live_agent(state_dir, key) {
+            return Some(conn);
+        }
+    }
+}
+
 /// The agent binary lives beside the front end (also through the mount helper link).
 fn agent_binary() -> PathBuf {
     if let Some(dir) = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
@@ -269,10 +466,8 @@ fn spawn_agent(cfg: &AgentConfig, state_dir: &StateDir, foreground: bool) -> Res
         Stdio::inherit()
     } else {
         let log = agent_log_path(state_dir, &cfg.cache_key);
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
+        let file = state_dir
+            .open_agent_log(&cfg.cache_key)
             .map_err(|e| CliError::new(format!("cannot open the agent log {}: {e}", log.display())))?;
         Stdio::from(file)
     };
@@ -303,10 +498,17 @@ fn spawn_agent(cfg: &AgentConfig, state_dir: &StateDir, foreground: bool) -> Res
     let _ = child.wait();
     match answer.get("error").and_then(|v| v.as_str()) {
         Some(msg) => Err(CliError::new(msg.to_string())),
-        None => Err(CliError::new(format!(
-            "the agent exited during startup; see {}",
-            agent_log_path(state_dir, &cfg.cache_key).display()
-        ))),
+        // The log goes with the failed start: its last line is the cause.
+        None => {
+            let log = agent_log_path(state_dir, &cfg.cache_key);
+            let last = std::fs::read_to_string(&log)
+                .ok()
+                .and_then(|text| text.lines().rev().find(|l| !l.trim().is_empty()).map(str::to_string));
+            Err(CliError::new(match last {
+                Some(line) => format!("the agent exited during startup: {}", line.trim()),
+                None => "the agent exited during startup".to_string(),
+            }))
+        }
     }
 }
 
@@ -355,20 +557,55 @@ fn index_lookup(
     tracing::info!(artifact = %known.artifact, ranges = known.ranges.len(), trace_ranges = trace.len(), "using the index artifact's metadata ranges");
     Ok((Some(known), trace))
 }
+
+/// Starts a new agent for the cache entry `key` whose agent died (worker and supervisor) while its
+/// mounts were live, from the configuration its record keeps; the new agent takes those mounts over
+/// (see `agent::takeover`). Returns the dead and the new agent's pids.
+pub fn restart_dead_agent(state_dir: &StateDir, key: &str) -> Result<(i32, i32), CliError> {
+    let lock = AgentLock::lock(state_dir, key, AGENT_START_TIMEOUT)
+        .map_err(|e| CliError::new(format!("cannot lock the agent of this blob: {e}")))?;
+    let record = state::read_agent_record(state_dir, key)
+        .map_err(|e| CliError::new(format!("cannot read the agent record: {e}")))?
+        .ok_or_else(|| CliError::new("no agent record is left to restart the agent from"))?;
+    // A supervisor between a dead worker and its successor still holds the journal: not dead.
+    if record.identity.is_alive() || state::journal_held(state_dir, key).unwrap_or(true) {
+        return Err(CliError::new("the agent of this mount is alive but does not answer (a worker is being replaced); try again"));
+    }
+    let cfg: AgentConfig = record
+        .config
+        .and_then(|c| serde_json::from_value(c).ok())
+        .ok_or_else(|| CliError::new("the dead agent's record does not say how to restart it"))?;
+    if cfg.cache_key != key {
+        return Err(CliError::new("the dead agent's record names another cache entry"));
+    }
+    let _child = spawn_agent(&cfg, state_dir, false)?;
+    let mut conn = connect_live_agent(state_dir, key)
+        .ok_or_else(|| CliError::new("the agent started but does not answer on its control socket"))?;
+    // Answered once the takeover dropped what the gap cached.
+    let new = match conn.call(&Request::Prepare).and_then(|_| conn.call(&Request::Ping)) {
+        Ok(Reply::Pong { pid }) => pid,
+        Ok(other) => return Err(CliError::new(format!("unexpected agent reply {other:?}"))),
+        Err(e) => return Err(CliError::new(format!("the agent does not answer: {e}"))),
+    };
+    drop(conn);
+    drop(lock);
+    Ok((record.identity.pid, new))
+}
+
 /// An http(s) URL is used as is; a local path (`/…`, `./…`, `../…`) is an image file; `s3://BUCKET/KEY`,
 /// or `BUCKET/KEY` with `s3.endpoint=`, is an S3 object; anything else is an image reference. An
 /// image file or S3 object that is a bucket image (`build --s3`) mounts with its objects.
-fn resolve_source(source: &str, opts: &MountOptions) -> Result<SourceSpec, CliError> {
+fn resolve_source(source: &str, opts: &MountOptions) -> Result<(SourceSpec, Option<Remember>), CliError> {
     if source.starts_with("http://") || source.starts_with("https://") {
-        return Ok(SourceSpec::Url { url: source.to_string() });
+        return Ok((SourceSpec::Url { url: source.to_string() }, None));
     }
     let env = crate::remote::s3::AwsEnvironment::from_env();
     if crate::bucket::resolve::is_local_path(source) {
-        return crate::bucket::resolve::resolve_local(source, &opts.s3, &env).map_err(CliError::new);
+        return crate::bucket::resolve::resolve_local(source, &opts.s3, &env).map(|s| (s, None)).map_err(CliError::new);
     }
     if crate::remote::s3::is_s3_source(source, &opts.s3) {
         let spec = crate::remote::s3::resolve_object_in(source, &opts.s3, &env).map_err(|e| CliError::new(e.to_string()))?;
-        return crate::bucket::resolve::detect_in_s3(spec, &opts.s3, &env).map_err(CliError::new);
+        return crate::bucket::resolve::detect_in_s3(spec, &opts.s3, &env).map(|s| (s, None)).map_err(CliError::new);
     }
     if opts.s3.is_set() {
         return Err(CliError::new(format!(
@@ -376,15 +613,124 @@ fn resolve_source(source: &str, opts: &MountOptions) -> Result<SourceSpec, CliEr
         )));
     }
     if opts.tar_index.is_some() || opts.tar_index_build || opts.zinfo.is_some() {
-        return super::tar_index_mount::resolve(source, opts);
+        return super::tar_index_mount::resolve(source, opts).map(|s| (s, None));
     }
-    match crate::oci::resolve_image(source, &opts.oci).map_err(|e| CliError::new(e.to_string()))? {
-        crate::oci::ResolvedImage::Blob(spec) => Ok(SourceSpec::Oci(spec)),
-        crate::oci::ResolvedImage::Layers(layers) => Ok(SourceSpec::Layers(Box::new(crate::agent::sources::LayersSpec {
-            name: layers.first().map(|l| l.reference.clone()).unwrap_or_else(|| source.to_string()),
-            layers: layers.into_iter().map(|l| SourceSpec::Oci(Box::new(l))).collect(),
-        }))),
+    match crate::oci::resolve_image(source, &opts.oci) {
+        Ok(crate::oci::ResolvedImage::Blob(spec)) => {
+            let remember = remember_resolution(reference_lookup_key(source, &opts.oci), &spec);
+            Ok((SourceSpec::Oci(spec), remember))
+        }
+        Ok(crate::oci::ResolvedImage::Layers(layers)) => Ok((
+            SourceSpec::Layers(Box::new(crate::agent::sources::LayersSpec {
+                name: layers.first().map(|l| l.reference.clone()).unwrap_or_else(|| source.to_string()),
+                layers: layers.into_iter().map(|l| SourceSpec::Oci(Box::new(l))).collect(),
+            })),
+            None,
+        )),
+        // The registry is unreachable: perhaps the cache holds what the reference resolved to last.
+        Err(crate::oci::OciError::Unreachable { .. }) => {
+            resolve_reference_or_cached(source, opts).map(|(spec, remember)| (SourceSpec::Oci(Box::new(spec)), remember))
+        }
+        Err(e) => Err(CliError::new(e.to_string())),
     }
+}
+
+/// A resolution to store once the mount stands (a failed mount leaves nothing in the cache dir).
+pub struct Remember {
+    lookup: String,
+    resolved: state::ResolvedRef,
+}
+
+impl Remember {
+    fn store(self, cache_dir: &Path) {
+        if let Err(e) = state::write_resolved_ref(&state::CacheDir::new(cache_dir), &self.lookup, &self.resolved) {
+            tracing::warn!(reference = %self.resolved.reference, error = %e, "cannot remember what the reference resolved to");
+        }
+    }
+}
+
+/// What selects a blob for a reference: the reference and the options that choose the layer.
+fn reference_lookup_key(source: &str, o: &crate::oci::options::OciOptions) -> String {
+    serde_json::json!({
+        "reference": source,
+        "blob": o.blob,
+        "layer": o.layer,
+        "platform": o.platform.clone().unwrap_or_else(|| std::env::consts::ARCH.to_string()),
+        "insecure": o.insecure,
+    })
+    .to_string()
+}
+
+/// Resolves an image reference at its registry and remembers the answer in the cache dir. When the
+/// registry cannot be reached, the blob the reference resolved to last is mounted from the cache,
+/// if the cache holds it: a digest reference names its manifest, so that is the registry's answer
+/// too; a tag may have moved meanwhile, so that fallback prints one warning line, and
+/// `oci.offline=never` refuses it.
+fn resolve_reference_or_cached(
+    source: &str,
+    opts: &MountOptions,
+) -> Result<(crate::oci::OciBlobSpec, Option<Remember>), CliError> {
+    use crate::oci::OciError;
+    let cache = state::CacheDir::new(opts.cache_dir.clone());
+    let lookup = reference_lookup_key(source, &opts.oci);
+    let unreachable = match crate::oci::resolve_reference(source, &opts.oci) {
+        Ok(spec) => {
+            let remember = remember_resolution(lookup, &spec);
+            return Ok((spec, remember));
+        }
+        Err(e @ OciError::Unreachable { .. }) => e,
+        Err(e) => return Err(CliError::new(e.to_string())),
+    };
+    let by_digest = source.contains("@sha256:");
+    if !by_digest && !opts.oci_offline_fallback {
+        return Err(CliError::new(format!("{unreachable} (oci.offline=never: not mounting the blob this tag resolved to last)")));
+    }
+    let Some(resolved) = state::read_resolved_ref(&cache, &lookup).ok().flatten() else {
+        return Err(CliError::new(unreachable.to_string()));
+    };
+    // Only a blob the cache holds: otherwise the registry's error is the answer.
+    let held = state::cache_key_for_digest(&resolved.digest)
+        .ok()
+        .and_then(|key| cache.read_entry_meta(&key).ok().flatten())
+        .is_some_and(|meta| meta.required.is_some());
+    if !held {
+        return Err(CliError::new(unreachable.to_string()));
+    }
+    let mut spec: crate::oci::OciBlobSpec = serde_json::from_value(resolved.source)
+        .map_err(|_| CliError::new(unreachable.to_string()))?;
+    if spec.digest != resolved.digest {
+        return Err(CliError::new(unreachable.to_string()));
+    }
+    spec.credentials = match (&opts.oci.username, &opts.oci.password) {
+        (Some(u), Some(p)) => Some(crate::oci::credentials::Credentials::Basic { username: u.clone(), password: p.clone() }),
+        _ => crate::oci::credentials::CredentialFiles::from_env().lookup(&spec.registry, &spec.repository).ok().flatten(),
+    };
+    if !by_digest {
+        let ago = state::unix_now().saturating_sub(resolved.resolved_unix);
+        eprintln!(
+            "erofs-mount: warning: {unreachable}; mounting {} from the cache, which {source} resolved to {ago} s ago (oci.offline=never refuses this)",
+            resolved.digest
+        );
+    }
+    Ok((spec, None))
+}
+
+/// Stores what `source` resolved to, without credentials or tokens.
+fn remember_resolution(lookup: String, spec: &crate::oci::OciBlobSpec) -> Option<Remember> {
+    let mut stored = spec.clone();
+    stored.credentials = None;
+    stored.auth_handoff = None;
+    for m in &mut stored.mirrors {
+        m.credentials = None;
+    }
+    let value = serde_json::to_value(&stored).ok()?;
+    let resolved = state::ResolvedRef {
+        reference: spec.reference.clone(),
+        digest: spec.digest.clone(),
+        resolved_unix: state::unix_now(),
+        source: value,
+    };
+    Some(Remember { lookup, resolved })
 }
 
 /// Reads `prefetch_trace=FILE` before anything is set up, so a bad file
@@ -468,4 +814,36 @@ fn notify_ready() -> std::io::Result<()> {
         socket.send_to(message.as_bytes(), &target)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::protocol::AgentSettings;
+
+    fn agent() -> AgentSettings {
+        AgentSettings {
+            cache_dir: PathBuf::from("/nonexistent/a"),
+            fetch_unit: 256 << 10,
+            fetch_timeout_ms: 10_000,
+            retry_timeout_ms: 30_000,
+            fetch_parallel: 8,
+            read_ahead_kb: 512,
+        }
+    }
+
+    #[test]
+    fn only_given_agent_wide_options_that_differ_refuse_a_joining_mount() {
+        let parse = |o: &str| MountOptions::parse(o).unwrap();
+        // Defaults that differ from the agent's are not "given": the mount joins.
+        assert_eq!(join_conflict(&AgentSettings { fetch_unit: 64 << 10, ..agent() }, &parse("")), None);
+        assert_eq!(join_conflict(&agent(), &parse("cache_dir=/nonexistent/a,fetch_unit=256K,retry_timeout=30")), None);
+        // Per-mount options never refuse.
+        assert_eq!(join_conflict(&agent(), &parse("read_ahead_kb=2048,prefetch=all")), None);
+        let line = join_conflict(&agent(), &parse("cache_dir=/nonexistent/b")).unwrap();
+        assert!(line.contains("cache_dir=/nonexistent/a"), "{line}");
+        assert!(join_conflict(&agent(), &parse("fetch_unit=64K")).unwrap().contains("fetch_unit=256K"));
+        assert!(join_conflict(&agent(), &parse("retry_timeout=5")).unwrap().contains("retry_timeout=30"));
+        assert!(join_conflict(&agent(), &parse("fetch_parallel=2")).is_some());
+    }
 }

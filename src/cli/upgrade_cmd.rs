@@ -38,7 +38,13 @@ pub fn run(mountpoint: Option<PathBuf>, all: bool) -> Result<(), CliError> {
     }
     let mut failures = Vec::new();
     for record in agents.values() {
-        match upgrade_one(&record.control_socket) {
+        // Both agent processes died with the mount live: a new agent takes it over.
+        let outcome = if record.agent.is_alive() {
+            upgrade_one(&record.control_socket)
+        } else {
+            super::mount_cmd::restart_dead_agent(&state_dir, &record.cache_key).map_err(|e| e.0)
+        };
+        match outcome {
             Ok((old, new)) => println!("{}: worker {old} replaced by {new}", record.mountpoint.display()),
             Err(e) => failures.push(format!("{}: {e}", record.mountpoint.display())),
         }

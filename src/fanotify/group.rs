@@ -67,24 +67,18 @@ impl Group {
     pub fn new_pre_content() -> Result<Group, FanotifyError> {
         let base = libc::FAN_CLASS_PRE_CONTENT | libc::FAN_CLOEXEC | libc::FAN_NONBLOCK;
         let event_f_flags = (libc::O_RDWR | libc::O_LARGEFILE | libc::O_CLOEXEC) as u32;
-        // An unlimited queue never drops events (an overflow would lose
-        // permission events' wakeups); fall back if refused.
-        let fd = match sys::fanotify_init(base | libc::FAN_UNLIMITED_QUEUE, event_f_flags) {
-            Ok(fd) => fd,
-            Err(first) => {
-                tracing::debug!(
-                    "fanotify_init with FAN_UNLIMITED_QUEUE failed ({first}); retrying without"
-                );
-                sys::fanotify_init(base, event_f_flags).map_err(|e| match e.raw_os_error() {
-                    Some(libc::EPERM) => FanotifyError::NotPermitted,
-                    Some(libc::EINVAL) | Some(libc::ENOSYS) => FanotifyError::Unsupported,
-                    _ => FanotifyError::Io {
-                        what: "fanotify_init".into(),
-                        source: e,
-                    },
-                })?
+        // Only the unlimited queue: a bounded one overflows under load, and an
+        // overflow loses permission events' wakeups (readers would hang).
+        let fd = sys::fanotify_init(base | libc::FAN_UNLIMITED_QUEUE, event_f_flags).map_err(|e| {
+            match e.raw_os_error() {
+                Some(libc::EPERM) => FanotifyError::NotPermitted,
+                Some(libc::EINVAL) | Some(libc::ENOSYS) => FanotifyError::Unsupported,
+                _ => FanotifyError::Io {
+                    what: "fanotify_init with an unlimited event queue (FAN_UNLIMITED_QUEUE)".into(),
+                    source: e,
+                },
             }
-        };
+        })?;
         let group = Group { fd };
         group.probe_pre_access()?;
         Ok(group)
@@ -131,6 +125,20 @@ impl Group {
         let flags = libc::FAN_MARK_ADD | libc::FAN_MARK_INODE;
         sys::fanotify_mark(self.as_fd(), flags, mask, path)
             .map_err(|e| mark_error(e, path, mask, "add"))
+    }
+
+    /// Puts (adds to) an inode mark for `mask` on the open file `file`: no path
+    /// lookup, so the mark is on exactly the inode we write, whatever a path
+    /// names meanwhile.
+    pub fn mark_file(&self, file: BorrowedFd<'_>, mask: u64, shown: &Path) -> Result<(), FanotifyError> {
+        let flags = libc::FAN_MARK_ADD | libc::FAN_MARK_INODE;
+        sys::fanotify_mark_fd(self.as_fd(), flags, mask, file).map_err(|e| mark_error(e, shown, mask, "add"))
+    }
+
+    /// Removes `mask` from the inode mark on the open file `file`.
+    pub fn unmark_file(&self, file: BorrowedFd<'_>, mask: u64, shown: &Path) -> Result<(), FanotifyError> {
+        let flags = libc::FAN_MARK_REMOVE | libc::FAN_MARK_INODE;
+        sys::fanotify_mark_fd(self.as_fd(), flags, mask, file).map_err(|e| mark_error(e, shown, mask, "remove"))
     }
 
     /// Removes `mask` from the inode mark on `path`. Removing the

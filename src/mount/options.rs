@@ -74,8 +74,13 @@ pub struct MountOptions {
     pub tar_index_build: bool,
     /// `oci.zinfo=PATH` (erofs-utils): the gzip layer's zinfo, with `oci.tarindex`.
     pub zinfo: Option<PathBuf>,
+    /// `oci.offline=never`: a reference whose registry cannot be reached fails the mount instead of
+    /// mounting, from the cache, the blob it resolved to last (`oci.offline=fallback`, the default).
+    pub oci_offline_fallback: bool,
     /// `s3.*`: the S3 source's own options (parsed by `remote::s3`).
     pub s3: crate::remote::s3::S3Options,
+    /// The keys given (not defaults): a mount joining a running agent compares only these.
+    pub given: std::collections::BTreeSet<String>,
 }
 
 impl Default for MountOptions {
@@ -100,7 +105,9 @@ impl Default for MountOptions {
             tar_index: None,
             tar_index_build: false,
             zinfo: None,
+            oci_offline_fallback: true,
             s3: Default::default(),
+            given: Default::default(),
         }
     }
 }
@@ -126,6 +133,7 @@ impl MountOptions {
                 Some((k, v)) => (k, Some(v)),
                 None => (item, None),
             };
+            o.given.insert(key.to_string());
             let need = |v: Option<&str>| -> Result<String, OptionError> {
                 match v {
                     Some(v) if !v.is_empty() => Ok(v.to_string()),
@@ -233,6 +241,14 @@ impl MountOptions {
                 "oci.username" => o.oci.username = Some(need(value)?),
                 "oci.password" => o.oci.password = Some(need(value)?),
                 "oci.insecure" => o.oci.insecure = true,
+                "oci.offline" => {
+                    let v = need(value)?;
+                    o.oci_offline_fallback = match v.as_str() {
+                        "fallback" => true,
+                        "never" => false,
+                        _ => return Err(bad(&v, "expected never or fallback")),
+                    };
+                }
                 "oci.mirror" => o.oci.mirrors.push(need(value)?),
                 "oci.cafile" => {
                     let v = need(value)?;
@@ -275,6 +291,8 @@ mod tests {
     #[test]
     fn defaults_when_empty() {
         assert_eq!(MountOptions::parse("").unwrap(), MountOptions::default());
+        let o = MountOptions::parse("fetch_unit=256K,ro").unwrap();
+        assert!(o.given.contains("fetch_unit") && !o.given.contains("cache_dir"), "{:?}", o.given);
     }
 
     #[test]
@@ -325,6 +343,10 @@ mod tests {
         assert_eq!(o.oci.cafile, Some(PathBuf::from("/etc/ca.pem")));
         assert!(MountOptions::parse("oci.cafile=ca.pem").is_err());
         assert!(MountOptions::parse("oci.mirror").is_err());
+        assert!(MountOptions::parse("").unwrap().oci_offline_fallback);
+        assert!(!MountOptions::parse("oci.offline=never").unwrap().oci_offline_fallback);
+        assert!(MountOptions::parse("oci.offline=fallback").unwrap().oci_offline_fallback);
+        assert!(MountOptions::parse("oci.offline=sometimes").is_err());
     }
 
     #[test]

@@ -109,6 +109,7 @@ pub trait RangeSource: Send + Sync {
     /// layer's blob digest). `Ok(None)`: nothing to check.
     fn verify_complete(&self) -> BoxFuture<'_, Result<Option<bool>, FetchError>> {
         Box::pin(async { Ok(None) })
+    }
     /// Fetches several ranges (sorted, disjoint, non-empty, inside the blob)
     /// in as few requests as the source can: one multi-range request where
     /// the server takes them. Returns exactly the asked bytes, in order. The

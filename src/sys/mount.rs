@@ -520,6 +520,19 @@ fn openat2(dir: BorrowedFd, path: &std::ffi::CStr, flags: libc::c_int, resolve: 
     Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
 }
 
+/// Opens (O_PATH) the file `rel` below the directory `root` without following
+/// any symbolic link and without leaving `root` (`RESOLVE_BENEATH |
+/// RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS`).
+pub fn open_path_beneath(root: BorrowedFd, rel: &Path) -> io::Result<OwnedFd> {
+    let c_rel = path_to_cstring(rel)?;
+    openat2(
+        root,
+        &c_rel,
+        libc::O_PATH,
+        libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
+    )
+}
+
 /// Opens (O_PATH) the root directory of process `pid` through
 /// `/proc/PID/root`: the directory the process sees as `/`, in its own
 /// mount namespace.

@@ -187,6 +187,33 @@ pub fn reserve_fd_number(n: i32, placeholder: BorrowedFd<'_>) -> io::Result<Opti
     Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
+/// Open files an agent process wants: every queued permission event of a
+/// read(2) of the group installs an fd (a 64 KiB batch is ~1,300), and the
+/// kernel denies an event it cannot give an fd to.
+pub const WANTED_OPEN_FILES: u64 = 65536;
+
+/// Raises `RLIMIT_NOFILE` to at least `wanted` (the hard limit too when we
+/// may: root, up to `fs.nr_open`), else as far as the hard limit allows.
+/// Returns the soft limit now in force.
+pub fn raise_open_file_limit(wanted: u64) -> io::Result<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(io::Error::from)?;
+    if soft >= wanted {
+        return Ok(soft);
+    }
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(wanted);
+    let target = wanted.min(nr_open.max(hard));
+    if target > hard && setrlimit(Resource::RLIMIT_NOFILE, target, target).is_ok() {
+        return Ok(target);
+    }
+    let soft_now = target.min(hard).max(soft);
+    setrlimit(Resource::RLIMIT_NOFILE, soft_now, hard).map_err(io::Error::from)?;
+    Ok(soft_now)
+}
+
 const MAX_INHERITED_FDS: usize = 8;
 
 /// Spawns `cmd` with `fds` duplicated onto the given fd numbers in the child

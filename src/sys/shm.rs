@@ -43,9 +43,10 @@ pub struct SharedMap {
     map: Mapping,
 }
 
-/// The byte half of a split mapping: one owner, plain reads and writes.
+/// The byte part of a split mapping: one owner, plain reads and writes.
 pub struct SharedBytes {
     map: Arc<Mapping>,
+    off: usize,
     len: usize,
 }
 
@@ -60,9 +61,6 @@ impl SharedMap {
     /// Opens (creating, mode 0600, never through a symlink) `path`, sizes it
     /// to `len` and maps it shared.
     pub fn open(path: &Path, len: usize) -> io::Result<SharedMap> {
-        if len == 0 {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty mapping"));
-        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -71,6 +69,14 @@ impl SharedMap {
             .mode(0o600)
             .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
             .open(path)?;
+        Self::from_file(file, len)
+    }
+
+    /// Sizes the open read-write `file` to `len` and maps it shared.
+    pub fn from_file(file: File, len: usize) -> io::Result<SharedMap> {
+        if len == 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty mapping"));
+        }
         if file.metadata()?.len() != len as u64 {
             file.set_len(len as u64)?;
         }
@@ -103,22 +109,35 @@ impl SharedMap {
         }
         let map = Arc::new(self.map);
         let words = SharedWords { map: Arc::clone(&map), off: at, words: (len - at) / 8 };
-        Ok((SharedBytes { map, len: at }, words))
+        Ok((SharedBytes { map, off: 0, len: at }, words))
+    }
+
+    /// Splits into words `[0, a)`, bytes `[a, b)` and words `[b, len)`; `a`,
+    /// `b` and `len` must be multiples of 8 with `a <= b`.
+    pub fn split3(self, a: usize, b: usize) -> io::Result<(SharedWords, SharedBytes, SharedWords)> {
+        let len = self.map.len;
+        if a > b || b > len || a % 8 != 0 || b % 8 != 0 || len % 8 != 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "split points not word aligned"));
+        }
+        let map = Arc::new(self.map);
+        let head = SharedWords { map: Arc::clone(&map), off: 0, words: a / 8 };
+        let tail = SharedWords { map: Arc::clone(&map), off: b, words: (len - b) / 8 };
+        Ok((head, SharedBytes { map, off: a, len: b - a }, tail))
     }
 }
 
 impl SharedBytes {
     pub fn bytes(&self) -> &[u8] {
-        // SAFETY: `[0, len)` is mapped readable while `map` lives, and no
-        // other half covers it.
-        unsafe { std::slice::from_raw_parts(self.map.ptr.as_ptr(), self.len) }
+        // SAFETY: `[off, off + len)` is mapped readable while `map` lives, and
+        // no other part covers it.
+        unsafe { std::slice::from_raw_parts(self.map.ptr.as_ptr().add(self.off), self.len) }
     }
 
     pub fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in `bytes`; `&mut self` on the only owner of this half
+        // SAFETY: as in `bytes`; `&mut self` on the only owner of this part
         // makes this the only reference to it within the process (other
-        // processes touch the file only after we die).
-        unsafe { std::slice::from_raw_parts_mut(self.map.ptr.as_ptr(), self.len) }
+        // processes touch these bytes only after we die).
+        unsafe { std::slice::from_raw_parts_mut(self.map.ptr.as_ptr().add(self.off), self.len) }
     }
 }
 
@@ -151,5 +170,10 @@ mod tests {
         let (again, _) = SharedMap::open(&path, 8192).unwrap().split(4096).unwrap();
         assert_eq!(&again.bytes()[100..104], b"abcd");
         assert!(SharedMap::open(&path, 8192).unwrap().split(4095).is_err());
+        let (head, mid, tail) = SharedMap::open(&path, 8192).unwrap().split3(64, 4096).unwrap();
+        assert_eq!((head.as_ref().len(), mid.bytes().len(), tail.as_ref().len()), (8, 4032, 512));
+        assert_eq!(&mid.bytes()[36..40], b"abcd", "the byte part starts at its offset");
+        assert_eq!(tail.as_ref()[1].load(Ordering::SeqCst), 0x0102_0304_0506_0708);
+        assert!(SharedMap::open(&path, 8192).unwrap().split3(100, 4096).is_err());
     }
 }

@@ -31,7 +31,7 @@ use std::path::Path;
 use roaring::RoaringBitmap;
 use sha2::{Digest, Sha256};
 
-use crate::atomic::write_atomic;
+use crate::fsat::Dir;
 use crate::StateError;
 
 /// The block size the bitmap counts in (one bit per 4 KiB of the blob).
@@ -85,10 +85,36 @@ pub fn save_bitmap(
     bitmap: &RoaringBitmap,
     identity: &BitmapIdentity,
 ) -> Result<(), StateError> {
+    let (dir, name) = parent_dir(path)?;
+    save_bitmap_in(&dir, &name, bitmap, identity)
+}
+
+/// The directory of `path` (opened by path: the caller's choice) and the file name in it.
+fn parent_dir(path: &Path) -> Result<(Dir, String), StateError> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| StateError::io("open", path, std::io::ErrorKind::InvalidInput.into()))?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let dir = Dir::open_root(parent, false)?
+        .ok_or_else(|| StateError::io("open directory", parent, std::io::ErrorKind::NotFound.into()))?;
+    Ok((dir, name.to_string()))
+}
+
+pub(crate) fn save_bitmap_in(
+    dir: &Dir,
+    name: &str,
+    bitmap: &RoaringBitmap,
+    identity: &BitmapIdentity,
+) -> Result<(), StateError> {
+    let path = dir.join(name);
     let digest = identity.digest.as_deref().map(str::as_bytes);
     if digest.is_some_and(|d| d.len() > MAX_DIGEST_LEN) {
         return Err(StateError::Serialize {
-            path: path.into(),
+            path,
             reason: "digest too long".into(),
         });
     }
@@ -99,7 +125,7 @@ pub fn save_bitmap(
     compact
         .serialize_into(&mut payload)
         .map_err(|e| StateError::Serialize {
-            path: path.into(),
+            path: path.clone(),
             reason: e.to_string(),
         })?;
 
@@ -121,7 +147,7 @@ pub fn save_bitmap(
     out.extend_from_slice(&payload);
     let sum = Sha256::digest(&out);
     out.extend_from_slice(&sum);
-    write_atomic(path, &out, 0o600)
+    dir.write_atomic(name, &out, 0o600)
 }
 
 /// A little cursor over untrusted bytes: every read is bounds-checked.
@@ -157,9 +183,17 @@ impl<'a> Reader<'a> {
 /// cache file described by `expected`. I/O errors other than "not found" are errors; every
 /// kind of bad content is `Discarded(reason)`.
 pub fn load_bitmap(path: &Path, expected: &BitmapIdentity) -> Result<LoadedBitmap, StateError> {
+    match parent_dir(path) {
+        Ok((dir, name)) => load_bitmap_in(&dir, &name, expected),
+        Err(StateError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Ok(LoadedBitmap::Missing),
+        Err(e) => Err(e),
+    }
+}
+
+pub(crate) fn load_bitmap_in(dir: &Dir, name: &str, expected: &BitmapIdentity) -> Result<LoadedBitmap, StateError> {
     let cap =
         (FIXED_HEADER + MAX_DIGEST_LEN + 8 + SHA_LEN) as u64 + max_payload(expected.blob_size);
-    let bytes = match crate::atomic::read_capped(path, cap) {
+    let bytes = match dir.read_capped(name, cap) {
         Ok(Some(b)) => b,
         Ok(None) => return Ok(LoadedBitmap::Missing),
         Err(StateError::CorruptRecord { reason, .. }) => {

@@ -10,19 +10,22 @@
 //! Concurrency: the caller holds the entry's [`crate::AgentLock`] while it opens, changes or
 //! removes an entry; nothing here locks.
 
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::io::{self, Read};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::atomic::{
-    ensure_private_subdir, fsync_dir, read_capped, remove_if_exists, write_atomic,
-};
-use crate::bitmap_file::BitmapIdentity;
+use crate::bitmap_file::{BitmapIdentity, LoadedBitmap};
+use crate::fsat::Dir;
 use crate::keys::validate_digest;
 use crate::{unix_now, CacheDir, StateError};
+
+const BLOB: &str = "blob";
+const BITMAP: &str = "bitmap";
+const META: &str = "entry.json";
 
 const MAX_META_BYTES: u64 = 64 << 20;
 
@@ -49,10 +52,13 @@ pub struct EntryMeta {
     pub layout: Option<serde_json::Value>,
 }
 
-/// An opened cache entry. See the module doc.
+/// An opened cache entry. See the module doc. It holds descriptors of the cache root and of its
+/// own directory: every file of the entry is reached through them, never through a symlink.
 #[derive(Debug, Clone)]
 pub struct CacheEntry {
-    dir: PathBuf,
+    root: Arc<Dir>,
+    dir: Arc<Dir>,
+    key: String,
     meta: EntryMeta,
 }
 
@@ -91,15 +97,21 @@ impl CacheEntry {
         if let Some(d) = digest {
             validate_digest(d)?;
         }
-        let dir = cache.entry_dir(key)?;
-        cache.create()?;
-        ensure_private_subdir(&dir)?;
+        cache.entry_dir(key)?;
+        let root = cache
+            .root_dir(true)?
+            .ok_or_else(|| StateError::io("create directory", cache.root(), io::ErrorKind::NotFound.into()))?;
+        let dir = root
+            .subdir(key, true, true)?
+            .ok_or_else(|| StateError::io("create directory", cache.root().join(key), io::ErrorKind::NotFound.into()))?;
         let mut entry = CacheEntry {
-            dir,
+            root: Arc::new(root),
+            dir: Arc::new(dir),
+            key: key.to_owned(),
             meta: placeholder_meta(key, blob_size, source, digest),
         };
 
-        match entry.check_existing(key, blob_size, digest) {
+        match entry.check_existing(key, blob_size, digest)? {
             Ok(mut meta) => {
                 meta.source = source.to_owned();
                 meta.last_used_unix = unix_now();
@@ -108,7 +120,7 @@ impl CacheEntry {
                 return Ok((entry, false));
             }
             Err(Some(reason)) => {
-                tracing::warn!(entry = %entry.dir.display(), %reason, "recreating cache entry");
+                tracing::warn!(entry = %entry.dir().display(), %reason, "recreating cache entry");
             }
             Err(None) => {}
         }
@@ -120,91 +132,107 @@ impl CacheEntry {
     /// metadata extent map, read without creating or changing anything: a
     /// front end then knows the agent will not walk (no index lookup needed).
     pub fn knows_required(cache: &CacheDir, key: &str, blob_size: u64, digest: Option<&str>) -> bool {
-        let Ok(dir) = cache.entry_dir(key) else { return false };
-        let entry = CacheEntry { dir, meta: placeholder_meta(key, blob_size, "", digest) };
-        entry.check_existing(key, blob_size, digest).is_ok_and(|m| m.required.is_some())
+        match CacheEntry::open_existing(cache, key) {
+            Ok(Some(e)) => e.meta.blob_size == blob_size && e.meta.digest.as_deref() == digest && e.meta.required.is_some(),
+            _ => false,
+        }
     }
 
-    /// `Ok(meta)` if the existing entry can be reused; `Err(None)` if there is no entry,
-    /// `Err(Some(reason))` if there is one that must be remade.
+    /// Opens the existing, intact entry `key` without changing it; `Ok(None)` if there is none (or
+    /// it is half-made or damaged). For reading an entry without its source (offline).
+    pub fn open_existing(cache: &CacheDir, key: &str) -> Result<Option<CacheEntry>, StateError> {
+        cache.entry_dir(key)?;
+        let Some(root) = cache.root_dir(false)? else { return Ok(None) };
+        let Some(dir) = root.subdir(key, false, false)? else { return Ok(None) };
+        let Some(bytes) = dir.read_capped(META, MAX_META_BYTES)? else { return Ok(None) };
+        let Ok(meta) = serde_json::from_slice::<EntryMeta>(&bytes) else { return Ok(None) };
+        let (size, digest) = (meta.blob_size, meta.digest.clone());
+        let entry = CacheEntry { root: Arc::new(root), dir: Arc::new(dir), key: key.to_owned(), meta };
+        Ok(match entry.check_existing(key, size, digest.as_deref())? {
+            Ok(meta) => Some(CacheEntry { meta, ..entry }),
+            Err(_) => None,
+        })
+    }
+
+    /// `Ok(Ok(meta))` if the existing entry can be reused; `Ok(Err(None))` if there is no entry,
+    /// `Ok(Err(Some(reason)))` if there is one that must be remade; `Err` if something in it is
+    /// not ours (a symlink, a foreign or group/world-writable file): refused, never remade.
     fn check_existing(
         &self,
         key: &str,
         blob_size: u64,
         digest: Option<&str>,
-    ) -> Result<EntryMeta, Option<String>> {
-        let meta_path = self.meta_path();
-        let bytes = match read_capped(&meta_path, MAX_META_BYTES) {
+    ) -> Result<Result<EntryMeta, Option<String>>, StateError> {
+        // Refuse what is not ours before anything else (without opening the blob: it may be
+        // marked already, and an open raises an event).
+        for name in [META, BLOB, BITMAP] {
+            self.dir.check_file(name)?;
+        }
+        let bytes = match self.dir.read_capped(META, MAX_META_BYTES) {
             Ok(Some(b)) => b,
             Ok(None) => {
-                return match fs::symlink_metadata(self.blob_path()) {
-                    Ok(_) => Err(Some("half-made (blob without entry.json)".into())),
-                    Err(_) => Err(None),
-                }
+                return Ok(match self.dir.stat(BLOB)? {
+                    Some(_) => Err(Some("half-made (blob without entry.json)".into())),
+                    None => Err(None),
+                })
             }
-            Err(e) => return Err(Some(e.to_string())),
+            Err(StateError::Unsafe { path, reason }) => return Err(StateError::Unsafe { path, reason }),
+            Err(e) => return Ok(Err(Some(e.to_string()))),
         };
-        let mut meta: EntryMeta = serde_json::from_slice(&bytes)
-            .map_err(|e| Some(format!("entry.json does not parse: {e}")))?;
+        let mut meta: EntryMeta = match serde_json::from_slice(&bytes) {
+            Ok(m) => m,
+            Err(e) => return Ok(Err(Some(format!("entry.json does not parse: {e}")))),
+        };
         if meta.key != key {
-            return Err(Some(format!("entry.json names key {:?}", meta.key)));
+            return Ok(Err(Some(format!("entry.json names key {:?}", meta.key))));
         }
         if meta.blob_size != blob_size {
-            return Err(Some(format!(
+            return Ok(Err(Some(format!(
                 "blob size {} recorded, {blob_size} expected",
                 meta.blob_size
-            )));
+            ))));
         }
         if meta.digest.as_deref() != digest {
-            return Err(Some(format!(
+            return Ok(Err(Some(format!(
                 "digest {:?} recorded, {digest:?} expected",
                 meta.digest
-            )));
+            ))));
         }
         let blob = self.blob_path();
-        let st =
-            fs::symlink_metadata(&blob).map_err(|e| Some(format!("{}: {e}", blob.display())))?;
-        if !st.file_type().is_file() {
-            return Err(Some("blob is not a regular file".into()));
-        }
-        if st.len() != blob_size {
-            return Err(Some(format!(
+        let Some(st) = self.dir.stat(BLOB)? else {
+            return Ok(Err(Some(format!("{}: missing", blob.display()))));
+        };
+        if st.st_size as u64 != blob_size {
+            return Ok(Err(Some(format!(
                 "blob is {} bytes, {blob_size} expected",
-                st.len()
-            )));
+                st.st_size
+            ))));
         }
-        if st.ino() != meta.blob_inode {
-            return Err(Some(format!(
+        if st.st_ino != meta.blob_inode {
+            return Ok(Err(Some(format!(
                 "blob is inode {}, entry.json recorded {}",
-                st.ino(),
-                meta.blob_inode
-            )));
+                st.st_ino, meta.blob_inode
+            ))));
         }
         if let Some(required) = &meta.required {
             if required.iter().any(|&[s, e]| s > e || e > blob_size) {
-                tracing::warn!(entry = %self.dir.display(), "dropping invalid metadata extent map");
+                tracing::warn!(entry = %self.dir().display(), "dropping invalid metadata extent map");
                 meta.required = None;
             }
         }
-        Ok(meta)
+        Ok(Ok(meta))
     }
 
     /// Removes whatever is there and makes a fresh, empty entry: entry.json first (the
     /// commit marker), then blob and bitmap; then the new blob; entry.json last.
     fn recreate(&mut self) -> Result<(), StateError> {
-        remove_if_exists(&self.meta_path())?;
-        remove_if_exists(&self.blob_path())?;
-        remove_if_exists(&self.bitmap_path())?;
-        fsync_dir(&self.dir)?;
+        self.dir.remove(META)?;
+        self.dir.remove(BLOB)?;
+        self.dir.remove(BITMAP)?;
+        self.dir.fsync()?;
 
         let blob = self.blob_path();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&blob)
-            .map_err(|e| StateError::io("create", &blob, e))?;
+        let file = self.dir.create_new(BLOB, 0o600)?;
         file.set_len(self.meta.blob_size)
             .map_err(|e| StateError::io("set size of", &blob, e))?;
         file.sync_all()
@@ -231,23 +259,49 @@ impl CacheEntry {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        write_atomic(&path, &json, 0o600)
+        self.dir.write_atomic(META, &json, 0o600)
+    }
+
+    /// Opens `blob` read-write (the cache file), through the entry's descriptor, checking that it
+    /// is still the file `entry.json` recorded.
+    pub fn open_blob(&self) -> Result<fs::File, StateError> {
+        let blob = self.blob_path();
+        let file = self
+            .dir
+            .open_file(BLOB, true)?
+            .ok_or_else(|| StateError::io("open", &blob, io::ErrorKind::NotFound.into()))?;
+        let ino = file.metadata().map_err(|e| StateError::io("stat", &blob, e))?.ino();
+        if ino != self.meta.blob_inode {
+            return Err(StateError::corrupt(&blob, format!("is inode {ino}, entry.json recorded {}", self.meta.blob_inode)));
+        }
+        Ok(file)
+    }
+
+    /// Loads the persisted bitmap (see [`crate::load_bitmap`]) through the entry's descriptor.
+    pub fn load_bitmap(&self, expected: &BitmapIdentity) -> Result<LoadedBitmap, StateError> {
+        crate::bitmap_file::load_bitmap_in(&self.dir, BITMAP, expected)
+    }
+
+    /// Saves the bitmap (see [`crate::save_bitmap`]) through the entry's descriptor.
+    pub fn save_bitmap(&self, bitmap: &roaring::RoaringBitmap, identity: &BitmapIdentity) -> Result<(), StateError> {
+        crate::bitmap_file::save_bitmap_in(&self.dir, BITMAP, bitmap, identity)
     }
 
     pub fn key(&self) -> &str {
-        &self.meta.key
+        &self.key
     }
+    /// The entry's path, for messages (its files are reached through a descriptor).
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.dir.path()
     }
     pub fn blob_path(&self) -> PathBuf {
-        self.dir.join("blob")
+        self.dir.join(BLOB)
     }
     pub fn bitmap_path(&self) -> PathBuf {
-        self.dir.join("bitmap")
+        self.dir.join(BITMAP)
     }
     pub fn meta_path(&self) -> PathBuf {
-        self.dir.join("entry.json")
+        self.dir.join(META)
     }
     pub fn log_path(&self) -> PathBuf {
         self.dir.join("agent.log")
@@ -309,8 +363,10 @@ impl CacheEntry {
     /// caller that must learn the recorded size before [`CacheEntry::open_or_create`] (which
     /// checks everything), and for readers of other entries. `None` if absent or unreadable.
     pub fn peek(cache: &CacheDir, key: &str) -> Option<EntryMeta> {
-        let dir = cache.entry_dir(key).ok()?;
-        let bytes = read_capped(&dir.join("entry.json"), MAX_META_BYTES).ok()??;
+        cache.entry_dir(key).ok()?;
+        let root = cache.root_dir(false).ok()??;
+        let dir = root.subdir(key, false, false).ok()??;
+        let bytes = dir.read_capped(META, MAX_META_BYTES).ok()??;
         let meta: EntryMeta = serde_json::from_slice(&bytes).ok()?;
         (meta.key == key).then_some(meta)
     }
@@ -324,12 +380,21 @@ impl CacheEntry {
     /// Deletes the whole entry (a failed first mount leaves no half-made entry behind).
     pub fn remove(self) -> Result<(), StateError> {
         // entry.json first: should the rest fail, what is left is recognisably half-made.
-        remove_if_exists(&self.meta_path())?;
-        match fs::remove_dir_all(&self.dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(StateError::io("remove", &self.dir, e)),
+        self.dir.remove(META)?;
+        for name in self.dir.names()? {
+            self.dir.remove(&name)?;
         }
+        // The directory by name, through the root: it is ours only if it is still the one we hold.
+        match self.root.stat(&self.key)? {
+            Some(st) if st.st_ino == self.dir_inode()? => self.root.remove_tree(&self.key),
+            _ => Ok(()),
+        }
+    }
+
+    fn dir_inode(&self) -> Result<u64, StateError> {
+        nix::sys::stat::fstat(self.dir.as_fd())
+            .map(|st| st.st_ino)
+            .map_err(|e| StateError::io("stat", self.dir(), e.into()))
     }
 }
 

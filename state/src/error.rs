@@ -43,6 +43,11 @@ pub enum StateError {
     #[error("socket path {} is {len} bytes; unix sockets allow at most 107", path.display())]
     SocketPathTooLong { path: PathBuf, len: usize },
 
+    /// Something under a state or cache root that is not ours: a symbolic link, an object owned by
+    /// someone else or writable by group or others, or not the kind of object it should be.
+    #[error("refusing {}: {reason}", path.display())]
+    Unsafe { path: PathBuf, reason: String },
+
     /// `/proc/PID/stat` could not be parsed.
     #[error("cannot parse {}", path.display())]
     ProcStat { path: PathBuf },
@@ -54,6 +59,13 @@ impl StateError {
             op,
             path: path.into(),
             source,
+        }
+    }
+
+    pub(crate) fn unsafe_entry(path: impl Into<PathBuf>, reason: String) -> Self {
+        StateError::Unsafe {
+            path: path.into(),
+            reason,
         }
     }
 

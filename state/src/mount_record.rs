@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::atomic::{read_capped, remove_if_exists, write_atomic};
 use crate::{AgentIdentity, StateDir, StateError};
 
 /// Records are a few hundred bytes; anything much larger is not ours.
@@ -37,15 +36,21 @@ pub struct MountRecord {
     pub created_unix: u64,
 }
 
+fn record_name(mnt_id: u64) -> String {
+    format!("{mnt_id}.json")
+}
+
 /// Writes (or replaces) the record of `record.mnt_id`, atomically, mode 0600.
 pub fn write_mount_record(state: &StateDir, record: &MountRecord) -> Result<(), StateError> {
-    state.create()?;
     let path = state.mount_record_path(record.mnt_id);
+    let dir = state
+        .mounts(true)?
+        .ok_or_else(|| StateError::io("create directory", state.mounts_dir(), io::ErrorKind::NotFound.into()))?;
     let json = serde_json::to_vec_pretty(record).map_err(|e| StateError::Serialize {
         path: path.clone(),
         reason: e.to_string(),
     })?;
-    write_atomic(&path, &json, 0o600)
+    dir.write_atomic(&record_name(record.mnt_id), &json, 0o600)
 }
 
 fn parse_record(path: &Path, bytes: &[u8]) -> Result<MountRecord, StateError> {
@@ -55,8 +60,16 @@ fn parse_record(path: &Path, bytes: &[u8]) -> Result<MountRecord, StateError> {
 /// The record of mount `mnt_id`, `Ok(None)` if there is none. A record that does not parse,
 /// or that names another mount id, is [`StateError::CorruptRecord`].
 pub fn read_mount_record(state: &StateDir, mnt_id: u64) -> Result<Option<MountRecord>, StateError> {
-    let path = state.mount_record_path(mnt_id);
-    let Some(bytes) = read_capped(&path, MAX_RECORD_BYTES)? else {
+    let Some(dir) = state.mounts(false)? else {
+        return Ok(None);
+    };
+    read_in(&dir, mnt_id)
+}
+
+fn read_in(dir: &crate::fsat::Dir, mnt_id: u64) -> Result<Option<MountRecord>, StateError> {
+    let name = record_name(mnt_id);
+    let path = dir.join(&name);
+    let Some(bytes) = dir.read_capped(&name, MAX_RECORD_BYTES)? else {
         return Ok(None);
     };
     let record = parse_record(&path, &bytes)?;
@@ -71,10 +84,12 @@ pub fn read_mount_record(state: &StateDir, mnt_id: u64) -> Result<Option<MountRe
 
 /// Removes the record of `mnt_id`; true if there was one.
 pub fn remove_mount_record(state: &StateDir, mnt_id: u64) -> Result<bool, StateError> {
-    let path = state.mount_record_path(mnt_id);
-    let removed = remove_if_exists(&path)?;
+    let Some(dir) = state.mounts(false)? else {
+        return Ok(false);
+    };
+    let removed = dir.remove(&record_name(mnt_id))?;
     if removed {
-        crate::atomic::fsync_dir(&state.mounts_dir())?;
+        dir.fsync()?;
     }
     Ok(removed)
 }
@@ -85,29 +100,19 @@ pub fn remove_mount_record(state: &StateDir, mnt_id: u64) -> Result<bool, StateE
 pub fn list_mount_records(
     state: &StateDir,
 ) -> Result<Vec<Result<MountRecord, StateError>>, StateError> {
-    let dir = state.mounts_dir();
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(StateError::io("read directory", dir, e)),
+    let Some(dir) = state.mounts(false)? else {
+        return Ok(Vec::new());
     };
-    let mut ids = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|e| StateError::io("read directory", &dir, e))?;
-        let name = entry.file_name();
+    let mut ids: Vec<u64> = dir
+        .names()?
+        .iter()
         // Temporary files start with '.'; anything not `<u64>.json` is not a record.
-        if let Some(id) = name
-            .to_str()
-            .and_then(|n| n.strip_suffix(".json"))
-            .and_then(|n| n.parse::<u64>().ok())
-        {
-            ids.push(id);
-        }
-    }
+        .filter_map(|n| n.strip_suffix(".json").and_then(|n| n.parse::<u64>().ok()))
+        .collect();
     ids.sort_unstable();
     Ok(ids
         .into_iter()
-        .filter_map(|id| read_mount_record(state, id).transpose())
+        .filter_map(|id| read_in(&dir, id).transpose())
         .collect())
 }
 

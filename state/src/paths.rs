@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::atomic::{create_private_dir_all, ensure_private_subdir};
+use crate::fsat::Dir;
 use crate::keys::validate_cache_key;
 use crate::StateError;
 
@@ -47,9 +47,41 @@ impl StateDir {
     /// Creates the root (0700 if new) and `mounts/`, `agents/` (forced to 0700).
     /// The record writers call this themselves; it is cheap and idempotent.
     pub fn create(&self) -> Result<(), StateError> {
-        create_private_dir_all(&self.root)?;
-        ensure_private_subdir(&self.mounts_dir())?;
-        ensure_private_subdir(&self.agents_dir())
+        self.agents(true)?;
+        self.mounts(true)?;
+        Ok(())
+    }
+
+    /// `agents/`, opened (and with `create`, made) through the root's descriptor; it must be ours.
+    pub(crate) fn agents(&self, create: bool) -> Result<Option<Dir>, StateError> {
+        self.sub("agents", create)
+    }
+
+    /// `mounts/`, as [`Self::agents`].
+    pub(crate) fn mounts(&self, create: bool) -> Result<Option<Dir>, StateError> {
+        self.sub("mounts", create)
+    }
+
+    fn sub(&self, name: &str, create: bool) -> Result<Option<Dir>, StateError> {
+        match Dir::open_root(&self.root, create)? {
+            Some(root) => root.subdir(name, create, true),
+            None => Ok(None),
+        }
+    }
+
+    /// Opens `agents/<key>.log` for appending (created 0600), through `agents/`'s descriptor.
+    pub fn open_agent_log(&self, key: &str) -> Result<std::fs::File, StateError> {
+        validate_cache_key(key)?;
+        let dir = self
+            .agents(true)?
+            .ok_or_else(|| StateError::io("create directory", self.agents_dir(), std::io::ErrorKind::NotFound.into()))?;
+        dir.open_append(&format!("{key}.log"), 0o600)
+    }
+
+    /// `agents/<key>.log`: the log of the agent of `key` (its stderr).
+    pub fn agent_log_path(&self, key: &str) -> Result<PathBuf, StateError> {
+        validate_cache_key(key)?;
+        Ok(self.agents_dir().join(format!("{key}.log")))
     }
 
     /// `mounts/<mnt_id>.json`.
@@ -69,16 +101,13 @@ impl StateDir {
         Ok(self.agents_dir().join(format!("{key}.lock")))
     }
 
-    /// `agents/<key>.sock`; an error if the path does not fit a unix socket address
-    /// (the default root leaves room for the longest key: 103 bytes).
     /// The worker's event journal (see the agent's `journal` module).
     pub fn agent_journal_path(&self, key: &str) -> Result<PathBuf, StateError> {
-        validate_cache_key(key)?;
-        use sha2::Digest;
-        let short = hex::encode(&sha2::Sha256::digest(key.as_bytes())[..8]);
-        Ok(self.agents_dir().join(format!("{short}.journal")))
+        Ok(self.agents_dir().join(journal_name(key)?))
     }
 
+    /// `agents/<key>.sock`; an error if the path does not fit a unix socket address
+    /// (the default root leaves room for the longest key: 103 bytes).
     pub fn agent_socket_path(&self, key: &str) -> Result<PathBuf, StateError> {
         validate_cache_key(key)?;
         // Unix socket paths are short (108 bytes): name the socket by a hash
@@ -92,6 +121,14 @@ impl StateDir {
         }
         Ok(path)
     }
+}
+
+/// `<hash of key>.journal` (short, like the socket's name).
+pub(crate) fn journal_name(key: &str) -> Result<String, StateError> {
+    validate_cache_key(key)?;
+    use sha2::Digest;
+    let short = hex::encode(&sha2::Sha256::digest(key.as_bytes())[..8]);
+    Ok(format!("{short}.journal"))
 }
 
 /// The persistent cache directory: one `<key>/` entry per blob.
@@ -123,7 +160,32 @@ impl CacheDir {
 
     /// Creates the root with mode 0700 if it does not exist (an existing one keeps its mode).
     pub fn create(&self) -> Result<(), StateError> {
-        create_private_dir_all(&self.root)
+        Dir::open_root(&self.root, true).map(|_| ())
+    }
+
+    pub(crate) fn root_dir(&self, create: bool) -> Result<Option<Dir>, StateError> {
+        Dir::open_root(&self.root, create)
+    }
+
+    /// Removes the entry `key` (its files, then its directory) through the root's descriptor: a
+    /// symlink in its place is removed itself, never followed. `entry.json` goes first, so an
+    /// interrupted removal leaves an entry the next mount recognises as half-made.
+    pub fn remove_entry(&self, key: &str) -> Result<(), StateError> {
+        validate_cache_key(key)?;
+        let Some(root) = self.root_dir(false)? else { return Ok(()) };
+        if let Ok(Some(entry)) = root.subdir(key, false, false) {
+            entry.remove("entry.json")?;
+        }
+        root.remove_tree(key)
+    }
+
+    /// The `entry.json` of `key`, if the entry is ours and it parses.
+    pub fn read_entry_meta(&self, key: &str) -> Result<Option<crate::EntryMeta>, StateError> {
+        validate_cache_key(key)?;
+        let Some(root) = self.root_dir(false)? else { return Ok(None) };
+        let Some(entry) = root.subdir(key, false, false)? else { return Ok(None) };
+        let Some(bytes) = entry.read_capped("entry.json", 64 << 20)? else { return Ok(None) };
+        serde_json::from_slice(&bytes).map(Some).map_err(|e| StateError::corrupt(entry.join("entry.json"), e.to_string()))
     }
 
     /// `<root>/<key>`, after validating the key.

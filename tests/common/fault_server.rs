@@ -12,7 +12,8 @@
 //! - `reset_next(n)`: the next n GETs with a non-empty body send the headers and half the body, then reset
 //!   the connection (RST);
 //! - `short_body_next(n)`: the next n GETs with a non-empty body send the headers (full Content-Length) and
-//!   half the body, then close normally (FIN).
+//!   half the body, then close normally (FIN);
+//! - `set_delay(d)`: every blob request is answered `d` late (a slow but working server).
 //!
 //! `stats()` counts requests, bytes of body sent, the ranges asked for and each fault injected.
 
@@ -50,6 +51,7 @@ struct Faults {
     fail_next: u64,
     reset_next: u64,
     short_next: u64,
+    delay: std::time::Duration,
 }
 
 struct State {
@@ -125,6 +127,11 @@ impl FaultServer {
 
     pub fn short_body_next(&self, n: u64) {
         lock(&self.state.faults).short_next = n;
+    }
+
+    /// Answers every blob request `delay` late from now on (zero: on time).
+    pub fn set_delay(&self, delay: std::time::Duration) {
+        lock(&self.state.faults).delay = delay;
     }
 
     /// Holds every request from now on until `resume()`.
@@ -215,6 +222,10 @@ impl State {
         };
         if is_get {
             lock(&self.stats).ranges.push((start, (start + len).saturating_sub(1)));
+        }
+        let delay = lock(&self.faults).delay;
+        if !delay.is_zero() {
+            std::thread::sleep(delay);
         }
         let fault = {
             let mut faults = lock(&self.faults);

@@ -37,6 +37,7 @@ pub mod moto;
 pub mod multipart_server;
 pub mod oci;
 pub mod prereq;
+pub mod readers;
 pub mod registry;
 pub mod token_server;
 pub mod tree;
