@@ -1190,7 +1190,7 @@ fn walk_of_a_given_image() {
 /// A tree shaped like a root filesystem: only directories and symlinks at
 /// the top, thousands of small files below, a few big ones.
 fn rootfs_like_tree(root: &Path) {
-    let mut rng = Rng(0xB007_F5);
+    let mut rng = Rng(0x00B0_07F5);
     for top in ["boot", "dev", "home", "media", "mnt", "opt", "proc", "root", "run", "srv", "sys", "tmp"] {
         std::fs::create_dir_all(root.join(top)).unwrap();
     }
