@@ -853,7 +853,7 @@ mod tests {
     #[test]
     fn prefetch_keeps_several_requests_in_flight_and_leaves_permits_for_demand() {
         let r = rig(Behaviour::Serve, true);
-        let task = r._rt.spawn(Arc::clone(&r.scheduler).prefetch(vec![0..16 * UNIT], None));
+        let task = r._rt.spawn(Arc::clone(&r.scheduler).prefetch(std::iter::once(0..16 * UNIT).collect(), None));
         // Gate held: the prefetch claims units for half the permits (2 requests of 4 units).
         let deadline = Instant::now() + Duration::from_secs(10);
         while r.scheduler.inner.lock().inflight.len() < 8 {

@@ -130,7 +130,7 @@ mod tests {
         assert_eq!(plan.len(), 25);
         assert!(plan.iter().all(|r| r.len() == 4));
         // A long range is split at the byte limit.
-        let plan = plan_requests(vec![0..100 * 4096], &est(50, 12.5e6, 1), MultiRange::Supported, &limits);
+        let plan = plan_requests(std::iter::once(0..100 * 4096).collect(), &est(50, 12.5e6, 1), MultiRange::Supported, &limits);
         assert_eq!(plan.len(), 10);
         let flat: Vec<_> = plan.into_iter().flatten().collect();
         assert_eq!(ranges::normalize(flat), vec![0..100 * 4096]);
