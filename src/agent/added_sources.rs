@@ -14,7 +14,7 @@ use futures_util::future::BoxFuture;
 use parking_lot::{Mutex, RwLock};
 
 use crate::http::ClientConfig;
-use crate::remote::{FetchError, RangeSource};
+use crate::remote::{FetchError, LinkEstimate, MultiRange, Parts, RangeSource};
 
 use super::sources::{open_source, SourceSpec};
 
@@ -120,6 +120,40 @@ impl RangeSource for AddedSources {
             // Retry while any of them may recover.
             Err(if transient { FetchError::Transient(first.to_string()) } else { first })
         })
+    }
+
+    // The primary's shape (regions, granules, multi-range, link) is the
+    // blob's: the scheduler cuts units at its regions and plans by its link.
+    fn fetch_many(&self, ranges: Vec<Range<u64>>) -> BoxFuture<'_, Result<Parts, FetchError>> {
+        Box::pin(async move {
+            match self.primary.fetch_many(ranges.clone()).await {
+                Ok(parts) => Ok(parts),
+                Err(_) if !self.added.read().is_empty() => {
+                    crate::remote::multi::fetch_merged(|r| self.fetch(r), &ranges, 0, u64::MAX).await
+                }
+                Err(e) => Err(e),
+            }
+        })
+    }
+
+    fn multi_range(&self) -> MultiRange {
+        self.primary.multi_range()
+    }
+
+    fn link(&self) -> LinkEstimate {
+        self.primary.link()
+    }
+
+    fn region(&self, offset: u64) -> Range<u64> {
+        self.primary.region(offset)
+    }
+
+    fn granule(&self, range: Range<u64>) -> Range<u64> {
+        self.primary.granule(range)
+    }
+
+    fn verify_complete(&self) -> BoxFuture<'_, Result<Option<bool>, FetchError>> {
+        self.primary.verify_complete()
     }
 
     fn describe(&self) -> String {

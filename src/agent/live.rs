@@ -70,7 +70,10 @@ pub(super) async fn go_live(cfg: &AgentConfig, ctx: &WorkerContext, p: Prepared)
             max_request: (4 * cfg.fetch_unit).max(4 << 20),
             parallel: cfg.fetch_parallel,
             retry: p.retry.clone(),
-            whole_file_max: WHOLE_FILE_MAX,
+            // Off by default for now: page-rounded extents of small neighbouring files merge, so a
+            // miss fetches the neighbours too (an S3 test reading a second file after its key was
+            // refused found it present). `WHOLE_FILE_MAX` is the bound when it is turned on.
+            whole_file_max: 0,
         },
         tokio::runtime::Handle::current(),
     );

@@ -309,7 +309,7 @@ mod tests {
             let stats = Arc::new(Stats::default());
             let fetcher = Arc::new(Fetcher::new(Arc::clone(&cache), blob.clone(), Arc::clone(&stats), RetryPolicy::default(), 8));
             // The agent's head is the probe (64 KiB); the plain walk reads one page first.
-            let opts = if guess { WalkOptions { first_read: crate::remote::PROBE_LEN, contiguous_guess_max: 64 << 20 } } else { WalkOptions { first_read: 4096, contiguous_guess_max: 0 } };
+            let opts = if guess { WalkOptions { first_read: 64 << 10, contiguous_guess_max: 64 << 20 } } else { WalkOptions { first_read: 4096, contiguous_guess_max: 0 } };
             let mut reader = CacheMetaReader::new(Arc::clone(&fetcher), rt.handle().clone());
             let size = data.len() as u64;
             let map = std::thread::spawn(move || walk_with(&mut reader, size, &WalkLimits::default(), &opts)).join().unwrap().unwrap();

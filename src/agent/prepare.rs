@@ -160,16 +160,12 @@ pub(super) async fn prepare(cfg: &AgentConfig, ctx: &WorkerContext) -> Result<Pr
             // metadata lives in the primary device, the segment at byte 0;
             // what lies past it (a tar index's tar, flatdev blobs) is data of
             // extra devices, never required.
-            let (walk_len, clip_to) = match metadata_end {
-                Some(len) => (size, Some(len)),
-                None => (layout.segment_at(0).map_or(size, |s| s.end().min(size)), None),
-            };
-            let map = walk_metadata(&fetcher, walk_len, probed, &shown).await?;
+            // The walk sees the whole space (file data may lie past the
+            // primary: a bucket image's objects, a tar index's tar).
+            let metadata_len = metadata_end.unwrap_or_else(|| layout.segment_at(0).map_or(size, |s| s.end().min(size)));
+            let map = walk_metadata(&fetcher, size, probed, &shown).await?;
             Stats::add(&stats.walk_round_trips, u64::from(map.round_trips));
-            let required = match clip_to {
-                Some(len) => clip(&map.required, len),
-                None => map.required,
-            };
+            let required = clip(&map.required, metadata_len);
             if let Err(e) = entry.set_required(&required) {
                 tracing::warn!(error = %e, "cannot store the metadata map with the cache entry");
             }

@@ -365,7 +365,11 @@ impl<W: Waiter> Scheduler<W> {
         let mut out: Vec<Range<u64>> = Vec::new();
         for at in [range.start, range.end - 1] {
             if let Some(e) = crate::erofs::extent_at(&extents, at) {
-                if e.end - e.start <= max && !out.contains(&e) {
+                // Never into another region (another source: a bucket image's
+                // neighbouring object, the next layer's blob).
+                let region = self.region_of(at);
+                let e = e.start.max(region.start)..e.end.min(region.end);
+                if !e.is_empty() && e.end - e.start <= max && !out.contains(&e) {
                     out.push(e);
                 }
             }

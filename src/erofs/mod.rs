@@ -92,7 +92,10 @@ pub struct WalkOptions {
 
 impl Default for WalkOptions {
     fn default() -> Self {
-        WalkOptions { first_read: 64 << 10, contiguous_guess_max: 64 << 20 }
+        // The contiguous guess is off unless asked for: a wrong guess fetches
+        // file data before anything reads it (below the lowest data start the
+        // head shows may lie other files' data), which a lazy mount must not.
+        WalkOptions { first_read: 64 << 10, contiguous_guess_max: 0 }
     }
 }
 

@@ -31,12 +31,12 @@ pub use link::{LinkEstimate, LinkMeter};
 pub use plan::{plan_requests, RequestLimits};
 pub use retry::{fetch_many_with_retry, fetch_with_retry, RetryPolicy};
 
-/// Bytes read when a source is opened: the EROFS superblock (at 1024) and the
-/// inodes packed after it, which the metadata walk looks at first. One
-/// request either way; 128 KiB are also the smallest body the link meter
-/// takes a bandwidth sample from, so the walk's first batches are planned
-/// with the link's measured break-even gap instead of an assumed one.
-pub const PROBE_LEN: u64 = 128 << 10;
+/// Bytes read when a source is opened: the EROFS superblock (at 1024). Kept
+/// to one page: a bigger probe (128 KiB was tried, to give the link meter a
+/// bandwidth sample) fetches data before anything asks for it, into another
+/// segment of a layout, and past what a first mount needs; the walk's first
+/// batches are planned with the meter's default until it has a sample.
+pub const PROBE_LEN: u64 = 4096;
 
 /// Why a fetch failed. Transient failures are retried, permanent ones not.
 #[derive(Debug, thiserror::Error)]

@@ -5,6 +5,7 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 
 use super::{FetchError, Parts, RangeSource};
 
@@ -40,26 +41,9 @@ pub async fn fetch_with_retry(
     range: Range<u64>,
     policy: &RetryPolicy,
 ) -> Result<Fetched, (FetchError, u32)> {
-    let started = Instant::now();
-    let mut backoff = policy.first_backoff;
-    let mut failed = 0u32;
-    loop {
-        let remaining = policy.deadline.saturating_sub(started.elapsed());
-        let attempt = tokio::time::timeout(remaining, source.fetch(range.clone())).await;
-        let err = match attempt {
-            Ok(Ok(bytes)) => return Ok(Fetched { bytes, failed_attempts: failed }),
-            Ok(Err(e)) => e,
-            Err(_) => FetchError::Transient(format!("{}: no answer within the retry deadline", source.describe())),
-        };
-        failed += 1;
-        let elapsed = started.elapsed();
-        if !err.is_transient() || failed >= policy.max_attempts || elapsed + backoff >= policy.deadline {
-            return Err((err, failed));
-        }
-        tracing::warn!(range = ?range, attempt = failed, error = %err, "fetch failed; retrying");
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(policy.max_backoff);
-    }
+    let what = format!("{range:?}");
+    let (bytes, failed_attempts) = retry(source, policy, &what, || source.fetch(range.clone())).await?;
+    Ok(Fetched { bytes, failed_attempts })
 }
 
 /// Outcome of a multi-range fetch with retries.
@@ -75,14 +59,26 @@ pub async fn fetch_many_with_retry(
     ranges: Vec<Range<u64>>,
     policy: &RetryPolicy,
 ) -> Result<FetchedMany, (FetchError, u32)> {
+    let what = format!("{} ranges", ranges.len());
+    let (parts, failed_attempts) = retry(source, policy, &what, || source.fetch_many(ranges.clone())).await?;
+    Ok(FetchedMany { parts, failed_attempts })
+}
+
+/// Runs `attempt` until it succeeds, fails permanently, or the policy's
+/// attempts or deadline run out; returns the value and the failed attempts.
+async fn retry<'a, T>(
+    source: &dyn RangeSource,
+    policy: &RetryPolicy,
+    what: &str,
+    mut attempt: impl FnMut() -> BoxFuture<'a, Result<T, FetchError>>,
+) -> Result<(T, u32), (FetchError, u32)> {
     let started = Instant::now();
     let mut backoff = policy.first_backoff;
     let mut failed = 0u32;
     loop {
         let remaining = policy.deadline.saturating_sub(started.elapsed());
-        let attempt = tokio::time::timeout(remaining, source.fetch_many(ranges.clone())).await;
-        let err = match attempt {
-            Ok(Ok(parts)) => return Ok(FetchedMany { parts, failed_attempts: failed }),
+        let err = match tokio::time::timeout(remaining, attempt()).await {
+            Ok(Ok(value)) => return Ok((value, failed)),
             Ok(Err(e)) => e,
             Err(_) => FetchError::Transient(format!("{}: no answer within the retry deadline", source.describe())),
         };
@@ -91,7 +87,7 @@ pub async fn fetch_many_with_retry(
         if !err.is_transient() || failed >= policy.max_attempts || elapsed + backoff >= policy.deadline {
             return Err((err, failed));
         }
-        tracing::warn!(ranges = ranges.len(), attempt = failed, error = %err, "multi-range fetch failed; retrying");
+        tracing::warn!(what, attempt = failed, error = %err, "fetch failed; retrying");
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(policy.max_backoff);
     }
@@ -100,7 +96,6 @@ pub async fn fetch_many_with_retry(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use futures_util::future::BoxFuture;
     use std::sync::atomic::{AtomicU32, Ordering};
 
     /// Fails the first `failures` fetches with the given kind, then serves zeros.
