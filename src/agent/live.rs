@@ -16,7 +16,7 @@ use super::control::ControlContext;
 use super::event_loop::AgentScheduler;
 use super::lifecycle::Lifecycle;
 use super::prepare::Prepared;
-use super::scheduler::{SchedulerConfig, WHOLE_FILE_MAX};
+use super::scheduler::SchedulerConfig;
 use super::trace::Trace;
 use super::context::{Agent, WorkerContext};
 use super::{AgentConfig, AgentError};
@@ -72,7 +72,7 @@ pub(super) async fn go_live(cfg: &AgentConfig, ctx: &WorkerContext, p: Prepared)
             retry: p.retry.clone(),
             // Off by default for now: page-rounded extents of small neighbouring files merge, so a
             // miss fetches the neighbours too (an S3 test reading a second file after its key was
-            // refused found it present). `WHOLE_FILE_MAX` is the bound when it is turned on.
+            // refused found it present). `scheduler::WHOLE_FILE_MAX` is the bound when it is turned on.
             whole_file_max: 0,
         },
         tokio::runtime::Handle::current(),
