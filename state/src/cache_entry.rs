@@ -579,9 +579,9 @@ mod tests {
 
         // Blob replaced by another file (new inode).
         let gen1 = e.generation();
+        // The old inode stays alive through a second link, so the new file cannot get its number.
+        fs::hard_link(e.blob_path(), dir.path().join("old-blob")).unwrap();
         fs::remove_file(e.blob_path()).unwrap();
-        let keep = dir.path().join("keep"); // hold an inode so the number is not simply reused
-        fs::write(&keep, b"").unwrap();
         fs::write(e.blob_path(), vec![0u8; 20_000]).unwrap();
         let (e, created) =
             CacheEntry::open_or_create(&cache, &k, 20_000, "s", Some(DIGEST)).unwrap();
