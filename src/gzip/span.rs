@@ -75,24 +75,8 @@ pub fn inflate_span_into(
     if out.is_empty() && !last {
         return Ok(());
     }
-    let cp = *zinfo
-        .checkpoint(k)
-        .ok_or(GzipError::Failed("checkpoint vanished".into()))?;
-    let window = zinfo
-        .window(k)
-        .ok_or(GzipError::Failed("window vanished".into()))?;
-
     let zerr = |e| GzipError::SpanData { span: k, source: e };
-    let mut inf = Inflate::new(RAW).map_err(zerr)?;
-    let mut input = compressed;
-    if cp.bits > 0 {
-        let Some((&first, rest)) = input.split_first() else {
-            return Err(GzipError::ShortInput { span: k });
-        };
-        inf.prime(cp.bits, first >> (8 - cp.bits)).map_err(zerr)?;
-        input = rest;
-    }
-    inf.set_dictionary(window).map_err(zerr)?;
+    let (mut inf, mut input) = start_span(zinfo, k, compressed)?;
 
     let mut raw = true;
     // True right after a member's end (trailer skipped or checked), until
@@ -175,23 +159,8 @@ pub fn inflate_span_into(
 /// span; more than `cap` bytes of output is an error.
 pub fn inflate_last_span(zinfo: &Zinfo, compressed: &[u8], cap: u64) -> Result<Vec<u8>, GzipError> {
     let k = zinfo.span_count().checked_sub(1).ok_or(super::ZinfoError::Empty)?;
-    let cp = *zinfo
-        .checkpoint(k)
-        .ok_or(GzipError::Failed("checkpoint vanished".into()))?;
-    let window = zinfo
-        .window(k)
-        .ok_or(GzipError::Failed("window vanished".into()))?;
     let zerr = |e| GzipError::SpanData { span: k, source: e };
-    let mut inf = Inflate::new(RAW).map_err(zerr)?;
-    let mut input = compressed;
-    if cp.bits > 0 {
-        let Some((&first, rest)) = input.split_first() else {
-            return Err(GzipError::ShortInput { span: k });
-        };
-        inf.prime(cp.bits, first >> (8 - cp.bits)).map_err(zerr)?;
-        input = rest;
-    }
-    inf.set_dictionary(window).map_err(zerr)?;
+    let (mut inf, mut input) = start_span(zinfo, k, compressed)?;
     let mut raw = true;
     let mut member_done = false;
     let mut stalls = 0u32;
@@ -309,3 +278,25 @@ fn stalled(input: &[u8], stalls: &mut u32, k: usize) -> Result<(), GzipError> {
     Ok(())
 }
 
+/// A raw inflate positioned at checkpoint `k` (primed with its bits, its
+/// window as dictionary) and the input left after the primed byte.
+fn start_span<'a>(zinfo: &Zinfo, k: usize, compressed: &'a [u8]) -> Result<(Inflate, &'a [u8]), GzipError> {
+    let cp = *zinfo
+        .checkpoint(k)
+        .ok_or(GzipError::Failed("checkpoint vanished".into()))?;
+    let window = zinfo
+        .window(k)
+        .ok_or(GzipError::Failed("window vanished".into()))?;
+    let zerr = |e| GzipError::SpanData { span: k, source: e };
+    let mut inf = Inflate::new(RAW).map_err(zerr)?;
+    let mut input = compressed;
+    if cp.bits > 0 {
+        let Some((&first, rest)) = input.split_first() else {
+            return Err(GzipError::ShortInput { span: k });
+        };
+        inf.prime(cp.bits, first >> (8 - cp.bits)).map_err(zerr)?;
+        input = rest;
+    }
+    inf.set_dictionary(window).map_err(zerr)?;
+    Ok((inf, input))
+}
