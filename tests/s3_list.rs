@@ -166,6 +166,8 @@ fn a_store_without_v2_is_listed_with_markers() {
     let l = list(&c, ListVersion::V2, "", None, None);
     assert_eq!(keys(&l), all);
     assert_eq!(l.pages, 3);
+    // The server logs a request after writing its answer: wait for the last entry.
+    common::wait::wait_until(std::time::Duration::from_secs(5), "three requests logged", || server.requests().len() >= 3);
     let targets: Vec<String> = server.requests().into_iter().map(|r| r.target).collect();
     assert_eq!(targets.len(), 3, "{targets:?}");
     assert!(targets[0].contains("list-type=2"), "{targets:?}");
