@@ -272,6 +272,15 @@ fn hook_mounts_under_an_already_changed_root() {
             !common::env::agent_alive(pid)
         });
     };
+    // The whole root (target=/) cannot be served once the process has changed root: one clear line.
+    let mut whole = state("creating", Some(pid));
+    whole["id"] = serde_json::Value::String(format!("eft-root-whole-{}", std::process::id()));
+    whole["annotations"]["org.erofs-fanotify.target"] = serde_json::Value::String("/".into());
+    let out = run_hook(&env, "createRuntime", &whole);
+    if out.success() || !out.stderr.contains("pivot_root") {
+        stop();
+        panic!("target=/ after the root changed: {}", out.describe());
+    }
     let out = run_hook(&env, "createRuntime", &state("creating", Some(pid)));
     if !out.success() {
         stop();
@@ -291,4 +300,81 @@ fn hook_mounts_under_an_already_changed_root() {
     assert_no_hook_records(&env);
     // A second poststop has nothing to do and does not fail.
     assert!(run_hook(&env, "poststop", &state("stopped", None)).success());
+}
+
+/// `org.erofs-fanotify.target=/`: the image becomes the container's root filesystem. The bundle's rootfs
+/// is an empty directory; the image holds busybox, the data and the directories runc mounts on (`/proc`,
+/// `/dev`, `/tmp`). Inside, `/` is the EROFS mount (read-only), runc's mounts are there (`/proc` works,
+/// `/tmp` is writable), and every file reads back right; afterwards nothing of ours is left. An image
+/// without a directory the runtime mounts on fails the hook with that path, and leaves nothing.
+#[test]
+#[ignore = "needs root + kernel (fanotify pre-content, EROFS) + mkfs.erofs + docker-registry + runc + busybox-static"]
+fn runc_container_runs_on_hook_mounted_root() {
+    if !ready() || !tools_present() {
+        return;
+    }
+    let env = OciEnv::new("host-hook-wholeroot");
+    let tree = env.root.join("image-tree");
+    make_rootfs(&tree);
+    for (n, len) in [(0u64, 0usize), (1, 17), (2, 4096), (3, 300 * 1024 + 5), (4, 1 << 20)] {
+        std::fs::write(tree.join(format!("data/file-{n}")), common::fixtures::random_bytes(0x5eed ^ n, len)).expect("data file");
+    }
+    let image = env.root.join("root.erofs");
+    let out = Command::new("mkfs.erofs").args(["--quiet", "-T0"]).arg(&image).arg(&tree).output().expect("mkfs.erofs");
+    assert!(out.status.success(), "mkfs.erofs: {}", String::from_utf8_lossy(&out.stderr));
+    let pushed = push_single(registry::shared(), "test/oci-hook-wholeroot", "v1", &image);
+    let image_ref = reference(&registry::shared().host(), &pushed.repo, &pushed.tag);
+    // The same tree without /dev (runc mounts a tmpfs there): the hook must refuse it.
+    std::fs::remove_dir(tree.join("dev")).expect("rmdir dev");
+    let image_no_dev = env.root.join("root-no-dev.erofs");
+    let out = Command::new("mkfs.erofs").args(["--quiet", "-T0"]).arg(&image_no_dev).arg(&tree).output().expect("mkfs.erofs");
+    assert!(out.status.success(), "mkfs.erofs: {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::create_dir(tree.join("dev")).expect("mkdir dev");
+    let pushed_no_dev = push_single(registry::shared(), "test/oci-hook-wholeroot", "no-dev", &image_no_dev);
+    let no_dev_ref = reference(&registry::shared().host(), &pushed_no_dev.repo, &pushed_no_dev.tag);
+
+    let bundle_path = env.root.join("bundle");
+    let bundle = PrivateBundle::new(&bundle_path);
+    std::fs::create_dir_all(bundle_path.join("rootfs")).expect("empty rootfs");
+    let allowed = [bundle.0.as_path()];
+    let script = "cd /data && /bin/busybox find . -type f | /bin/busybox sort | while read f; do /bin/busybox sha256sum \"$f\"; done; \
+                  /bin/busybox grep ' / / ' /proc/self/mountinfo | /bin/busybox sed 's/^/ROOT /'; \
+                  /bin/busybox touch /written 2>/dev/null && echo ROOT-WRITABLE; \
+                  /bin/busybox touch /tmp/written && echo TMP-WRITABLE";
+    let config_for = |reference: &str| {
+        let annotations = serde_json::json!({
+            "org.erofs-fanotify.image": reference,
+            "org.erofs-fanotify.target": "/",
+            "org.erofs-fanotify.options": format!("oci.insecure,cache_dir={}", env.cache_dir.display()),
+        });
+        let mut cfg = config(&env, annotations);
+        cfg["process"]["args"][3] = serde_json::Value::String(script.to_string());
+        cfg.to_string()
+    };
+
+    std::fs::write(bundle_path.join("config.json"), config_for(&image_ref)).expect("config");
+    let result = runc_run(&env, &bundle_path, &format!("eft-wholeroot-{}", std::process::id()));
+    assert!(result.ok, "whole-root run failed: {}\n{}", result.stderr, result.stdout);
+    let data: BTreeMap<String, String> = expected_sums(&tree.join("data"));
+    assert_eq!(parse_sums(&result.stdout), data, "checksums inside the container differ\nstderr: {}", result.stderr);
+    let root_line = result.stdout.lines().find(|l| l.starts_with("ROOT ")).unwrap_or_else(|| panic!("no mountinfo line for /: {}", result.stdout));
+    assert!(root_line.contains(" - erofs "), "the container's / is not the EROFS mount: {root_line}");
+    assert!(!result.stdout.contains("ROOT-WRITABLE"), "the image root took a write: {}", result.stdout);
+    assert!(result.stdout.contains("TMP-WRITABLE"), "runc's /tmp did not come along: {}", result.stdout);
+    // runc makes its mountpoints (empty directories) in the bundle's rootfs before the hook; nothing else
+    // lands there.
+    for e in std::fs::read_dir(bundle_path.join("rootfs")).expect("rootfs").flatten() {
+        let empty_dir = e.file_type().is_ok_and(|t| t.is_dir()) && std::fs::read_dir(e.path()).is_ok_and(|mut d| d.next().is_none());
+        assert!(empty_dir, "the bundle's rootfs got {}", e.path().display());
+    }
+    env.assert_nothing_left_within(GONE_TIMEOUT, &allowed);
+    assert_no_hook_records(&env);
+    eprintln!("WHOLE-ROOT run (hook mount as / + read {} files + poststop): {:.0?}", data.len(), result.elapsed);
+
+    std::fs::write(bundle_path.join("config.json"), config_for(&no_dev_ref)).expect("config");
+    let result = runc_run(&env, &bundle_path, &format!("eft-wholeroot-nodev-{}", std::process::id()));
+    assert!(!result.ok, "a root image without /dev ran: {}", result.stdout);
+    assert!(result.stderr.contains("/dev") && result.stderr.contains("erofs-fanotify: container"), "unclear failure: {}", result.stderr);
+    env.assert_nothing_left_within(GONE_TIMEOUT, &allowed);
+    assert_no_hook_records(&env);
 }

@@ -89,7 +89,7 @@ impl Container {
     /// `/proc/PID/root/<target>`: how the host reaches the mount while the container lives
     /// (`status` and `prefetch` take this path).
     pub fn host_view(&self, target: &Path) -> PathBuf {
-        Path::new(&format!("/proc/{}/root", self.pid)).join(target)
+        below(Path::new(&format!("/proc/{}/root", self.pid)), target)
     }
 
     /// Opens (O_PATH) `target` (relative, normal components) below the rootfs, creating missing
@@ -126,6 +126,74 @@ impl Container {
         })
     }
 
+    /// Whether the rootfs is still below the namespace's `/` (the runtime has not pivoted yet).
+    pub fn before_pivot(&self) -> bool {
+        self.rootfs_seen != Path::new("/")
+    }
+
+    /// A new O_PATH descriptor of the rootfs directory (the target of a whole-root mount).
+    pub fn rootfs_dir(&self) -> Result<OwnedFd, CliError> {
+        self.rootfs
+            .try_clone()
+            .map_err(|e| CliError::new(format!("cannot duplicate the rootfs descriptor: {}", io_line(&e))))
+    }
+
+    /// Attaches `mount` over the rootfs itself (`target=/`), inside the container's mount
+    /// namespace, before the runtime's pivot_root: the mounts the runtime already made below the
+    /// rootfs (`/proc`, `/dev`, `/sys`, bind-mounted files...) are moved, each with the mounts
+    /// below it, to the same paths in the image, so the container keeps them. Every path must
+    /// exist in the image (it is read-only: nothing can be created); that is checked on the
+    /// detached mount before anything changes.
+    pub fn attach_as_root(&self, mount: &DetachedErofs) -> Result<(MountId, u64), CliError> {
+        if !self.before_pivot() {
+            return Err(CliError::new(
+                "target=/ needs the hook before the runtime's pivot_root (createRuntime or prestart with runc);                  this container's process has already changed its root",
+            ));
+        }
+        let rootfs_seen = self.rootfs_seen.clone();
+        let mut missing: Option<PathBuf> = None;
+        let result = self.in_namespace("mount the image as the container's root", || {
+            let table = mountinfo::parse(&std::fs::read_to_string("/proc/thread-self/mountinfo")?);
+            let rootfs_id = sys::mount::mountinfo_id_fd(self.rootfs.as_fd())?;
+            let carried = mounts_to_carry(&table, rootfs_id, &rootfs_seen)
+                .map_err(|why| std::io::Error::new(std::io::ErrorKind::InvalidData, why))?;
+            let mut moves = Vec::with_capacity(carried.len());
+            for (mnt_id, rel) in carried {
+                let from = sys::mount::open_path(&rootfs_seen.join(&rel))?;
+                if sys::mount::mountinfo_id_fd(from.as_fd())? != mnt_id {
+                    let why = format!("mounts are stacked on {} below the rootfs", Path::new("/").join(&rel).display());
+                    return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, why));
+                }
+                let to = match sys::mount::open_path_beneath(mount.root(), &rel) {
+                    Ok(fd) => fd,
+                    Err(e) => {
+                        missing = Some(rel);
+                        return Err(e);
+                    }
+                };
+                moves.push((from, to));
+            }
+            sys::mount::attach_detached_at(mount, self.rootfs.as_fd())?;
+            for (from, to) in &moves {
+                if let Err(e) = sys::mount::move_mount_fd(from.as_fd(), to.as_fd()) {
+                    // The moved ones go with it; the runtime fails the container on our error.
+                    let _ = sys::mount::detach_mount_at_fd(mount.root());
+                    return Err(e);
+                }
+            }
+            let id = sys::statx::mount_id_fd(mount.root())?;
+            let reusable = sys::mount::mountinfo_id_fd(mount.root())?;
+            Ok((id, reusable))
+        });
+        match (result, missing) {
+            (Err(_), Some(rel)) => Err(CliError::new(format!(
+                "the image has no /{} for the runtime's mount there (a read-only root cannot get one)",
+                rel.display()
+            ))),
+            (result, _) => result,
+        }
+    }
+
     /// Takes an attached mount down again (the agent refused it, or verification failed).
     pub fn detach(&self, mount: &DetachedErofs) -> Result<(), CliError> {
         self.in_namespace("detach the mount", || sys::mount::detach_mount_at_fd(mount.root()))
@@ -137,7 +205,7 @@ impl Container {
         let path = format!("/proc/{}/mountinfo", self.pid);
         let text = std::fs::read_to_string(&path)
             .map_err(|e| CliError::new(format!("cannot read {path} to verify the mount: {}", io_line(&e))))?;
-        let expected = self.rootfs_seen.join(target);
+        let expected = below(&self.rootfs_seen, target);
         check_mountinfo(&mountinfo::parse(&text), reusable_id, &expected, source)
             .map_err(|why| CliError::new(format!("the mount is not usable in the container ({path}: {why})")))?;
         Ok(expected)
@@ -173,6 +241,41 @@ impl Container {
     }
 }
 
+/// `base/rel`, and `base` itself (no trailing `/`) for the empty `rel` of a whole-root target.
+fn below(base: &Path, rel: &Path) -> PathBuf {
+    if rel.as_os_str().is_empty() {
+        base.to_path_buf()
+    } else {
+        base.join(rel)
+    }
+}
+
+/// The mounts directly below the rootfs mount `rootfs_id` at `rootfs_seen`, in mount order, as
+/// (mount id, path relative to the rootfs): what a whole-root mount must carry over (pure).
+pub fn mounts_to_carry(
+    mounts: &[mountinfo::MountInfo],
+    rootfs_id: u64,
+    rootfs_seen: &Path,
+) -> Result<Vec<(u64, PathBuf)>, String> {
+    if !mounts.iter().any(|m| m.mnt_id == rootfs_id) {
+        return Err(format!("the rootfs mount {rootfs_id} is not in mountinfo"));
+    }
+    let mut out = Vec::new();
+    for m in mounts.iter().filter(|m| m.parent_id == rootfs_id && m.mnt_id != rootfs_id) {
+        let Ok(rel) = Path::new(&m.mountpoint).strip_prefix(rootfs_seen) else {
+            continue;
+        };
+        if rel.as_os_str().is_empty() {
+            return Err(format!("mount {} ({}) already covers the rootfs", m.mnt_id, m.fstype));
+        }
+        if !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+            return Err(format!("mountpoint {} is not a plain path", m.mountpoint));
+        }
+        out.push((m.mnt_id, rel.to_path_buf()));
+    }
+    Ok(out)
+}
+
 /// The verification, on parsed mountinfo (pure).
 pub fn check_mountinfo(
     mounts: &[mountinfo::MountInfo],
@@ -206,6 +309,29 @@ mod tests {
 
     fn info(text: &str) -> Vec<mountinfo::MountInfo> {
         mountinfo::parse(text)
+    }
+
+    #[test]
+    fn whole_root_carries_the_mounts_directly_below_the_rootfs() {
+        let table = info(
+            "20 1 0:20 / / rw - ext4 /dev/vda rw\n\
+             30 20 0:30 / /b/rootfs rw - ext4 /dev/vda rw\n\
+             31 30 0:31 / /b/rootfs/proc rw - proc proc rw\n\
+             32 30 0:32 / /b/rootfs/dev rw - tmpfs tmpfs rw\n\
+             33 32 0:33 / /b/rootfs/dev/pts rw - devpts devpts rw\n\
+             34 30 0:34 /hosts /b/rootfs/etc/hosts rw - ext4 /dev/vda rw\n\
+             40 20 0:40 / /elsewhere rw - tmpfs tmpfs rw\n",
+        );
+        let carried = mounts_to_carry(&table, 30, Path::new("/b/rootfs")).unwrap();
+        let rels: Vec<(u64, &str)> = carried.iter().map(|(id, p)| (*id, p.to_str().unwrap())).collect();
+        // dev/pts moves with dev; /elsewhere is not below the rootfs.
+        assert_eq!(rels, vec![(31, "proc"), (32, "dev"), (34, "etc/hosts")]);
+        assert!(mounts_to_carry(&table, 99, Path::new("/b/rootfs")).unwrap_err().contains("not in mountinfo"));
+        let covered = info(
+            "30 20 0:30 / /b/rootfs rw - ext4 /dev/vda rw\n\
+             31 30 0:31 / /b/rootfs rw - tmpfs tmpfs rw\n",
+        );
+        assert!(mounts_to_carry(&covered, 30, Path::new("/b/rootfs")).unwrap_err().contains("already covers"));
     }
 
     #[test]

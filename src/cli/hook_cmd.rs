@@ -2,7 +2,10 @@
 //!
 //! Driven by the container's annotations:
 //! - `org.erofs-fanotify.image`: the image source (reference or URL), as for `erofs-mount`;
-//! - `org.erofs-fanotify.target`: where to mount it, a directory as the container sees it;
+//! - `org.erofs-fanotify.target`: where to mount it, a directory as the container sees it; `/` makes
+//!   the image the container's root filesystem (read-only; the runtime's mounts below the rootfs,
+//!   `/proc`, `/dev` and the like, are moved onto the image, whose directories for them must exist;
+//!   needs a runtime that runs createRuntime/prestart before pivot_root, as runc does);
 //! - `org.erofs-fanotify.options`: optional `-o` options, separated by `,` or `;` (podman's
 //!   `--annotation` splits its argument at commas unless the whole argument is double-quoted, so `;`
 //!   is the separator that survives the CLI);
@@ -152,9 +155,6 @@ pub fn parse_annotations(annotations: &HashMap<String, String>) -> Result<Option
                 return Err(CliError::new(format!("annotation {TARGET_ANNOTATION}={target:?} must not contain '..'")))
             }
         }
-    }
-    if rel.as_os_str().is_empty() {
-        return Err(CliError::new(format!("annotation {TARGET_ANNOTATION}={target:?} names the container's root itself")));
     }
     let mut items: Vec<String> = Vec::new();
     let mut check = |key: &str, value: &str| -> Result<(), CliError> {
@@ -306,7 +306,11 @@ impl Placement for ContainerPlacement {
         let detached = sys::mount::fsmount_erofs_file(cache_path, Some(read_ahead_kb), &[])
             .map_err(|e| CliError::new(format!("cannot mount on {} in the container: {e}", shown.display())))?;
         // On any failure below, dropping `detached` (unattached) or detaching it leaves nothing.
-        let (id, reusable) = self.container.attach(&detached, &self.target_dir)?;
+        let (id, reusable) = if self.target.as_os_str().is_empty() {
+            self.container.attach_as_root(&detached)?
+        } else {
+            self.container.attach(&detached, &self.target_dir)?
+        };
         let source = std::path::absolute(cache_path).unwrap_or_else(|_| cache_path.to_path_buf());
         if let Err(e) = self.container.verify(reusable, &self.target, &source) {
             let _ = self.container.detach(&detached);
@@ -379,7 +383,12 @@ fn mount(state: &ContainerState) -> Result<(), CliError> {
         .ok_or_else(|| CliError::new("the container state has no pid (run the hook at createRuntime or prestart)"))?;
     let rootfs = rootfs_of(&state.bundle)?;
     let container = Container::locate(pid, &rootfs)?;
-    let target_dir = container.open_target(&request.target)?;
+    // An empty target is the container's root (`target=/`): the image replaces the rootfs.
+    let target_dir = if request.target.as_os_str().is_empty() {
+        container.rootfs_dir()?
+    } else {
+        container.open_target(&request.target)?
+    };
     tracing::info!(container = %state.id, image = %request.image, target = %request.target.display(), pid, "mounting");
     let mut placement = ContainerPlacement { container, target: request.target.clone(), target_dir, mounted: None };
     let mounted = super::mount_cmd::mount_image("erofs-fanotify", &request.image, &opts, &mut placement, false)?;
@@ -486,7 +495,11 @@ mod tests {
         assert!(err(&[(IMAGE_ANNOTATION, " "), (TARGET_ANNOTATION, "/x")]).contains(IMAGE_ANNOTATION));
         assert!(err(&[(OPTIONS_ANNOTATION, "oci.insecure")]).contains("missing"));
         assert!(err(&[(IMAGE_ANNOTATION, "a"), (TARGET_ANNOTATION, "/../etc")]).contains(".."));
-        assert!(err(&[(IMAGE_ANNOTATION, "a"), (TARGET_ANNOTATION, "/")]).contains("root"));
+        // `/` (or `.`) is the container's root: an empty relative target.
+        for root in ["/", "/.", "."] {
+            let r = parse_annotations(&ann(&[(IMAGE_ANNOTATION, "a"), (TARGET_ANNOTATION, root)])).unwrap().unwrap();
+            assert_eq!(r.target, PathBuf::new(), "{root}");
+        }
         assert!(err(&[(IMAGE_ANNOTATION, "a"), (TARGET_ANNOTATION, "/x"), (OPTIONS_ANNOTATION, "bogus=1")]).contains("bogus"));
         assert!(err(&[(IMAGE_ANNOTATION, "a"), (TARGET_ANNOTATION, "/x"), ("org.erofs-fanotify.imgae", "b")]).contains("unknown annotation"));
         assert!(err(&[(IMAGE_ANNOTATION, "a"), (TARGET_ANNOTATION, "/x"), ("org.erofs-fanotify.option.x", "b")]).contains("unknown annotation"));

@@ -450,19 +450,36 @@ pub fn fsmount_erofs_file(
 /// attaches a detached mount on the directory `target_dir` (an O_PATH fd is
 /// fine). The target must be in the caller's mount namespace.
 pub fn attach_detached_at(mount: &DetachedErofs, target_dir: BorrowedFd) -> io::Result<()> {
+    move_mount_fd(mount.fd.as_fd(), target_dir)
+}
+
+/// `move_mount(from, "", to, "", F_EMPTY_PATH | T_EMPTY_PATH)`: moves the
+/// mount whose root `from` is (detached, or attached in the caller's mount
+/// namespace, with the mounts below it) onto the file or directory `to`.
+pub fn move_mount_fd(from: BorrowedFd, to: BorrowedFd) -> io::Result<()> {
     // SAFETY: both descriptors are live; "" is a valid C string and the
     // EMPTY_PATH flags make the kernel use the descriptors themselves.
     cvt_long(unsafe {
         libc::syscall(
             libc::SYS_move_mount,
-            mount.fd.as_raw_fd(),
+            from.as_raw_fd(),
             c"".as_ptr(),
-            target_dir.as_raw_fd(),
+            to.as_raw_fd(),
             c"".as_ptr(),
             MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
         )
     })?;
     Ok(())
+}
+
+/// Opens (O_PATH, not following a final symlink) the absolute `path` as the
+/// calling thread sees it: at a mountpoint, the root of the mount there.
+pub fn open_path(path: &Path) -> io::Result<OwnedFd> {
+    let c_path = path_to_cstring(path)?;
+    // SAFETY: `c_path` is a valid C string.
+    let fd = cvt(unsafe { libc::open(c_path.as_ptr(), libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC) })?;
+    // SAFETY: open returned a new descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Moves the *calling thread* into the mount namespace of the process behind
