@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use erofs_fanotify::erofs::writer::{ChunkedData, Device, FileData, Inode, Metadata, Tree, WriterOptions};
 use erofs_fanotify::merge::{planned_size, write_merged};
@@ -141,6 +142,20 @@ fn read_file(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
 }
 
+/// The GET counts once `enough` holds and two looks 200 ms apart agree (at most 5 s).
+fn settled_gets(registry: &Registry, enough: impl Fn(&BTreeMap<String, usize>) -> bool) -> BTreeMap<String, usize> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut last = blob_gets(registry);
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = blob_gets(registry);
+        if (enough(&now) && now == last) || std::time::Instant::now() > deadline {
+            return now;
+        }
+        last = now;
+    }
+}
+
 /// Which blobs got more GETs from `before` to `after`.
 fn grew(before: &BTreeMap<String, usize>, after: &BTreeMap<String, usize>) -> Vec<String> {
     after.iter().filter(|(d, n)| before.get(*d).copied().unwrap_or(0) < **n).map(|(d, _)| d.clone()).collect()
@@ -228,7 +243,9 @@ fn three_layers_mount_merged_by_overlay_rules() {
     {
         let before = blob_gets(&registry);
         assert_eq!(read_file(&m.path(rel)), read_file(&expected.join(rel)), "{rel}");
-        let after = blob_gets(&registry);
+        // The registry logs a request after answering it: wait (bounded) for this read's GET to be logged,
+        // and for the log to be quiet, before judging where the read went.
+        let after = settled_gets(&registry, |now| !first || grew(&before, now).contains(&digests[layer]));
         let went = grew(&before, &after);
         let allowed = |d: &String| *d == digests[layer] || previous.is_some_and(|p| *d == digests[p]);
         assert!(went.iter().all(allowed), "reading {rel} (layer {layer}, after layer {previous:?}) went to {went:?}");

@@ -451,10 +451,14 @@ fn kill_both(env: &TestEnv, mountpoint: &Path) {
     signal(worker, nix::sys::signal::Signal::SIGKILL);
     // The worker may have started a new supervisor in the instant before it died.
     wait_until(Duration::from_secs(5), "the agent processes are gone", || !agent_alive(worker));
-    for pid in env.agents() {
-        signal(pid, nix::sys::signal::Signal::SIGKILL);
-    }
-    wait_until(Duration::from_secs(5), "no agent process is left", || env.agents().is_empty());
+    // Killed again on every look: one started in that instant may itself start another before it dies.
+    wait_until(Duration::from_secs(10), "no agent process is left", || {
+        let left = env.agents();
+        for &pid in &left {
+            signal(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        left.is_empty()
+    });
 }
 
 /// kill -9 of both agent processes: the kernel allows what was pending and the mount reads zeros. The next

@@ -70,9 +70,13 @@ fn umount_one(state_dir: &StateDir, record: &MountRecord, mountpoint: &Path, laz
     {
         Ok(Reply::Unmounted { remaining_mounts }) => remaining_mounts == 0,
         _ => {
-            // The agent notices superblocks going away by itself; just drop the record.
+            // The agent notices superblocks going away by itself (it may have seen this one go and be
+            // on its way out, its socket already closed); drop the record, and wait for the agent as
+            // above when no other mount of ours still names it.
             let _ = state::remove_mount_record(state_dir, record.mnt_id);
-            false
+            state::list_mount_records(state_dir)
+                .map(|records| !records.iter().flatten().any(|r| r.agent == record.agent))
+                .unwrap_or(false)
         }
     };
     if leaving && !lazy {
