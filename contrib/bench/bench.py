@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -73,6 +74,33 @@ def parent_pid(pid):
         return None
 
 
+def resolve_in_tree(tree, path):
+    """PATH as the chrooted program saw it, symlinks followed inside TREE; the tree-relative path of a
+    regular file, or None."""
+    parts, rel, hops = [p for p in path.split("/") if p], [], 0
+    while parts:
+        name = parts.pop(0)
+        if name == ".":
+            continue
+        if name == "..":
+            if rel:
+                rel.pop()
+            continue
+        full = os.path.join(tree, *rel, name)
+        if os.path.islink(full):
+            hops += 1
+            if hops > 40:
+                return None
+            target = os.readlink(full)
+            if target.startswith("/"):
+                rel = []
+            parts = [p for p in target.split("/") if p] + parts
+            continue
+        rel.append(name)
+    full = os.path.join(tree, *rel)
+    return "/".join(rel) if rel and os.path.isfile(full) and not os.path.islink(full) else None
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -101,6 +129,28 @@ class Bench:
                 if old.startswith("erofs-fanotify-bench-rootfs-bookworm-python3-") and old != os.path.basename(path):
                     shutil.rmtree(os.path.join("/var/tmp", old), ignore_errors=True)
         return path
+
+    def program_order(self, tree):
+        """The regular files the program opens, in first-open order: strace of the program chrooted into the
+        source tree (only what follows the chroot call, so chroot's own libraries do not count)."""
+        trace = os.path.join(self.work, "program.strace")
+        run("strace", "-f", "-qq", "-e", "trace=chroot,open,openat,execve", "-e", "status=successful",
+            "-o", trace, "chroot", tree, *self.prog, stdout=subprocess.DEVNULL)
+        inside, seen, order = False, set(), []
+        call = re.compile(r'(chroot|openat|open|execve)\((?:[A-Z_]+|-?\d+)?(?:, )?"([^"]*)"')
+        with open(trace) as f:
+            for line in f:
+                m = call.search(line)
+                if not m:
+                    continue
+                if m.group(1) == "chroot":
+                    inside = True
+                    continue
+                rel = resolve_in_tree(tree, m.group(2)) if inside else None
+                if rel and rel not in seen:
+                    seen.add(rel)
+                    order.append(rel)
+        return order
 
     def make_big_tree(self, mib):
         root = os.path.join(self.work, "big-tree")
@@ -282,6 +332,19 @@ class Bench:
             self.umount_plain(plain)
             return t_pull, t_mount, t_work
 
+        ours_url = None
+        if a.profiles and a.writer:
+            order = self.program_order(tree)
+            order_file = os.path.join(self.work, "program.order")
+            with open(order_file, "w") as f:
+                f.write("".join(p + "\n" for p in order))
+            ours = os.path.join(self.work, "ours.erofs")
+            log(f"erofs-fanotify build --compress lz4 --order ({len(order)} files the program opens) from {tree}")
+            t_build = timed(lambda: run(os.path.join(BIN, "erofs-fanotify"), "build", tree, ours, "--compress",
+                                        "lz4", "--order", order_file, stdout=subprocess.DEVNULL))
+            R["writer"] = {"blob_bytes": os.path.getsize(ours), "order_files": len(order), "build_s": t_build,
+                           "profiles": {}}
+            ours_url = self.push(ours)
         if a.profiles or a.profiles_only:  # PROFILES_ONLY=1 alone: only the big image
             R["profiles"] = {}
             for name in a.profiles:
@@ -290,6 +353,9 @@ class Bench:
                 log(f"profile {name}: RTT {rtt} ms, cap {rate or 'none'} Mbit/s")
                 R["profiles"][name] = self.profile_run(self.via(url, port), files, tenth, sizes, lazy, plain, pulled)
                 R["profiles"][name].update({"rtt_ms": rtt, "rate_mbit": rate})
+                if ours_url:
+                    log(f"profile {name}: our writer's image")
+                    R["writer"]["profiles"][name] = self.writer_run(self.via(ours_url, port), lazy, plain, pulled)
             if a.profiles_only:
                 if a.big_mib:
                     self.big_run(lazy, pulled)
@@ -439,12 +505,7 @@ class Bench:
         P = {}
 
         def pull_cold(workload):
-            drop_caches()
-            t_pull = timed(lambda: self.full_pull(url, pulled))
-            t_mount = timed(lambda: self.plain_mount(pulled, plain))
-            t_work = timed(workload)
-            self.umount_plain(plain)
-            return t_pull + t_mount + t_work
+            return self.pull_total(url, plain, pulled, workload)
 
         # program start, lazy (no index, no trace); record a trace on the way
         drop_caches()
@@ -461,6 +522,7 @@ class Bench:
         P["metadata_bytes"] = meta["fetched_bytes"]
         P["lazy_program_total_s"] = t_mount + t_prog
         P["lazy_program_requests"] = st["fetch_requests"]
+        P["lazy_program_fetched_bytes"] = st["fetched_bytes"]
         # program start, lazy with the trace replayed from the mount on (no index artifact here)
         drop_caches()
         t_mount2 = timed(lambda: self.lazy_mount(url, lazy, self.fresh_cache(), f"prefetch_trace={trace}"))
@@ -489,6 +551,34 @@ class Bench:
         self.umount_lazy(lazy)
         P["pull_read_all_s"] = pull_cold(lambda: self.read_files(plain, files))
         return P
+
+    def pull_total(self, url, plain, pulled, workload):
+        """Cold full pull + plain mount + WORKLOAD, in seconds."""
+        drop_caches()
+        t_pull = timed(lambda: self.full_pull(url, pulled))
+        t_mount = timed(lambda: self.plain_mount(pulled, plain))
+        t_work = timed(workload)
+        self.umount_plain(plain)
+        return t_pull + t_mount + t_work
+
+    def writer_run(self, url, lazy, plain, pulled):
+        """Program start from our writer's image: cold lazy mount (no index, no trace) and full pull side by side."""
+        W = {}
+        drop_caches()
+        t_mount = timed(lambda: self.lazy_mount(url, lazy, self.fresh_cache()))
+        meta = self.status(lazy)
+        t_prog = timed(lambda: self.program(lazy))
+        st = self.status(lazy)
+        self.umount_lazy(lazy)
+        W["mount_s"] = t_mount
+        W["mount_requests"] = meta.get("mount_requests", meta["fetch_requests"])
+        W["walk_round_trips"] = meta.get("walk_round_trips")
+        W["metadata_bytes"] = meta["fetched_bytes"]
+        W["lazy_program_total_s"] = t_mount + t_prog
+        W["lazy_program_requests"] = st["fetch_requests"]
+        W["lazy_program_fetched_bytes"] = st["fetched_bytes"]
+        W["pull_program_total_s"] = self.pull_total(url, plain, pulled, lambda: self.program(plain))
+        return W
 
     def same_content(self, files, a, b):
         def digest(mp):
@@ -531,6 +621,8 @@ PROFILES = {"lan": (5, 0), "cloud": (20, 1000), "edge": (50, 100)}
 # program start lazy / (pull + mount), per profile: without and with index + trace
 START_LIMIT = {"lan": 1.0, "cloud": 0.5, "edge": 0.2}
 TRACE_LIMIT = {"lan": 0.5, "edge": 0.1}
+# issue 14: program start from our writer's image (no index) / (pull + mount of it)
+WRITER_LIMIT = {"lan": 0.5}
 
 
 def fmt_profiles(R):
@@ -563,6 +655,24 @@ def fmt_profiles(R):
         target(f"{name}: requests at mount without index (1/10 of 417)", P["mount_requests"], 41.7)
         target(f"{name}: read all, prefetch=all / pull+read", P["read_all_prefetch_s"] / P["pull_read_all_s"], 1.25)
         target(f"{name}: 10 %: bytes fetched / bytes read", P["read10_fetched_bytes"] / P["read10_bytes_read"], 2.0)
+    if "writer" in R:
+        w = R["writer"]
+        out += ["", f"Our writer's image (`erofs-fanotify build --compress lz4 --order`, {w['order_files']} files the "
+                f"program opens first; built in {w['build_s']:.1f} s): blob {w['blob_bytes'] / 2**20:.1f} MiB "
+                f"beside mkfs.erofs {R['image']['blob_bytes'] / 2**20:.1f} MiB; no index, no trace", "",
+                "| profile | image | mount | requests at mount | walk round trips | program: lazy / pull+mount "
+                "| fetched for the program |", "|---|---|---:|---:|---:|---:|---:|"]
+        for name, W in w["profiles"].items():
+            P = R["profiles"][name]
+            for label, X in (("mkfs.erofs", P), ("ours", W)):
+                out.append(f"| {name} | {label} | {X['mount_s']:.3f} s | {X['mount_requests']} | "
+                           f"{X['walk_round_trips']} | {X['lazy_program_total_s']:.3f} / "
+                           f"{X['pull_program_total_s']:.3f} s | "
+                           f"{X['lazy_program_fetched_bytes'] / 2**20:.1f} MiB in {X['lazy_program_requests']} req |")
+            if name in WRITER_LIMIT:
+                target(f"{name}: program start, ours lazy / pull+mount of ours",
+                       W["lazy_program_total_s"] / W["pull_program_total_s"], WRITER_LIMIT[name])
+            target(f"{name}: requests at mount, ours", W["mount_requests"], 2)
     if "big" in R:
         b = R["big"]
         out += ["", f"{b['blob_bytes'] / 2**20:.0f} MiB image (RTT {R['machine']['rtt_ms']} ms): prefetch=all until "
@@ -667,6 +777,8 @@ def main():
                     help="network profiles run side by side: " + ",".join(PROFILES))
     ap.add_argument("--profiles-only", action="store_true", default=bool(os.environ.get("PROFILES_ONLY")),
                     help="run only the profiles (no single-RTT table, warm runs or big image)")
+    ap.add_argument("--writer", type=int, default=int(os.environ.get("WRITER", 1)),
+                    help="with profiles: also build the tree with our writer (lz4, program order) and measure it")
     args = ap.parse_args()
     args.profiles = [p for p in args.profiles.split(",") if p]
     for p in args.profiles:

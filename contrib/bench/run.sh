@@ -5,7 +5,8 @@
 # BIG_MIB (size of the image for the memory figure, default 1024, 0 to skip), REPEAT (warm runs, default 5),
 # PROFILES (network profiles run side by side first, e.g. lan,cloud,edge: lan = 5 ms RTT no cap, cloud = 20 ms
 # 1 Gbit/s, edge = 50 ms 100 Mbit/s, each through its own delaying proxy), PROFILES_ONLY=1 (only those),
-# BENCH_ROOTFS (use this tree instead of today's debootstrap).
+# BENCH_ROOTFS (use this tree instead of today's debootstrap), WRITER=0 (with PROFILES: skip the image built by our
+# writer, `erofs-fanotify build --compress lz4 --order <files the program opens>`, measured beside mkfs.erofs's).
 # Builds release binaries, makes (or reuses, cached by date under /var/tmp) a Debian bookworm minbase tree with
 # debootstrap, turns it into EROFS, starts Debian's docker-registry on 127.0.0.1 behind added latency, and
 # measures lazy mounts against full pull + plain mount side by side. Prints a table, writes
@@ -15,7 +16,7 @@ cd "$(dirname "$0")/../.."
 [ "$(id -u)" = 0 ] || { echo "run.sh: run as root" >&2; exit 1; }
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 missing=
-for t in docker-registry:docker-registry mkfs.erofs:erofs-utils curl:curl python3:python3 debootstrap:debootstrap; do
+for t in docker-registry:docker-registry mkfs.erofs:erofs-utils curl:curl python3:python3 debootstrap:debootstrap strace:strace; do
     command -v "${t%%:*}" >/dev/null || missing="$missing ${t#*:}"
 done
 if [ -n "$missing" ]; then
