@@ -14,7 +14,7 @@ use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
 
 use crate::http::ClientConfig;
-use crate::remote::{FetchError, RangeSource};
+use crate::remote::{FetchError, LinkEstimate, MultiRange, Parts, RangeSource};
 
 use erofs_fanotify_state::{self as state, CacheDir, CacheEntry};
 
@@ -162,6 +162,25 @@ impl RangeSource for DeferredSource {
             };
             source.fetch(range).await
         })
+    }
+
+    fn fetch_many(&self, ranges: Vec<Range<u64>>) -> BoxFuture<'_, Result<Parts, FetchError>> {
+        Box::pin(async move {
+            let source = match self.current() {
+                Some(source) => source,
+                None => self.open().await?,
+            };
+            source.fetch_many(ranges).await
+        })
+    }
+
+    /// Until the source is reachable again: nothing known (planned as if it took multi-range).
+    fn multi_range(&self) -> MultiRange {
+        self.current().map_or(MultiRange::Unknown, |s| s.multi_range())
+    }
+
+    fn link(&self) -> LinkEstimate {
+        self.current().map(|s| s.link()).unwrap_or_default()
     }
 
     fn describe(&self) -> String {

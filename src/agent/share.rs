@@ -22,7 +22,7 @@ use erofs_fanotify_state::{load_bitmap, BitmapIdentity, CacheDir, CacheEntry, Lo
 use futures_util::future::BoxFuture;
 
 use crate::cache::PresenceMap;
-use crate::remote::{FetchError, RangeSource};
+use crate::remote::{check_ranges, FetchError, LinkEstimate, MultiRange, Parts, RangeSource};
 
 use super::merge::MergedRecord;
 
@@ -89,6 +89,48 @@ impl RangeSource for SharedSource {
             }
             self.remote.fetch(range).await
         })
+    }
+
+    /// The ranges no local copy holds go to the remote in one `fetch_many`; the others are read
+    /// from the copies.
+    fn fetch_many(&self, ranges: Vec<Range<u64>>) -> BoxFuture<'_, Result<Parts, FetchError>> {
+        Box::pin(async move {
+            check_ranges(&ranges, self.size())?;
+            let (local, remote): (Vec<usize>, Vec<usize>) = (0..ranges.len()).partition(|&i| self.local(&ranges[i]).is_some());
+            let mut out: Vec<Option<Bytes>> = vec![None; ranges.len()];
+            let mut requests = 0;
+            if !remote.is_empty() {
+                let parts = self.remote.fetch_many(remote.iter().map(|&i| ranges[i].clone()).collect()).await?;
+                if parts.bytes.len() != remote.len() {
+                    return Err(FetchError::Permanent(format!("the source returned {} parts for {}", parts.bytes.len(), remote.len())));
+                }
+                requests = parts.requests;
+                for (&i, b) in remote.iter().zip(parts.bytes) {
+                    out[i] = Some(b);
+                }
+            }
+            for i in local {
+                out[i] = Some(self.fetch(ranges[i].clone()).await?);
+            }
+            let bytes = out.into_iter().map(|b| b.ok_or_else(|| FetchError::Permanent("a range was not served".into()))).collect::<Result<_, _>>()?;
+            Ok(Parts { bytes, requests })
+        })
+    }
+
+    fn multi_range(&self) -> MultiRange {
+        self.remote.multi_range()
+    }
+
+    fn link(&self) -> LinkEstimate {
+        self.remote.link()
+    }
+
+    fn granule(&self, range: Range<u64>) -> Range<u64> {
+        self.remote.granule(range)
+    }
+
+    fn verify_complete(&self) -> BoxFuture<'_, Result<Option<bool>, FetchError>> {
+        self.remote.verify_complete()
     }
 
     fn describe(&self) -> String {

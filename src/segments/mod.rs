@@ -24,7 +24,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use futures_util::future::{try_join_all, BoxFuture};
 
-use crate::remote::{FetchError, RangeSource};
+use crate::remote::{check_ranges, FetchError, LinkEstimate, MultiRange, Parts, RangeSource};
 
 /// One region of the flat address space and where its bytes come from.
 #[derive(Clone)]
@@ -224,6 +224,69 @@ impl SegmentedSource {
         &self.layout
     }
 
+    /// Several sorted, disjoint ranges: the pieces of each segment go to its source in one
+    /// `fetch_many` (its multi-range requests), the segments concurrently; each asked range is put
+    /// back together from its pieces (gaps as zeros).
+    async fn fetch_many_ranges(&self, ranges: Vec<Range<u64>>) -> Result<Parts, FetchError> {
+        check_ranges(&ranges, self.layout.size)?;
+        let pieces: Vec<Vec<Piece>> = ranges.iter().map(|r| self.layout.split(r.clone())).collect();
+        // Per segment, in flat order; the flat-to-source map of a segment is linear, so its
+        // source ranges are sorted and disjoint too.
+        let mut asked: std::collections::BTreeMap<usize, Vec<Range<u64>>> = Default::default();
+        for p in pieces.iter().flatten() {
+            if let Some(i) = p.segment {
+                asked.entry(i).or_default().push(p.source.clone());
+            }
+        }
+        let answers = try_join_all(asked.into_iter().map(|(i, want)| async move {
+            let n = want.len();
+            let parts = self.layout.segments[i].source.fetch_many(want).await?;
+            if parts.bytes.len() != n {
+                return Err(FetchError::Permanent(format!("a source returned {} parts for {n}", parts.bytes.len())));
+            }
+            Ok::<_, FetchError>((i, parts))
+        }))
+        .await?;
+        let mut requests = 0u32;
+        let mut answered: std::collections::HashMap<usize, std::collections::VecDeque<Bytes>> = Default::default();
+        for (i, parts) in answers {
+            requests = requests.saturating_add(parts.requests);
+            answered.insert(i, parts.bytes.into());
+        }
+        let mut out = Vec::with_capacity(ranges.len());
+        for (range, ps) in ranges.iter().zip(&pieces) {
+            let mut buf = BytesMut::with_capacity((range.end - range.start) as usize);
+            for p in ps {
+                let len = (p.flat.end - p.flat.start) as usize;
+                match p.segment {
+                    Some(i) => {
+                        let bytes = answered.get_mut(&i).and_then(|q| q.pop_front()).ok_or_else(|| {
+                            FetchError::Permanent("a source returned fewer parts than asked".into())
+                        })?;
+                        if bytes.len() != len {
+                            return Err(FetchError::Permanent(format!(
+                                "a source returned {} bytes for {:?}",
+                                bytes.len(),
+                                p.source
+                            )));
+                        }
+                        if ps.len() == 1 {
+                            // One piece of one segment: the source's bytes, untouched.
+                            out.push(bytes);
+                            break;
+                        }
+                        buf.extend_from_slice(&bytes);
+                    }
+                    None => buf.resize(buf.len() + len, 0),
+                }
+            }
+            if !(ps.len() == 1 && ps[0].segment.is_some()) {
+                out.push(buf.freeze());
+            }
+        }
+        Ok(Parts { bytes: out, requests })
+    }
+
     async fn fetch_range(&self, range: Range<u64>) -> Result<Bytes, FetchError> {
         if range.start >= range.end || range.end > self.layout.size {
             return Err(FetchError::Permanent(format!("range {range:?} outside the {}-byte image", self.layout.size)));
@@ -262,6 +325,28 @@ impl RangeSource for SegmentedSource {
 
     fn fetch(&self, range: Range<u64>) -> BoxFuture<'_, Result<Bytes, FetchError>> {
         Box::pin(self.fetch_range(range))
+    }
+
+    fn fetch_many(&self, ranges: Vec<Range<u64>>) -> BoxFuture<'_, Result<Parts, FetchError>> {
+        Box::pin(self.fetch_many_ranges(ranges))
+    }
+
+    /// What every segment's source can do: multi-range only when all take it.
+    fn multi_range(&self) -> MultiRange {
+        let all: Vec<MultiRange> = self.layout.segments.iter().map(|s| s.source.multi_range()).collect();
+        if all.contains(&MultiRange::Unsupported) || all.is_empty() {
+            MultiRange::Unsupported
+        } else if all.iter().all(|m| *m == MultiRange::Supported) {
+            MultiRange::Supported
+        } else {
+            MultiRange::Unknown
+        }
+    }
+
+    /// The first segment's link (a single blob: its own; the segments of one image are
+    /// normally served by one registry or bucket).
+    fn link(&self) -> LinkEstimate {
+        self.layout.segments.first().map(|s| s.source.link()).unwrap_or_default()
     }
 
     /// Each piece widened to its source's granule, mapped back to the flat
@@ -378,6 +463,69 @@ mod tests {
         assert_eq!(l.segment_at(8191).map(|s| s.label.as_str()), Some("a"));
         assert!(l.segment_at(8192).is_none());
         assert_eq!(l.segment_at(16384).map(|s| s.label.as_str()), Some("b"));
+    }
+
+    /// A pattern source that counts its `fetch_many` calls and says it takes multi-range.
+    struct Multi(Pattern, std::sync::atomic::AtomicU32);
+
+    impl RangeSource for Multi {
+        fn size(&self) -> u64 {
+            self.0.size
+        }
+        fn fetch(&self, range: Range<u64>) -> BoxFuture<'_, Result<Bytes, FetchError>> {
+            self.0.fetch(range)
+        }
+        fn fetch_many(&self, ranges: Vec<Range<u64>>) -> BoxFuture<'_, Result<Parts, FetchError>> {
+            Box::pin(async move {
+                self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let mut bytes = Vec::new();
+                for r in ranges {
+                    bytes.push(self.0.fetch(r).await?);
+                }
+                Ok(Parts { bytes, requests: 1 })
+            })
+        }
+        fn multi_range(&self) -> MultiRange {
+            MultiRange::Supported
+        }
+        fn describe(&self) -> String {
+            "multi".into()
+        }
+    }
+
+    #[test]
+    fn fetch_many_asks_each_segment_once_and_puts_ranges_back_together() {
+        let a = Arc::new(Multi(Pattern { size: 10_000, seed: 1 }, Default::default()));
+        let b = Arc::new(Multi(Pattern { size: 4096, seed: 2 }, Default::default()));
+        let l = Layout::new(
+            vec![
+                Segment { label: "a".into(), start: 0, len: 8192, source_offset: 100, source: a.clone() },
+                Segment { label: "b".into(), start: 16384, len: 4096, source_offset: 0, source: b.clone() },
+            ],
+            24576,
+        )
+        .unwrap();
+        let src = SegmentedSource::new(l);
+        assert_eq!(src.multi_range(), MultiRange::Supported);
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        // Inside a, across a / gap / b, inside b, and in the gap after b.
+        let asked = vec![0..10, 4000..5000, 8000..17000, 18000..18100, 20480..24576];
+        let parts = rt.block_on(src.fetch_many(asked.clone())).unwrap();
+        assert_eq!(parts.requests, 2, "one request per segment's source");
+        assert_eq!(a.1.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(b.1.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(parts.bytes.len(), asked.len());
+        for (r, got) in asked.iter().zip(&parts.bytes) {
+            let one = rt.block_on(src.fetch(r.clone())).unwrap();
+            assert_eq!(got, &one, "{r:?}");
+        }
+        assert!(parts.bytes[4].iter().all(|&x| x == 0), "the gap after b reads as zeros");
+        assert!(rt.block_on(src.fetch_many(vec![10..20, 5..15])).is_err(), "unsorted ranges are refused");
+        // One segment that does not take multi-range makes the whole space single-range.
+        let mixed = SegmentedSource::new(
+            Layout::new(vec![seg("p", 0, 4096, 0, 4096, 1), Segment { label: "m".into(), start: 4096, len: 4096, source_offset: 0, source: b }], 8192).unwrap(),
+        );
+        assert_eq!(mixed.multi_range(), MultiRange::Unsupported);
     }
 
     /// Serves whole units of 10 000 bytes.
