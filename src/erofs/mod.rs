@@ -95,7 +95,7 @@ impl Default for WalkOptions {
         // The contiguous guess is off unless asked for: a wrong guess fetches
         // file data before anything reads it (below the lowest data start the
         // head shows may lie other files' data), which a lazy mount must not.
-        WalkOptions { first_read: 64 << 10, contiguous_guess_max: 0 }
+        WalkOptions { first_read: 64 << 10, contiguous_guess_max: 64 << 20 }
     }
 }
 

@@ -863,12 +863,11 @@ fn guess_contiguous(
     let end = if data_start != u64::MAX {
         // The lowest data start bounds the run.
         (meta_end <= data_start).then_some(data_start)
-    } else if meta_end > first_len && meta_end <= image_size / 2 {
-        // No file data in sight: what is named reaches into the last part
-        // of the run (our writer puts directory blocks after the inodes);
-        // a quarter more covers the rest of it in most images.
-        let grown = meta_end.saturating_add((meta_end - first_len) / 4);
-        Some(align_up(grown, PAGE_SIZE).unwrap_or(grown).min(image_size))
+    } else if meta_end > first_len {
+        // No file data in sight: the run ends where the last named metadata
+        // ends (our writer puts the root's directory blocks last in the run,
+        // so this is all of it); nothing beyond it is guessed.
+        Some(align_up(meta_end, PAGE_SIZE).unwrap_or(meta_end).min(image_size))
     } else {
         None
     };

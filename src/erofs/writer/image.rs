@@ -489,7 +489,9 @@ pub fn plan_with_progress<'t>(
             start_block: 0,
             owned_blocks: 0,
         };
-        finish_record(&mut plan, bs, opts, use_indexes)?;
+        // The root directory keeps its entries in blocks (never inline): placed last in the
+        // metadata run, they let a reader of the first block alone learn where the run ends.
+        finish_record(&mut plan, bs, opts, use_indexes, slot != 0)?;
         inodes.push(plan);
     }
 
@@ -542,7 +544,10 @@ pub fn plan_with_progress<'t>(
     let used: u64 = inodes.iter().map(|p| p.record_size as u64).sum::<u64>()
         + shared.iter().map(|(x, _)| x.entry_size() as u64).sum::<u64>();
     summary.metadata_padding = (next_block * bs).saturating_sub(used + SUPERBLOCK_OFFSET + ondisk::SB_SIZE as u64);
-    for p in inodes.iter_mut() {
+    // Directory and symlink blocks, the root's last: its inode (in the first block) then names
+    // the end of the metadata run (the walker's contiguous guess reads it there).
+    for i in (1..inodes.len()).chain(std::iter::once(root)) {
+        let p = &mut inodes[i];
         if let Body::Flat { area: Area::Meta, blocks, .. } = p.body {
             if blocks > 0 {
                 p.start_block = next_block;
@@ -714,7 +719,7 @@ fn flat_tail_chunks(size: u64, block: u64, tail: u64, block_bits: u8, use_indexe
 }
 
 /// Record size and inline decision.
-fn finish_record(p: &mut InodePlan, bs: u64, opts: &WriterOptions, use_indexes: bool) -> Result<(), WriteError> {
+fn finish_record(p: &mut InodePlan, bs: u64, opts: &WriterOptions, use_indexes: bool, may_inline: bool) -> Result<(), WriteError> {
     let base = p.fields.encoded_size() + p.xattr_size;
     let size = p.fields.size;
     if let Body::FlatTail { block, tail } = p.body {
@@ -725,7 +730,7 @@ fn finish_record(p: &mut InodePlan, bs: u64, opts: &WriterOptions, use_indexes: 
             p.body = flat_tail_chunks(size, block, tail as u64, opts.block_bits, use_indexes)?;
         }
     }
-    let inline_data = opts.inline_data;
+    let inline_data = opts.inline_data && may_inline;
     let (layout, extra, contained) = match &mut p.body {
         Body::None | Body::External => (ondisk::LAYOUT_FLAT_PLAIN, 0, false),
         Body::Flat { blocks, tail, .. } => {
