@@ -799,8 +799,8 @@ impl<'l> State<'l> {
 /// The guess of a contiguous metadata run (see the module docs): from the
 /// first block alone, the regular files found there and what the root
 /// directory (and its children in the block) name as metadata. Returns the
-/// run to ask for at once, `first_len..U` with `U` the lowest data start,
-/// when every named metadata byte lies below `U` and the run is at most
+/// run to ask for at once, `first_len..E` with `E` the end of the last named
+/// metadata, when no data seen starts below `E` and the run is at most
 /// `opts.contiguous_guess_max` bytes; the walk checks everything anyway.
 fn guess_contiguous(
     io: &mut Io,
@@ -860,13 +860,12 @@ fn guess_contiguous(
         }
         off += INODE_SLOT_SIZE;
     }
-    let end = if data_start != u64::MAX {
-        // The lowest data start bounds the run.
-        (meta_end <= data_start).then_some(data_start)
-    } else if meta_end > first_len {
-        // No file data in sight: the run ends where the last named metadata
-        // ends (our writer puts the root's directory blocks last in the run,
-        // so this is all of it); nothing beyond it is guessed.
+    // The run ends where the last named metadata ends (our writer puts the
+    // root's directory blocks last in it, so that is all of it); nothing
+    // beyond is guessed: the lowest data start seen is not the lowest of all
+    // (files whose inodes lie past the first block may have data before it).
+    // Data seen below the named metadata: metadata and data interleave, no run.
+    let end = if meta_end > first_len && meta_end <= data_start {
         Some(align_up(meta_end, PAGE_SIZE).unwrap_or(meta_end).min(image_size))
     } else {
         None
