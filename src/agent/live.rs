@@ -58,7 +58,11 @@ pub(super) async fn go_live(cfg: &AgentConfig, ctx: &WorkerContext, p: Prepared)
     // Sources later mounts of the blob name serve it too.
     let http = crate::http::ClientConfig { request_timeout: cfg.fetch_timeout(), ..Default::default() };
     let sources = Arc::new(AddedSources::new(Arc::clone(&p.source), cfg.source.clone(), http));
-    let remote: Arc<dyn crate::remote::RangeSource> = Arc::clone(&sources) as Arc<dyn crate::remote::RangeSource>;
+    let mut remote: Arc<dyn crate::remote::RangeSource> = Arc::clone(&sources) as Arc<dyn crate::remote::RangeSource>;
+    // Sources added by later mounts are checked too (the primary is then checked twice: cheap).
+    if let Some(verified) = super::prepare::verified_source(&remote, cfg)? {
+        remote = verified;
+    }
     let scheduler = AgentScheduler::new(
         Arc::clone(&p.cache),
         Arc::clone(&remote),

@@ -15,6 +15,7 @@ use erofs_fanotify_state::{self as state, CacheDir, CacheEntry};
 use crate::cache::CacheFile;
 use crate::erofs::{self, WalkLimits, WalkOptions};
 use crate::http::ClientConfig;
+use crate::remote::verified::{ChunkDigests, VerifiedSource};
 use crate::remote::{RangeSource, RetryPolicy};
 
 use super::merge::open_layers;
@@ -44,6 +45,19 @@ pub(super) struct Prepared {
     pub file_extents: Vec<Range<u64>>,
     /// Set when the source could not be opened and the entry is served from the cache (offline).
     pub offline: Option<String>,
+}
+
+/// `source` behind a check of every fetched chunk against the index artifact's digests, when the
+/// mount's index gave them (`remote::verified`); `None` without digests.
+pub(super) fn verified_source(source: &Arc<dyn RangeSource>, cfg: &AgentConfig) -> Result<Option<Arc<dyn RangeSource>>, AgentError> {
+    // Chunk digests are of one blob: a merged layout of several is not checked this way.
+    let Some(chunks) = cfg.known_metadata.as_ref().and_then(|k| k.chunks.as_ref()).filter(|_| !matches!(cfg.source, SourceSpec::Layers(_))) else {
+        return Ok(None);
+    };
+    let digests = ChunkDigests::new(chunks.size, &chunks.sha256, source.size())
+        .map_err(|e| AgentError::Image(format!("the index's chunk digests do not fit {}: {e}", cfg.source.describe())))?;
+    tracing::info!(chunk_size = chunks.size, chunks = chunks.sha256.len(), "every fetched chunk is checked against the index's sha256");
+    Ok(Some(Arc::new(VerifiedSource::new(Arc::clone(source), digests))))
 }
 
 /// Removes a cache entry this worker created unless the preparation got through.
@@ -111,6 +125,12 @@ pub(super) async fn prepare(cfg: &AgentConfig, ctx: &WorkerContext) -> Result<Pr
     let mut source = source;
     let mut layout = layout;
     let mut probe = probe;
+    if let Some(verified) = verified_source(&source, cfg)? {
+        // Every byte is checked against the index's chunk digests before it is written: the
+        // probe (part of a chunk) is not written; the walk fetches its chunk whole.
+        source = verified;
+        probe = None;
+    }
     if let Some((spec, opened)) = &mut layers {
         if let (None, Some(len)) = (&opened.head, opened.merged_len) {
             if !cache.contains(0..len) {

@@ -1,7 +1,7 @@
 //! `erofs-fanotify index push [-o OPTS] REF [--trace [NAME=]FILE]...`: walks
 //! each EROFS layer of an image once and pushes an index artifact (DESIGN
 //! §8) whose `subject` is the image manifest: per layer, the metadata
-//! ranges (what a mount must make local), a sha256 per 1 MiB chunk, and the
+//! ranges (what a mount must make local), a sha256 per 64 KiB chunk (a mount checks every fetch against them), and the
 //! named access traces given. Ranges, never bytes. The artifact is found
 //! through the referrers API, or the `sha256-<hex>` referrers tag on
 //! registries without it (kept up to date when several artifacts exist).

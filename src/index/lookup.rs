@@ -14,7 +14,7 @@ use std::ops::Range;
 use std::path::Path;
 
 use super::artifact::{self, LayerKind, Limits, ARTIFACT_TYPE, DOC_MEDIA_TYPE};
-use super::{IndexMode, KnownRanges};
+use super::{IndexMode, KnownChunks, KnownRanges};
 use crate::agent::sources::SourceSpec;
 use crate::oci::auth::Access;
 use crate::oci::manifest::{self, Manifest, Platform};
@@ -54,16 +54,18 @@ pub fn pick_trace<'a>(traces: &'a Traces, choice: Option<&str>) -> Result<Option
 /// The metadata ranges for layer `digest` of `size` bytes in an index
 /// document, after every check.
 pub fn ranges_from_doc(bytes: &[u8], digest: &str, size: u64) -> Result<Vec<Range<u64>>, String> {
-    layer_from_doc(bytes, digest, size).map(|(metadata, _)| metadata)
+    layer_from_doc(bytes, digest, size).map(|(metadata, _, _)| metadata)
 }
 
 type Traces = BTreeMap<String, Vec<Range<u64>>>;
+/// A layer's metadata ranges, traces and chunk digests, from a document.
+type LayerEntry = (Vec<Range<u64>>, Traces, Option<KnownChunks>);
 /// A trace's name and ranges.
 pub type PickedTrace<'a> = (&'a str, &'a [Range<u64>]);
 
 /// The metadata ranges and traces of layer `digest` in a document (every range
 /// inside the blob: checked by the parser).
-fn layer_from_doc(bytes: &[u8], digest: &str, size: u64) -> Result<(Vec<Range<u64>>, Traces), String> {
+fn layer_from_doc(bytes: &[u8], digest: &str, size: u64) -> Result<LayerEntry, String> {
     let doc = artifact::parse(bytes, &Limits::default()).map_err(|e| e.to_string())?;
     let layer = doc.layer(digest).ok_or_else(|| format!("it has no entry for layer {digest}"))?;
     if layer.kind != LayerKind::Erofs {
@@ -75,12 +77,16 @@ fn layer_from_doc(bytes: &[u8], digest: &str, size: u64) -> Result<(Vec<Range<u6
     if layer.metadata.is_empty() {
         return Err(format!("its entry for layer {digest} lists no metadata ranges"));
     }
-    // `parse` checked them sorted, disjoint, non-empty and inside `layer.size`.
-    Ok((layer.metadata.clone(), layer.traces.clone()))
+    // `parse` checked them sorted, disjoint, non-empty and inside `layer.size`, and one digest per chunk.
+    let chunks = layer.chunk_size.filter(|_| !layer.chunk_sha256.is_empty()).map(|size| KnownChunks { size, sha256: layer.chunk_sha256.clone() });
+    if let Some(c) = &chunks {
+        crate::remote::verified::ChunkDigests::new(c.size, &c.sha256, size).map_err(|e| format!("its chunk digests for layer {digest}: {e}"))?;
+    }
+    Ok((layer.metadata.clone(), layer.traces.clone(), chunks))
 }
 
-fn known(artifact: String, ranges: &[Range<u64>]) -> KnownRanges {
-    KnownRanges { artifact, ranges: ranges.iter().map(|r| [r.start, r.end]).collect() }
+fn known(artifact: String, ranges: &[Range<u64>], chunks: Option<KnownChunks>) -> KnownRanges {
+    KnownRanges { artifact, ranges: ranges.iter().map(|r| [r.start, r.end]).collect(), chunks }
 }
 
 /// Looks for an index artifact of the image in `repo` whose layer `digest`
@@ -101,8 +107,8 @@ pub async fn in_registry(repo: &Repository, platform: &Platform, digest: &str, s
     for d in referrers.manifests.iter().rev() {
         let artifact_digest = d.digest().to_string();
         match artifact_ranges(repo, &artifact_digest, digest, size).await {
-            Ok((ranges, traces)) => {
-                out.known = Some(known(format!("{artifact_digest} ({how})"), &ranges));
+            Ok((ranges, traces, chunks)) => {
+                out.known = Some(known(format!("{artifact_digest} ({how})"), &ranges, chunks));
                 out.traces = traces;
                 return Ok(out);
             }
@@ -117,7 +123,7 @@ pub async fn in_registry(repo: &Repository, platform: &Platform, digest: &str, s
     Ok(out)
 }
 
-async fn artifact_ranges(repo: &Repository, artifact_digest: &str, digest: &str, size: u64) -> Result<(Vec<Range<u64>>, Traces), String> {
+async fn artifact_ranges(repo: &Repository, artifact_digest: &str, digest: &str, size: u64) -> Result<LayerEntry, String> {
     let fetched = repo.get_manifest(artifact_digest).await.map_err(|e| e.to_string())?;
     let Manifest::Image(m) = fetched.manifest else { return Err("it is an index, not an artifact manifest".into()) };
     if m.artifact_type().as_ref().map(|t| t.to_string()).as_deref() != Some(ARTIFACT_TYPE) {
@@ -136,16 +142,27 @@ async fn artifact_ranges(repo: &Repository, artifact_digest: &str, digest: &str,
     layer_from_doc(&bytes, digest, size)
 }
 
-/// `index_file=PATH`: an index document copied locally.
-pub fn from_file(path: &Path, digest: &str, size: u64) -> Result<(KnownRanges, Traces), String> {
+/// The size an index document gives layer `digest`.
+fn size_in_file(path: &Path, digest: &str) -> Result<u64, String> {
+    let bytes = read_doc_file(path)?;
+    let doc = artifact::parse(&bytes, &Limits::default()).map_err(|e| format!("index_file {}: {e}", path.display()))?;
+    doc.layer(digest).map(|l| l.size).ok_or_else(|| format!("index_file {}: it has no entry for layer {digest}", path.display()))
+}
+
+fn read_doc_file(path: &Path) -> Result<Vec<u8>, String> {
     let cap = Limits::default().max_doc_bytes as u64;
     let len = std::fs::metadata(path).map_err(|e| format!("cannot read index_file {}: {e}", path.display()))?.len();
     if len > cap {
         return Err(format!("index_file {} has {len} bytes, more than the {cap}-byte limit", path.display()));
     }
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read index_file {}: {e}", path.display()))?;
-    let (ranges, traces) = layer_from_doc(&bytes, digest, size).map_err(|why| format!("index_file {}: {why}", path.display()))?;
-    Ok((known(format!("file {}", path.display()), &ranges), traces))
+    std::fs::read(path).map_err(|e| format!("cannot read index_file {}: {e}", path.display()))
+}
+
+/// `index_file=PATH`: an index document copied locally.
+pub fn from_file(path: &Path, digest: &str, size: u64) -> Result<(KnownRanges, Traces), String> {
+    let bytes = read_doc_file(path)?;
+    let (ranges, traces, chunks) = layer_from_doc(&bytes, digest, size).map_err(|why| format!("index_file {}: {why}", path.display()))?;
+    Ok((known(format!("file {}", path.display()), &ranges, chunks), traces))
 }
 
 /// The lookup a new mount makes (blocking; front end). `Err` only with
@@ -159,12 +176,16 @@ pub fn for_mount(source: &SourceSpec, mode: IndexMode, index_file: Option<&Path>
             None => Err(format!("index_file needs a source that names its digest, not {}", source.describe())),
             Some(digest) => {
                 let size = match source {
-                    SourceSpec::Oci(spec) => Some(spec.size),
-                    _ => None,
+                    SourceSpec::Oci(spec) => Ok(Some(spec.size)),
+                    // A blob URL names no size: the document's (the agent's chunk check holds the
+                    // blob to it; the walk checks every range anyway).
+                    SourceSpec::Url { .. } => size_in_file(path, &digest).map(Some),
+                    _ => Ok(None),
                 };
                 match size {
-                    Some(size) => from_file(path, &digest, size).map(|(k, traces)| Lookup { known: Some(k), traces, ..Lookup::default() }),
-                    None => Err(format!("index_file applies to image references, not {}", source.describe())),
+                    Ok(Some(size)) => from_file(path, &digest, size).map(|(k, traces)| Lookup { known: Some(k), traces, ..Lookup::default() }),
+                    Ok(None) => Err(format!("index_file applies to image references and blob URLs, not {}", source.describe())),
+                    Err(e) => Err(e),
                 }
             }
         },

@@ -44,4 +44,16 @@ pub struct KnownRanges {
     pub artifact: String,
     /// Sorted, disjoint, inside the blob (checked by the artifact parser).
     pub ranges: Vec<[u64; 2]>,
+    /// The artifact's sha256 per chunk of the blob: every fetched byte is checked against it
+    /// (`remote::verified`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks: Option<KnownChunks>,
+}
+
+/// `chunkSize` and `chunkSha256` of a layer's index entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KnownChunks {
+    pub size: u64,
+    /// Lowercase hex, one per chunk (the last may be short).
+    pub sha256: Vec<String>,
 }

@@ -19,6 +19,7 @@ pub mod multi;
 pub mod plan;
 pub mod retry;
 pub mod s3;
+pub mod verified;
 
 use std::ops::Range;
 

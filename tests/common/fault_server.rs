@@ -13,7 +13,9 @@
 //!   the connection (RST);
 //! - `short_body_next(n)`: the next n GETs with a non-empty body send the headers (full Content-Length) and
 //!   half the body, then close normally (FIN);
-//! - `set_delay(d)`: every blob request is answered `d` late (a slow but working server).
+//! - `set_delay(d)`: every blob request is answered `d` late (a slow but working server);
+//! - `lie(true)`: every GET with a non-empty body is answered as asked (206, right Content-Range and
+//!   length) with wrong bytes (one byte in every 4 KiB flipped), until `lie(false)`.
 //!
 //! `stats()` counts requests, bytes of body sent, the ranges asked for and each fault injected.
 
@@ -38,6 +40,8 @@ pub struct Stats {
     pub failed_500: u64,
     pub resets: u64,
     pub short_bodies: u64,
+    /// Bodies sent with wrong bytes.
+    pub lies: u64,
     /// Requests that were held by a stall.
     pub stalled: u64,
     pub connections: u64,
@@ -52,6 +56,7 @@ struct Faults {
     reset_next: u64,
     short_next: u64,
     delay: std::time::Duration,
+    lying: bool,
 }
 
 struct State {
@@ -132,6 +137,11 @@ impl FaultServer {
     /// Answers every blob request `delay` late from now on (zero: on time).
     pub fn set_delay(&self, delay: std::time::Duration) {
         lock(&self.state.faults).delay = delay;
+    }
+
+    /// From now on every blob body is wrong (see the module doc), or right again.
+    pub fn lie(&self, on: bool) {
+        lock(&self.state.faults).lying = on;
     }
 
     /// Holds every request from now on until `resume()`.
@@ -258,6 +268,26 @@ impl State {
                 None
             }
         };
+        let lying = is_get && len > 0 && fault.is_none() && lock(&self.faults).lying;
+        if lying {
+            use std::os::unix::fs::FileExt;
+            let mut body = vec![0u8; len as usize];
+            if self.file.read_exact_at(&mut body, start).is_err() {
+                return Reply::new(500);
+            }
+            for b in body.iter_mut().step_by(4096) {
+                *b ^= 0x5a;
+            }
+            lock(&self.stats).lies += 1;
+            let mut reply = Reply::new(status)
+                .header("Accept-Ranges", "bytes")
+                .header("Content-Type", "application/octet-stream")
+                .body(body);
+            if status == 206 {
+                reply = reply.header("Content-Range", format!("bytes {start}-{}/{}", start + len - 1, self.size));
+            }
+            return reply;
+        }
         let mut reply = Reply::new(status)
             .header("Accept-Ranges", "bytes")
             .header("Content-Type", "application/octet-stream")
