@@ -865,7 +865,11 @@ fn guess_contiguous(
     // beyond is guessed: the lowest data start seen is not the lowest of all
     // (files whose inodes lie past the first block may have data before it).
     // Data seen below the named metadata: metadata and data interleave, no run.
-    let end = if meta_end > first_len && meta_end <= data_start {
+    // No data in sight and the named end past half the image: not our layout
+    // (mkfs.erofs writes the root's directory block late, near the image's
+    // end: guessing up to it would fetch most of the data).
+    let seen_data = data_start != u64::MAX;
+    let end = if meta_end > first_len && meta_end <= data_start && (seen_data || meta_end <= image_size / 2) {
         Some(align_up(meta_end, PAGE_SIZE).unwrap_or(meta_end).min(image_size))
     } else {
         None
