@@ -330,8 +330,7 @@ fn chunk_digests_keep_wrong_bytes_from_readers() {
     let out = cmd::run(Command::new(common::EROFS_FANOTIFY).args(["build"]).arg(&src).arg(&image), COMMAND_TIMEOUT);
     out.assert_success();
     let built = out.stdout_str();
-    let meta_end: u64 = built.split("one range [0, ").nth(1).and_then(|s| s.split(')').next()).and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no metadata range in {built:?}"));
+    let meta_end = common::built_metadata_end(&built);
     let bytes = std::fs::read(&image).unwrap();
     let server = common::fault_server::FaultServer::serve(&image);
     let chunk = 64u64 << 10;

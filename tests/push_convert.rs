@@ -595,8 +595,7 @@ fn a_built_image_mounts_lazily_in_two_requests() {
         let status = mounted.status();
         figures.push(format!("{label}: {} requests, {} round trips, {} bytes at mount", status.mount_requests, status.walk_round_trips, status.fetched_bytes));
         if builder == "build" {
-            let meta_end: u64 = out.split("one range [0, ").nth(1).and_then(|s| s.split(')').next()).and_then(|s| s.parse().ok())
-                .unwrap_or_else(|| panic!("no metadata range in the build's output {out:?}"));
+            let meta_end = common::built_metadata_end(&out);
             assert!(meta_end > 64 << 10, "the metadata ({meta_end} bytes) must be more than the first read");
             assert!(status.mount_requests <= 2, "{} requests to mount our image: {status:?}", status.mount_requests);
             // Only metadata came (the cache's pages hold at most its run, page-rounded, and the first read).

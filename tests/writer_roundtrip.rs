@@ -163,11 +163,6 @@ fn required_ranges(image: &Path) -> Vec<std::ops::Range<u64>> {
     walk(&mut FileMeta(f), size, &WalkLimits::default()).unwrap().required
 }
 
-fn metadata_end(build_output: &str) -> u64 {
-    let s = build_output.split("one range [0, ").nth(1).unwrap_or_else(|| panic!("no metadata range in {build_output:?}"));
-    s.split(')').next().unwrap().parse().unwrap()
-}
-
 fn fsck(image: &Path, extract: Option<&Path>) {
     let mut c = Command::new("fsck.erofs");
     if let Some(dir) = extract {
@@ -206,7 +201,7 @@ fn directory_tree_round_trips_plain_and_lz4() {
         args.extend([s, i]);
         let out = build(&args);
         eprintln!("{name}: {out}");
-        let end = metadata_end(&out);
+        let end = common::built_metadata_end(&out);
         assert_eq!(required_ranges(&image), vec![0..end.next_multiple_of(4096)], "{name}: metadata is one range");
         fsck(&image, None);
         let x = work.path().join(format!("{name}-extract"));
@@ -315,7 +310,7 @@ fn tar_input_round_trips_and_tar_index_mounts_flatdev() {
         let mut args: Vec<&str> = extra.to_vec();
         args.extend([input.to_str().unwrap(), image.to_str().unwrap()]);
         let out = build(&args);
-        assert_eq!(required_ranges(&image), vec![0..metadata_end(&out).next_multiple_of(4096)]);
+        assert_eq!(required_ranges(&image), vec![0..common::built_metadata_end(&out).next_multiple_of(4096)]);
         fsck(&image, None);
         let mnt = work.path().join(format!("{name}-mnt"));
         let _m = mount(&image, &mnt);

@@ -508,21 +508,9 @@ class Bench:
             return self.pull_total(url, plain, pulled, workload)
 
         # program start, lazy (no index, no trace); record a trace on the way
-        drop_caches()
-        t_mount = timed(lambda: self.lazy_mount(url, lazy, self.fresh_cache(), "record_trace"))
-        meta = self.status(lazy)
-        t_prog = timed(lambda: self.program(lazy))
-        st = self.status(lazy)
         trace = os.path.join(self.work, "program.trace")
-        run(os.path.join(BIN, "erofs-fanotify"), "trace", lazy, "--output", trace)
-        self.umount_lazy(lazy)
-        P["mount_s"] = t_mount
-        P["mount_requests"] = meta.get("mount_requests", meta["fetch_requests"])
-        P["walk_round_trips"] = meta.get("walk_round_trips")
-        P["metadata_bytes"] = meta["fetched_bytes"]
-        P["lazy_program_total_s"] = t_mount + t_prog
-        P["lazy_program_requests"] = st["fetch_requests"]
-        P["lazy_program_fetched_bytes"] = st["fetched_bytes"]
+        P.update(self.lazy_program(url, lazy, "record_trace",
+                                   lambda: run(os.path.join(BIN, "erofs-fanotify"), "trace", lazy, "--output", trace)))
         # program start, lazy with the trace replayed from the mount on (no index artifact here)
         drop_caches()
         t_mount2 = timed(lambda: self.lazy_mount(url, lazy, self.fresh_cache(), f"prefetch_trace={trace}"))
@@ -561,22 +549,24 @@ class Bench:
         self.umount_plain(plain)
         return t_pull + t_mount + t_work
 
-    def writer_run(self, url, lazy, plain, pulled):
-        """Program start from our writer's image: cold lazy mount (no index, no trace) and full pull side by side."""
-        W = {}
+    def lazy_program(self, url, lazy, extra="", before_umount=None):
+        """Cold lazy mount + program start: mount time, requests and bytes at mount and for the program."""
         drop_caches()
-        t_mount = timed(lambda: self.lazy_mount(url, lazy, self.fresh_cache()))
+        t_mount = timed(lambda: self.lazy_mount(url, lazy, self.fresh_cache(), extra))
         meta = self.status(lazy)
         t_prog = timed(lambda: self.program(lazy))
         st = self.status(lazy)
+        if before_umount:
+            before_umount()
         self.umount_lazy(lazy)
-        W["mount_s"] = t_mount
-        W["mount_requests"] = meta.get("mount_requests", meta["fetch_requests"])
-        W["walk_round_trips"] = meta.get("walk_round_trips")
-        W["metadata_bytes"] = meta["fetched_bytes"]
-        W["lazy_program_total_s"] = t_mount + t_prog
-        W["lazy_program_requests"] = st["fetch_requests"]
-        W["lazy_program_fetched_bytes"] = st["fetched_bytes"]
+        return {"mount_s": t_mount, "mount_requests": meta.get("mount_requests", meta["fetch_requests"]),
+                "walk_round_trips": meta.get("walk_round_trips"), "metadata_bytes": meta["fetched_bytes"],
+                "lazy_program_total_s": t_mount + t_prog, "lazy_program_requests": st["fetch_requests"],
+                "lazy_program_fetched_bytes": st["fetched_bytes"]}
+
+    def writer_run(self, url, lazy, plain, pulled):
+        """Program start from our writer's image: cold lazy mount (no index, no trace) and full pull side by side."""
+        W = self.lazy_program(url, lazy)
         W["pull_program_total_s"] = self.pull_total(url, plain, pulled, lambda: self.program(plain))
         return W
 

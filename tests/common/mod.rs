@@ -66,3 +66,13 @@ pub const GONE_TIMEOUT: Duration = Duration::from_secs(6);
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub const MIB: u64 = 1024 * 1024;
+
+/// The end of the metadata run `erofs-fanotify build` prints (`... metadata N bytes in one range [0, END) ...`).
+pub fn built_metadata_end(build_output: &str) -> u64 {
+    build_output
+        .split("one range [0, ")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no metadata range in the build's output {build_output:?}"))
+}
