@@ -92,9 +92,10 @@ pub struct WalkOptions {
 
 impl Default for WalkOptions {
     fn default() -> Self {
-        // The contiguous guess is off unless asked for: a wrong guess fetches
-        // file data before anything reads it (below the lowest data start the
-        // head shows may lie other files' data), which a lazy mount must not.
+        // The contiguous guess asks only for what the first block names as
+        // metadata (see `walker::guess_contiguous`: our writer's root directory
+        // block ends the run), so it never reaches file data of our images;
+        // 64 MiB bounds what a wrong guess on another image can cost.
         WalkOptions { first_read: 64 << 10, contiguous_guess_max: 64 << 20 }
     }
 }
