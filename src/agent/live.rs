@@ -59,7 +59,7 @@ pub(super) async fn go_live(cfg: &AgentConfig, ctx: &WorkerContext, p: Prepared)
     let http = crate::http::ClientConfig { request_timeout: cfg.fetch_timeout(), ..Default::default() };
     let sources = Arc::new(AddedSources::new(Arc::clone(&p.source), cfg.source.clone(), http));
     let mut remote: Arc<dyn crate::remote::RangeSource> = Arc::clone(&sources) as Arc<dyn crate::remote::RangeSource>;
-    // Sources added by later mounts are checked too (the primary is then checked twice: cheap).
+    // Checked once, around the primary and the sources later mounts add.
     if let Some(verified) = super::prepare::verified_source(&remote, cfg)? {
         remote = verified;
     }

@@ -125,10 +125,11 @@ pub(super) async fn prepare(cfg: &AgentConfig, ctx: &WorkerContext) -> Result<Pr
     let mut source = source;
     let mut layout = layout;
     let mut probe = probe;
-    if let Some(verified) = verified_source(&source, cfg)? {
-        // Every byte is checked against the index's chunk digests before it is written: the
-        // probe (part of a chunk) is not written; the walk fetches its chunk whole.
-        source = verified;
+    // With the index's chunk digests every byte is checked before it is written (the fetcher's
+    // source here; the live agent wraps its own, with the sources later mounts add): the probe
+    // (part of a chunk) is not written, the walk fetches its chunk whole.
+    let verified = verified_source(&source, cfg)?;
+    if verified.is_some() {
         probe = None;
     }
     if let Some((spec, opened)) = &mut layers {
@@ -164,7 +165,8 @@ pub(super) async fn prepare(cfg: &AgentConfig, ctx: &WorkerContext) -> Result<Pr
 
     let stats = Arc::new(Stats::default());
     // The metadata walk is latency bound: more requests in flight.
-    let fetcher = Arc::new(Fetcher::new(Arc::clone(&cache), Arc::clone(&source), Arc::clone(&stats), retry.clone(), (2 * cfg.fetch_parallel).min(32)));
+    let fetch_source = verified.unwrap_or_else(|| Arc::clone(&source));
+    let fetcher = Arc::new(Fetcher::new(Arc::clone(&cache), fetch_source, Arc::clone(&stats), retry.clone(), (2 * cfg.fetch_parallel).min(32)));
     let probed = probe.as_ref().map_or(0, |p| p.len() as u64);
     let (required, file_extents) = match entry.required_ranges() {
         Some(required) => (required, load_file_extents(entry.dir(), size).unwrap_or_default()),

@@ -253,36 +253,31 @@ impl SegmentedSource {
             requests = requests.saturating_add(parts.requests);
             answered.insert(i, parts.bytes.into());
         }
+        let mut next = |p: &Piece, i: usize| -> Result<Bytes, FetchError> {
+            let bytes = answered
+                .get_mut(&i)
+                .and_then(|q| q.pop_front())
+                .ok_or_else(|| FetchError::Permanent("a source returned fewer parts than asked".into()))?;
+            if bytes.len() as u64 != p.flat.end - p.flat.start {
+                return Err(FetchError::Permanent(format!("a source returned {} bytes for {:?}", bytes.len(), p.source)));
+            }
+            Ok(bytes)
+        };
         let mut out = Vec::with_capacity(ranges.len());
         for (range, ps) in ranges.iter().zip(&pieces) {
+            // One piece of one segment: the source's bytes, untouched.
+            if let [p @ Piece { segment: Some(i), .. }] = ps.as_slice() {
+                out.push(next(p, *i)?);
+                continue;
+            }
             let mut buf = BytesMut::with_capacity((range.end - range.start) as usize);
             for p in ps {
-                let len = (p.flat.end - p.flat.start) as usize;
                 match p.segment {
-                    Some(i) => {
-                        let bytes = answered.get_mut(&i).and_then(|q| q.pop_front()).ok_or_else(|| {
-                            FetchError::Permanent("a source returned fewer parts than asked".into())
-                        })?;
-                        if bytes.len() != len {
-                            return Err(FetchError::Permanent(format!(
-                                "a source returned {} bytes for {:?}",
-                                bytes.len(),
-                                p.source
-                            )));
-                        }
-                        if ps.len() == 1 {
-                            // One piece of one segment: the source's bytes, untouched.
-                            out.push(bytes);
-                            break;
-                        }
-                        buf.extend_from_slice(&bytes);
-                    }
-                    None => buf.resize(buf.len() + len, 0),
+                    Some(i) => buf.extend_from_slice(&next(p, i)?),
+                    None => buf.resize(buf.len() + (p.flat.end - p.flat.start) as usize, 0),
                 }
             }
-            if !(ps.len() == 1 && ps[0].segment.is_some()) {
-                out.push(buf.freeze());
-            }
+            out.push(buf.freeze());
         }
         Ok(Parts { bytes: out, requests })
     }
