@@ -107,7 +107,7 @@ impl SourceSpec {
             SourceSpec::Layout(l) => l.name.clone(),
             SourceSpec::Layers(l) => l.name.clone(),
             SourceSpec::LocalFile(f) => format!("file {}", f.path.display()),
-            SourceSpec::GzipTar(g) => format!("the tar of {}", g.blob.describe()),
+            SourceSpec::GzipTar(g) => format!("the tar of {}", g.blob.label()),
             SourceSpec::File(f) => f.describe(),
             SourceSpec::BucketImage(b) => b.describe(),
         }
@@ -380,7 +380,21 @@ pub fn tar_index_layout(name: &str, layer: SourceSpec, files: &TarIndexFiles) ->
     let index_bytes = read_capped(index, MAX_LOCAL_FILE).map_err(|e| e.0)?;
     let placed = crate::segments::tar_index::placement(&index_bytes).map_err(|e| format!("{}: {e}", index.display()))?;
     let index_spec = LocalFileSpec { path: index.to_path_buf(), sha256: sha256_of(&index_bytes) };
-    let tar = match &files.zinfo {
+    let tar = tar_source(layer, files)?;
+    Ok(SourceSpec::Layout(Box::new(LayoutSpec {
+        name: name.to_string(),
+        size: placed.size(),
+        segments: vec![
+            SegmentSpec { start: 0, len: placed.index_len, source_offset: 0, source: SourceSpec::LocalFile(index_spec) },
+            SegmentSpec { start: placed.tar_start, len: placed.tar_len, source_offset: 0, source: tar },
+        ],
+    })))
+}
+
+/// The uncompressed tar of a layer as a source: the blob itself, or the
+/// blob through its zinfo (pinned by digest).
+fn tar_source(layer: SourceSpec, files: &TarIndexFiles) -> Result<SourceSpec, String> {
+    Ok(match &files.zinfo {
         Some(z) => {
             let bytes = read_capped(z, MAX_LOCAL_FILE).map_err(|e| e.0)?;
             let sha256 = sha256_of(&bytes);
@@ -393,15 +407,40 @@ pub fn tar_index_layout(name: &str, layer: SourceSpec, files: &TarIndexFiles) ->
             }))
         }
         None => layer,
-    };
-    Ok(SourceSpec::Layout(Box::new(LayoutSpec {
-        name: name.to_string(),
-        size: placed.size(),
-        segments: vec![
-            SegmentSpec { start: 0, len: placed.index_len, source_offset: 0, source: SourceSpec::LocalFile(index_spec) },
-            SegmentSpec { start: placed.tar_start, len: placed.tar_len, source_offset: 0, source: tar },
-        ],
-    })))
+    })
+}
+
+/// One layer of a whole tar image: its blob, its index files, and where the
+/// merge put its tar.
+pub struct TarImageLayer {
+    pub blob: SourceSpec,
+    pub files: TarIndexFiles,
+    /// `[base, len)` of its tar in the address space.
+    pub base: u64,
+    pub len: u64,
+}
+
+/// The address space of a whole image of tar layers (issue 16):
+/// `[merged metadata | tar 0 | tar 1 | …]`, the merged metadata from its
+/// local file (pinned by digest), each tar from its layer.
+pub fn tar_image_layout(name: &str, merged: &std::path::Path, size: u64, layers: Vec<TarImageLayer>) -> Result<SourceSpec, String> {
+    let image = read_capped(merged, MAX_LOCAL_FILE).map_err(|e| e.0)?;
+    let mut segments = vec![SegmentSpec {
+        start: 0,
+        len: image.len() as u64,
+        source_offset: 0,
+        source: SourceSpec::LocalFile(LocalFileSpec { path: merged.to_path_buf(), sha256: sha256_of(&image) }),
+    }];
+    let mut end = image.len() as u64;
+    for l in layers {
+        if l.base < end || l.base.checked_add(l.len).is_none_or(|e| e > size) {
+            return Err(format!("{name}: the tars of the merged image overlap or lie past its {size} bytes"));
+        }
+        end = l.base + l.len;
+        let tar = tar_source(l.blob, &l.files)?;
+        segments.push(SegmentSpec { start: l.base, len: l.len, source_offset: 0, source: tar });
+    }
+    Ok(SourceSpec::Layout(Box::new(LayoutSpec { name: name.to_string(), size, segments })))
 }
 
 /// `…/blobs/sha256:<hex>` names its digest; other URLs have none we can trust.

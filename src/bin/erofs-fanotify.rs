@@ -222,6 +222,18 @@ enum IndexCmd {
         #[arg(long, value_name = "DIR")]
         tmpdir: Option<PathBuf>,
     },
+    /// Index an ordinary image (tar or tar+gzip layers) into a directory: each layer's tar index and zinfo, and the
+    /// merged metadata of all layers; mount it with -o oci.tarindex=DIR
+    Build {
+        /// The image: [registry/]repo[:tag|@sha256:...]
+        reference: String,
+        /// Registry options as for mounting: oci.insecure, oci.username=, oci.password=, oci.cafile=, oci.platform=
+        #[arg(short = 'o', value_name = "OPTS")]
+        options: Vec<String>,
+        /// The directory to write (made if missing; layers already indexed in it are kept)
+        #[arg(long, value_name = "DIR")]
+        output: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -337,6 +349,10 @@ fn main() {
         Cmd::Index { action: IndexCmd::Push { reference, options, traces, tmpdir } } => {
             cli::init_cli_logging();
             cli::index_cmd::push(cli::index_cmd::IndexPushArgs { reference, options, traces, tmpdir }).map(|_| 0)
+        }
+        Cmd::Index { action: IndexCmd::Build { reference, options, output } } => {
+            cli::init_cli_logging();
+            cli::index_cmd::build_tar_image(&reference, &options, &output).map(|_| 0)
         }
         Cmd::Agent { foreground, adopt } => agent_cmd::run_supervisor(foreground, adopt),
         Cmd::Worker { resume } => agent_cmd::run_worker(resume),

@@ -1,6 +1,9 @@
 //! Tar indexes made on this host, kept for later mounts of the same layer:
 //! `<cache_dir>/.tar-indexes/<blob hex>/{index.erofs, layer.zinfo, layer.json}`
-//! (a dot directory: cache listing and pruning skip it). Made by streaming
+//! (a dot directory: cache listing and pruning skip it), and the merged
+//! metadata of whole images made of them: `merged-<hash>/{merged.erofs,
+//! merged.json}`. `index build --output DIR` writes the same layout into DIR
+//! (every function takes the store's root). Made by streaming
 //! the layer once ([`build_into`]): the tar index, the zinfo, the span
 //! digests, the tar's size, and the blob digest checked against the one
 //! the image names, so what is stored derives from the authentic blob.
@@ -49,18 +52,23 @@ pub struct StoredIndex {
     pub meta: LayerMeta,
 }
 
-/// `<cache_dir>/.tar-indexes/<hex>` for a `sha256:<hex>` digest.
-pub fn store_dir(cache_dir: &Path, blob_digest: &str) -> Result<PathBuf, BuildError> {
+/// The store of a cache dir.
+pub fn in_cache(cache_dir: &Path) -> PathBuf {
+    cache_dir.join(STORE_DIR)
+}
+
+/// `<root>/<hex>` for a `sha256:<hex>` digest.
+pub fn store_dir(root: &Path, blob_digest: &str) -> Result<PathBuf, BuildError> {
     let hex = blob_digest
         .strip_prefix("sha256:")
         .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
         .ok_or_else(|| BuildError::Source(format!("{blob_digest:?} is not a sha256 digest")))?;
-    Ok(cache_dir.join(STORE_DIR).join(hex))
+    Ok(root.join(hex))
 }
 
 /// The stored index of `blob_digest`, when one is complete and names that blob.
-pub fn load(cache_dir: &Path, blob_digest: &str) -> Option<StoredIndex> {
-    let dir = store_dir(cache_dir, blob_digest).ok()?;
+pub fn load(root: &Path, blob_digest: &str) -> Option<StoredIndex> {
+    let dir = store_dir(root, blob_digest).ok()?;
     let file = fs::File::open(dir.join(META_FILE)).ok()?;
     let mut text = Vec::new();
     file.take(MAX_META).read_to_end(&mut text).ok()?;
@@ -98,27 +106,18 @@ impl StreamObserver for SharedSpool {
     }
 }
 
-/// Streams the layer `raw` once and stores its index under `cache_dir`.
+/// Streams the layer `raw` once and stores its index under `root`.
 /// `blob_digest`/`blob_size` are what the image names: a stream that does
 /// not match them stores nothing.
 pub fn build_into(
-    cache_dir: &Path,
+    root: &Path,
     raw: impl Read,
     blob_digest: &str,
     blob_size: u64,
     opts: &LayerOptions,
 ) -> Result<StoredIndex, BuildError> {
-    let dir = store_dir(cache_dir, blob_digest)?;
-    let parent = dir.parent().ok_or_else(|| BuildError::Source("no store directory".into()))?;
-    fs::create_dir_all(parent).map_err(|e| BuildError::io(format!("cannot create {}", parent.display()), e))?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = fs::set_permissions(parent, fs::Permissions::from_mode(0o700));
-    }
-    let tmp = tempfile::Builder::new()
-        .prefix(".building-")
-        .tempdir_in(parent)
-        .map_err(|e| BuildError::io(format!("cannot create a directory in {}", parent.display()), e))?;
+    let dir = store_dir(root, blob_digest)?;
+    let tmp = building_dir(root)?;
     let spool_path = tmp.path().join("blob.spool");
     let spool_file = fs::File::create(&spool_path).map_err(|e| BuildError::io("cannot create the spool file", e))?;
     let spool = std::sync::Arc::new(parking_lot::Mutex::new(Spool(Some(BufWriter::new(spool_file)), None)));
@@ -170,11 +169,99 @@ pub fn build_into(
     let built = tmp.keep();
     if let Err(e) = fs::rename(&built, &dir) {
         let _ = fs::remove_dir_all(&built);
-        if load(cache_dir, blob_digest).is_none() {
+        if load(root, blob_digest).is_none() {
             return Err(BuildError::io(format!("cannot store the index in {}", dir.display()), e));
         }
     }
-    load(cache_dir, blob_digest).ok_or_else(|| BuildError::Source(format!("the stored index in {} is incomplete", dir.display())))
+    load(root, blob_digest).ok_or_else(|| BuildError::Source(format!("the stored index in {} is incomplete", dir.display())))
+}
+
+/// A temporary directory in `root` (made, 0700), renamed into place when whole.
+fn building_dir(root: &Path) -> Result<tempfile::TempDir, BuildError> {
+    fs::create_dir_all(root).map_err(|e| BuildError::io(format!("cannot create {}", root.display()), e))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = fs::set_permissions(root, fs::Permissions::from_mode(0o700));
+    }
+    tempfile::Builder::new()
+        .prefix(".building-")
+        .tempdir_in(root)
+        .map_err(|e| BuildError::io(format!("cannot create a directory in {}", root.display()), e))
+}
+
+pub const MERGED_FILE: &str = "merged.erofs";
+pub const MERGED_META_FILE: &str = "merged.json";
+
+/// What `merged.json` records: the layers the merged metadata is of, and
+/// where their tars lie in its address space.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergedMeta {
+    /// The layers' blob digests, in manifest order.
+    pub layers: Vec<String>,
+    /// Bytes of `merged.erofs` (the address space's first bytes).
+    pub image_len: u64,
+    /// Bytes of the whole address space.
+    pub size: u64,
+    /// Per layer: `[base, len]` of its tar in the address space.
+    pub tars: Vec<[u64; 2]>,
+}
+
+/// A stored merged image.
+#[derive(Clone, Debug)]
+pub struct StoredMerged {
+    pub image: PathBuf,
+    pub meta: MergedMeta,
+}
+
+/// `<root>/merged-<hash>`: named by the ordered layer digests (and the
+/// version of the merge that wrote it).
+pub fn merged_dir(root: &Path, layers: &[String]) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"erofs-fanotify tar merge v1\0");
+    for l in layers {
+        h.update(l.as_bytes());
+        h.update(b"\0");
+    }
+    root.join(format!("merged-{}", &hex::encode(h.finalize())[..32]))
+}
+
+/// The stored merged image of `layers`, when it is whole and names them.
+pub fn load_merged(root: &Path, layers: &[String]) -> Option<StoredMerged> {
+    let dir = merged_dir(root, layers);
+    let mut text = Vec::new();
+    fs::File::open(dir.join(MERGED_META_FILE)).ok()?.take(MAX_META).read_to_end(&mut text).ok()?;
+    let meta: MergedMeta = serde_json::from_slice(&text).ok()?;
+    let image = dir.join(MERGED_FILE);
+    (meta.layers == layers && meta.is_placed() && fs::metadata(&image).ok()?.len() == meta.image_len).then_some(StoredMerged { image, meta })
+}
+
+impl MergedMeta {
+    /// One tar per layer, each after the image and inside the address space.
+    fn is_placed(&self) -> bool {
+        self.tars.len() == self.layers.len()
+            && self.tars.iter().all(|[base, len]| *base >= self.image_len && base.checked_add(*len).is_some_and(|e| e <= self.size))
+    }
+}
+
+/// Stores a merged image (whole, or not at all).
+pub fn store_merged(root: &Path, image: &[u8], meta: &MergedMeta) -> Result<StoredMerged, BuildError> {
+    if image.len() as u64 != meta.image_len || !meta.is_placed() {
+        return Err(BuildError::Source(format!("internal: a merged image of {} bytes recorded as {}", image.len(), meta.image_len)));
+    }
+    let dir = merged_dir(root, &meta.layers);
+    let tmp = building_dir(root)?;
+    fs::write(tmp.path().join(MERGED_FILE), image).map_err(|e| BuildError::io("cannot write the merged image", e))?;
+    let json = serde_json::to_vec_pretty(meta).map_err(|e| BuildError::Source(format!("merged.json: {e}")))?;
+    fs::write(tmp.path().join(MERGED_META_FILE), json).map_err(|e| BuildError::io("cannot write merged.json", e))?;
+    let built = tmp.keep();
+    if let Err(e) = fs::rename(&built, &dir) {
+        let _ = fs::remove_dir_all(&built);
+        if load_merged(root, &meta.layers).is_none() {
+            return Err(BuildError::io(format!("cannot store the merged image in {}", dir.display()), e));
+        }
+    }
+    load_merged(root, &meta.layers).ok_or_else(|| BuildError::Source(format!("the stored merged image in {} is incomplete", dir.display())))
 }
 
 #[cfg(test)]
@@ -207,37 +294,60 @@ mod tests {
     #[test]
     fn stores_a_layer_once_and_refuses_a_wrong_blob() {
         let (tar, gz) = layer();
-        let cache = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let root = in_cache(dir.path());
+        let cache = &root;
         let d = digest(&gz);
-        assert!(load(cache.path(), &d).is_none());
+        assert!(load(cache, &d).is_none());
         let opts = LayerOptions { span_size: 1 << 20, uuid: None };
-        let s = build_into(cache.path(), &gz[..], &d, gz.len() as u64, &opts).unwrap();
+        let s = build_into(cache, &gz[..], &d, gz.len() as u64, &opts).unwrap();
         assert_eq!(s.meta.tar_size, tar.len() as u64);
         assert_eq!(s.meta.diff_id, digest(&tar));
         let z = crate::gzip::Zinfo::parse(fs::read(s.zinfo.as_ref().unwrap()).unwrap()).unwrap();
         let want = crate::gzip::span_digests(&z, &mut io::Cursor::new(&gz), gz.len() as u64).unwrap();
         assert_eq!(s.meta.span_sha256.as_ref(), Some(&want));
-        let again = load(cache.path(), &d).unwrap();
+        let again = load(cache, &d).unwrap();
         assert_eq!(again.meta, s.meta);
         // Only the stored directory is left (no spool, no temporary directory).
-        let names: Vec<_> = fs::read_dir(cache.path().join(STORE_DIR)).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = fs::read_dir(cache).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 1, "{names:?}");
-        let mut files: Vec<_> = fs::read_dir(store_dir(cache.path(), &d).unwrap()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let mut files: Vec<_> = fs::read_dir(store_dir(cache, &d).unwrap()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         files.sort();
         assert_eq!(files, vec![INDEX_FILE, META_FILE, ZINFO_FILE]);
 
         // A stream that is not the named blob stores nothing.
         let other = digest(b"other");
-        let e = build_into(cache.path(), &gz[..], &other, gz.len() as u64, &opts).unwrap_err();
+        let e = build_into(cache, &gz[..], &other, gz.len() as u64, &opts).unwrap_err();
         assert!(e.to_string().contains("as the image says"), "{e}");
-        assert!(load(cache.path(), &other).is_none());
-        assert!(!store_dir(cache.path(), &other).unwrap().exists());
-        assert_eq!(fs::read_dir(cache.path().join(STORE_DIR)).unwrap().count(), 1);
+        assert!(load(cache, &other).is_none());
+        assert!(!store_dir(cache, &other).unwrap().exists());
+        assert_eq!(fs::read_dir(cache).unwrap().count(), 1);
 
         // A plain tar: no zinfo, no span digests.
         let t = digest(&tar);
-        let s = build_into(cache.path(), &tar[..], &t, tar.len() as u64, &opts).unwrap();
+        let s = build_into(cache, &tar[..], &t, tar.len() as u64, &opts).unwrap();
         assert!(s.zinfo.is_none() && s.meta.span_sha256.is_none() && !s.meta.gzip);
-        assert!(store_dir(cache.path(), "sha256:xyz").is_err());
+        assert!(store_dir(cache, "sha256:xyz").is_err());
+    }
+
+    #[test]
+    fn merged_images_are_stored_whole_and_found_by_their_layers() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let layers = vec![digest(b"a"), digest(b"b")];
+        assert!(load_merged(&root, &layers).is_none());
+        let meta = MergedMeta { layers: layers.clone(), image_len: 8192, size: 8192 + 3 * 4096, tars: vec![[8192, 4096], [16384, 4096]] };
+        let s = store_merged(&root, &[7u8; 8192], &meta).unwrap();
+        assert_eq!(s.meta, meta);
+        assert_eq!(fs::read(&s.image).unwrap(), vec![7u8; 8192]);
+        assert_eq!(load_merged(&root, &layers).unwrap().meta, meta);
+        // Another order is another image; a record whose tars lie outside the space is not used.
+        let reversed: Vec<String> = layers.iter().rev().cloned().collect();
+        assert!(load_merged(&root, &reversed).is_none());
+        let bad = MergedMeta { layers: reversed.clone(), tars: vec![[8192, 4096], [16384, 1 << 40]], ..meta.clone() };
+        assert!(store_merged(&root, &[7u8; 8192], &bad).is_err());
+        assert!(store_merged(&root, &[7u8; 100], &meta).is_err());
+        // Only the stored directory is left.
+        assert_eq!(fs::read_dir(&root).unwrap().count(), 1);
     }
 }

@@ -152,6 +152,31 @@ pub fn push(args: IndexPushArgs) -> Result<(), CliError> {
     Ok(())
 }
 
+/// `erofs-fanotify index build REF --output DIR` (ordinary images): prints the merged index's path.
+pub fn build_tar_image(reference: &str, options: &[String], output: &std::path::Path) -> Result<(), CliError> {
+    let o = push_cmd::oci_options(options)?;
+    let started = std::time::Instant::now();
+    let built = super::tar_index_mount::build_image_index(reference, &o, output)?;
+    tracing::info!(
+        layers = built.layers,
+        indexed = built.indexed,
+        merged_bytes = built.merged_len,
+        seconds = started.elapsed().as_secs_f64(),
+        "image indexed"
+    );
+    if std::io::stderr().is_terminal() {
+        eprintln!(
+            "indexed {reference}: {} layer(s) ({} new), merged metadata {} bytes; mount with -o oci.tarindex={}",
+            built.layers,
+            built.indexed,
+            built.merged_len,
+            output.display()
+        );
+    }
+    println!("{}", built.merged.display());
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -615,12 +615,19 @@ fn resolve_source(source: &str, opts: &MountOptions) -> Result<(SourceSpec, Opti
     if opts.tar_index.is_some() || opts.tar_index_build || opts.zinfo.is_some() {
         return super::tar_index_mount::resolve(source, opts).map(|s| (s, None));
     }
-    match crate::oci::resolve_image(source, &opts.oci) {
-        Ok(crate::oci::ResolvedImage::Blob(spec)) => {
+    match crate::oci::resolve_image_and_config(source, &opts.oci) {
+        Ok((crate::oci::ResolvedImage::Blob(spec), _)) => {
             let remember = remember_resolution(reference_lookup_key(source, &opts.oci), &spec);
             Ok((SourceSpec::Oci(spec), remember))
         }
-        Ok(crate::oci::ResolvedImage::Layers(layers)) => Ok((
+        // An ordinary image (tar layers): through the tar indexes this host holds, or one line on how to make them.
+        Ok((crate::oci::ResolvedImage::Layers(layers), config)) if layers.iter().all(|l| super::tar_index_mount::is_tar_layer(&l.media_type)) => {
+            super::tar_index_mount::resolve_indexed(source, opts, layers, config).map(|s| (s, None))
+        }
+        Err(crate::oci::OciError::NotErofs { media_type, .. }) if super::tar_index_mount::is_tar_layer(&media_type) => {
+            super::tar_index_mount::resolve_indexed_one(source, opts).map(|s| (s, None))
+        }
+        Ok((crate::oci::ResolvedImage::Layers(layers), _)) => Ok((
             SourceSpec::Layers(Box::new(crate::agent::sources::LayersSpec {
                 name: layers.first().map(|l| l.reference.clone()).unwrap_or_else(|| source.to_string()),
                 layers: layers.into_iter().map(|l| SourceSpec::Oci(Box::new(l))).collect(),

@@ -22,6 +22,7 @@
 //! out.
 
 pub mod layout;
+pub mod tar;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Cursor;

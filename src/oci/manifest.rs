@@ -218,6 +218,28 @@ pub fn list_layers(layers: &[Descriptor]) -> String {
         .join("; ")
 }
 
+/// Largest image config read (configs are a few KiB; history can make them larger).
+pub const MAX_CONFIG_BYTES: u64 = 4 << 20;
+
+/// `rootfs.diff_ids` of an image config: the sha256 of each layer's
+/// uncompressed tar, in layer order. Untrusted JSON: every entry must be a
+/// `sha256:` digest.
+pub fn parse_diff_ids(config: &[u8]) -> Result<Vec<String>, String> {
+    let v: serde_json::Value = serde_json::from_slice(config).map_err(|e| format!("the image config is not JSON: {e}"))?;
+    let ids = v
+        .get("rootfs")
+        .and_then(|r| r.get("diff_ids"))
+        .and_then(|d| d.as_array())
+        .ok_or("the image config has no rootfs.diff_ids")?;
+    ids.iter()
+        .map(|d| {
+            let d = d.as_str().ok_or("a diff_id that is not a string")?;
+            let hex = d.strip_prefix("sha256:").filter(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
+            hex.map(|_| d.to_string()).ok_or_else(|| format!("diff_id {d:?} is not a sha256 digest"))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -322,5 +344,18 @@ mod tests {
         assert!(matches!(select_layer(&[], &LayerChoice::Only), Err(LayerError::NoLayers)));
         let empty = vec![desc("application/vnd.erofs", 1, 0)];
         assert!(matches!(select_layer(&empty, &LayerChoice::Only), Err(LayerError::BadSize { .. })));
+    }
+
+    #[test]
+    fn diff_ids_come_from_rootfs_and_must_be_digests() {
+        let hex = "ab".repeat(32);
+        let good = format!(r#"{{"rootfs":{{"type":"layers","diff_ids":["sha256:{hex}","sha256:{hex}"]}}}}"#);
+        assert_eq!(parse_diff_ids(good.as_bytes()).unwrap(), vec![format!("sha256:{hex}"); 2]);
+        assert!(parse_diff_ids(b"{}").unwrap_err().contains("rootfs"));
+        assert!(parse_diff_ids(b"not json").is_err());
+        assert!(parse_diff_ids(br#"{"rootfs":{"diff_ids":["sha256:abc"]}}"#).unwrap_err().contains("not a sha256"));
+        assert!(parse_diff_ids(br#"{"rootfs":{"diff_ids":[7]}}"#).is_err());
+        let upper = format!(r#"{{"rootfs":{{"diff_ids":["sha256:{}"]}}}}"#, "AB".repeat(32));
+        assert!(parse_diff_ids(upper.as_bytes()).is_err());
     }
 }

@@ -188,6 +188,12 @@ pub enum ResolvedImage {
 
 /// Resolves an image reference (front end side; blocking).
 pub fn resolve_image(reference: &str, o: &OciOptions) -> Result<ResolvedImage, OciError> {
+    resolve_image_and_config(reference, o).map(|(image, _)| image)
+}
+
+/// [`resolve_image`], and the image's config blob as a blob of the same
+/// repository (for its `rootfs.diff_ids`).
+pub fn resolve_image_and_config(reference: &str, o: &OciOptions) -> Result<(ResolvedImage, Option<OciBlobSpec>), OciError> {
     let parsed = Reference::parse(reference).map_err(|e| OciError::BadReference(e.to_string()))?;
     let choice = match (&o.blob, o.layer) {
         (Some(_), Some(_)) => return Err(OciError::Config("oci.blob and oci.layer cannot be used together".into())),
@@ -243,7 +249,7 @@ pub fn resolve_image(reference: &str, o: &OciOptions) -> Result<ResolvedImage, O
         false,
         Authenticator::new(&parsed.registry, &parsed.repository, creds.clone()),
     )?;
-    let layers = runtime.block_on(resolve_layer(&client, &ep, &parsed, &platform, &choice))?;
+    let (layers, config) = runtime.block_on(resolve_layers_and_config(&client, &ep, &parsed, &platform, &choice))?;
     let mut specs = Vec::with_capacity(layers.len());
     for layer in &layers {
         // Cache keys and blob URLs need sha256.
@@ -264,9 +270,17 @@ pub fn resolve_image(reference: &str, o: &OciOptions) -> Result<ResolvedImage, O
             auth_handoff: ep.auth.export(),
         });
     }
+    let config = match (config, specs.first()) {
+        (Some(c), Some(first)) => {
+            let digest = reference::parse_digest(c.digest().as_ref())
+                .map_err(|e| OciError::Protocol(format!("the config {} of {parsed}: {e}", c.digest())))?;
+            Some(OciBlobSpec { digest, size: c.size(), media_type: c.media_type().to_string(), ..first.clone() })
+        }
+        _ => None,
+    };
     match specs.len() {
-        1 => Ok(ResolvedImage::Blob(Box::new(specs.remove(0)))),
-        _ => Ok(ResolvedImage::Layers(specs)),
+        1 => Ok((ResolvedImage::Blob(Box::new(specs.remove(0))), config)),
+        _ => Ok((ResolvedImage::Layers(specs), config)),
     }
 }
 
@@ -290,6 +304,7 @@ pub(crate) fn credentials_for(
 
 /// index -> platform -> manifest -> layer (or, with no choice and several
 /// layers, all of them).
+#[cfg(test)]
 async fn resolve_layer(
     client: &reqwest::Client,
     ep: &Endpoint,
@@ -297,6 +312,17 @@ async fn resolve_layer(
     platform: &manifest::Platform,
     choice: &LayerChoice,
 ) -> Result<Vec<manifest::Descriptor>, OciError> {
+    resolve_layers_and_config(client, ep, r, platform, choice).await.map(|(layers, _)| layers)
+}
+
+/// [`resolve_layer`] and the manifest's config descriptor.
+async fn resolve_layers_and_config(
+    client: &reqwest::Client,
+    ep: &Endpoint,
+    r: &Reference,
+    platform: &manifest::Platform,
+    choice: &LayerChoice,
+) -> Result<(Vec<manifest::Descriptor>, Option<manifest::Descriptor>), OciError> {
     let image = r.to_string();
     let mut wanted_ref = r.manifest_ref().to_string();
     let mut by_digest = r.digest.is_some();
@@ -325,9 +351,10 @@ async fn resolve_layer(
                     if let Some(empty) = m.layers().iter().find(|l| l.size() == 0) {
                         return Err(layer_error(&image, LayerError::BadSize { digest: empty.digest().to_string() }));
                     }
-                    return Ok(m.layers().clone());
+                    return Ok((m.layers().clone(), Some(m.config().clone())));
                 }
-                return manifest::select_layer(m.layers(), choice).map(|l| vec![l.clone()]).map_err(|e| layer_error(&image, e));
+                let config = Some(m.config().clone());
+                return manifest::select_layer(m.layers(), choice).map(|l| (vec![l.clone()], config)).map_err(|e| layer_error(&image, e));
             }
         }
     }
@@ -388,6 +415,24 @@ pub(crate) async fn fetch_manifest(
         }
     }
     Ok((ct, body))
+}
+
+/// The `rootfs.diff_ids` of an image's config blob (front end side; blocking).
+pub fn fetch_diff_ids(config: &OciBlobSpec) -> Result<Vec<String>, OciError> {
+    if config.size > manifest::MAX_CONFIG_BYTES {
+        return Err(OciError::Protocol(format!("the image config {} is {} bytes, more than the {} read", config.digest, config.size, manifest::MAX_CONFIG_BYTES)));
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| OciError::Config(format!("cannot start the async runtime: {e}")))?;
+    let src = blob_source(config, &ClientConfig::default())?;
+    let bytes = runtime.block_on(src.fetch(0..config.size)).map_err(|e| OciError::Fetch(format!("the image config {}: {e}", config.digest)))?;
+    let got = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
+    if got != config.digest {
+        return Err(OciError::Protocol(format!("the image config {} does not match its digest (got {got})", config.digest)));
+    }
+    manifest::parse_diff_ids(&bytes).map_err(|e| OciError::Protocol(format!("{}: {e}", config.reference)))
 }
 
 /// Opens the blob for the agent: the range source and its first bytes

@@ -191,6 +191,34 @@ pub fn push_image(
     os: &str,
     arch: &str,
 ) -> PushedImage {
+    let diff_ids: Vec<String> = layers.iter().map(|l| diff_id(l)).collect();
+    push_image_with_diff_ids(registry, repo, tag, layers, os, arch, &diff_ids)
+}
+
+/// A layer's diff_id: the sha256 of its uncompressed content (gzip layers are gunzipped; other
+/// blobs, EROFS layers among them, are their own content).
+pub fn diff_id(l: &LayerSpec) -> String {
+    use std::io::Read;
+    let bytes = std::fs::read(l.path).expect("read layer");
+    if l.media_type.contains("gzip") {
+        let mut tar = Vec::new();
+        flate2::read::MultiGzDecoder::new(&bytes[..]).read_to_end(&mut tar).expect("gunzip layer");
+        format!("sha256:{}", hex::encode(Sha256::digest(&tar)))
+    } else {
+        format!("sha256:{}", hex::encode(Sha256::digest(&bytes)))
+    }
+}
+
+/// [`push_image`] with the config's `rootfs.diff_ids` as given (to test a config that lies).
+pub fn push_image_with_diff_ids(
+    registry: &Registry,
+    repo: &str,
+    tag: &str,
+    layers: &[LayerSpec],
+    os: &str,
+    arch: &str,
+    diff_ids: &[String],
+) -> PushedImage {
     let layers: Vec<Descriptor> = layers
         .iter()
         .map(|l| Descriptor {
@@ -202,7 +230,7 @@ pub fn push_image(
     let config = serde_json::json!({
         "architecture": arch,
         "os": os,
-        "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| l.digest.clone()).collect::<Vec<_>>()},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
     });
     let config = serde_json::to_vec(&config).expect("config json");
     let config = Descriptor {
