@@ -253,6 +253,28 @@ fn a_three_layer_tar_image_mounts_whole_and_lazily() {
     let lying_ref = reference(&proxy.host(), "test/ordinary", "lying");
     env.assert_mount_fails(&lying_ref, &["oci.tarindex"], &["layer 1", "diff_id"]);
     env.assert_nothing_left_within(GONE_TIMEOUT, &[]);
+
+    // index push: the layers' tar indexes and zinfos as an OCI artifact referring to the image; a host
+    // with no index of its own (a fresh cache) finds it and mounts without streaming any layer.
+    let direct = reference(&registry.host(), "test/ordinary", "v1");
+    let artifact = run_ok(Command::new(common::EROFS_FANOTIFY).args(["index", "push", "-o", "oci.insecure"]).arg(&direct));
+    assert!(artifact.trim().starts_with("sha256:"), "{artifact}");
+    {
+        let env3 = OciEnv::new("tar-image-artifact");
+        let before = gets.lock().unwrap().len();
+        let m = env3.mount(&image_ref, "mnt", &[]);
+        let streamed: u64 = gets.lock().unwrap()[before..].iter().filter(|(d, _)| digests.contains(d)).map(|(_, b)| *b).sum();
+        eprintln!("plain mount through the pushed artifact: {streamed} layer bytes at mount");
+        assert!(streamed < l0_size / 4, "{streamed} layer bytes at a mount through the artifact");
+        assert_same_tree(&expected, &m.mountpoint, checks);
+        assert_eq!(m.status().fetch_errors, 0);
+        m.unmount().assert_success();
+        env3.assert_nothing_left_within(GONE_TIMEOUT, &[]);
+        // index=off: the artifact is not looked for, and the mount says how to make an index.
+        let env4 = OciEnv::new("tar-image-off");
+        env4.assert_mount_fails(&image_ref, &["index=off"], &["ordinary image"]);
+        env4.assert_nothing_left_within(GONE_TIMEOUT, &[]);
+    }
     drop(proxy);
     let _ = std::fs::remove_dir_all(&work);
 }

@@ -208,7 +208,8 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum IndexCmd {
-    /// Walk each EROFS layer of an image once and push an index artifact (subject: the image manifest); prints its digest
+    /// Index an image once and push an index artifact (subject: the image manifest): EROFS layers walked for their ranges,
+    /// or every tar layer of an ordinary image given its tar index and zinfo; prints its digest
     Push {
         /// The image: [registry/]repo[:tag|@sha256:...]
         reference: String,

@@ -176,6 +176,35 @@ pub fn build_into(
     load(root, blob_digest).ok_or_else(|| BuildError::Source(format!("the stored index in {} is incomplete", dir.display())))
 }
 
+/// Stores a layer's index files made elsewhere (an index artifact), whole
+/// or not at all; the index must place its tar as a tar index does, inside
+/// the tar the meta names.
+pub fn store_files(root: &Path, meta: &LayerMeta, index: &[u8], zinfo: Option<&[u8]>) -> Result<StoredIndex, BuildError> {
+    let placed = crate::segments::tar_index::placement(index).map_err(|e| BuildError::Source(format!("the tar index of {}: {e}", meta.blob_digest)))?;
+    if placed.tar_len > meta.tar_size.next_multiple_of(512) || meta.gzip != zinfo.is_some() {
+        return Err(BuildError::Source(format!("the tar index of {} does not fit its tar", meta.blob_digest)));
+    }
+    if let Some(z) = zinfo {
+        crate::gzip::Zinfo::parse(z.to_vec()).map_err(|e| BuildError::Source(format!("the zinfo of {}: {e}", meta.blob_digest)))?;
+    }
+    let dir = store_dir(root, &meta.blob_digest)?;
+    let tmp = building_dir(root)?;
+    fs::write(tmp.path().join(INDEX_FILE), index).map_err(|e| BuildError::io("cannot write the index file", e))?;
+    if let Some(z) = zinfo {
+        fs::write(tmp.path().join(ZINFO_FILE), z).map_err(|e| BuildError::io("cannot write the zinfo", e))?;
+    }
+    let json = serde_json::to_vec_pretty(meta).map_err(|e| BuildError::Source(format!("layer.json: {e}")))?;
+    fs::write(tmp.path().join(META_FILE), json).map_err(|e| BuildError::io("cannot write layer.json", e))?;
+    let built = tmp.keep();
+    if let Err(e) = fs::rename(&built, &dir) {
+        let _ = fs::remove_dir_all(&built);
+        if load(root, &meta.blob_digest).is_none() {
+            return Err(BuildError::io(format!("cannot store the index in {}", dir.display()), e));
+        }
+    }
+    load(root, &meta.blob_digest).ok_or_else(|| BuildError::Source(format!("the stored index in {} is incomplete", dir.display())))
+}
+
 /// A temporary directory in `root` (made, 0700), renamed into place when whole.
 fn building_dir(root: &Path) -> Result<tempfile::TempDir, BuildError> {
     fs::create_dir_all(root).map_err(|e| BuildError::io(format!("cannot create {}", root.display()), e))?;

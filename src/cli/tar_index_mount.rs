@@ -92,7 +92,47 @@ pub fn resolve_indexed(source: &str, opts: &MountOptions, layers: Vec<OciBlobSpe
     if layers.iter().all(|l| layer_store::load(&root, &l.digest).is_some()) {
         return whole_image(source, layers, config, &root, false);
     }
+    if opts.index != crate::index::IndexMode::Off {
+        match from_artifact(&layers, opts, &root) {
+            Ok(Some(artifact)) => {
+                tracing::info!(%artifact, "using the index artifact's tar indexes");
+                return whole_image(source, layers, config, &root, false);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot use the image's index artifact"),
+        }
+    }
     Err(not_indexed(source, &layers))
+}
+
+/// Fetches the layers' tar indexes from the image's index artifact into the
+/// store (the layers it already holds are kept). `Ok(None)`: no artifact.
+fn from_artifact(layers: &[OciBlobSpec], opts: &MountOptions, root: &Path) -> Result<Option<String>, String> {
+    let Some(first) = layers.first() else { return Ok(None) };
+    let wanted: Vec<(String, u64)> = layers.iter().map(|l| (l.digest.clone(), l.size)).collect();
+    let found = crate::index::lookup::tar_layers_for_mount(&first.reference, &opts.oci, &wanted)?;
+    for w in &found.warnings {
+        tracing::warn!("{w}");
+    }
+    let Some((artifact, files)) = found.found else {
+        tracing::info!(why = found.none_because.as_deref().unwrap_or(""), "no tar index artifact");
+        return Ok(None);
+    };
+    for f in files {
+        if layer_store::load(root, &f.digest).is_some() {
+            continue;
+        }
+        let meta = layer_store::LayerMeta {
+            blob_digest: f.digest.clone(),
+            blob_size: f.size,
+            diff_id: f.diff_id,
+            tar_size: f.tar_size,
+            gzip: f.gzip,
+            span_sha256: f.span_sha256,
+        };
+        layer_store::store_files(root, &meta, &f.index, f.zinfo.as_deref()).map_err(|e| format!("index artifact {artifact}: {e}"))?;
+    }
+    Ok(Some(artifact))
 }
 
 /// [`resolve_indexed`] for an image of one tar layer.

@@ -34,6 +34,10 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub const ARTIFACT_TYPE: &str = "application/vnd.erofs-fanotify.index.v1+json";
 /// Media type of the document (the artifact's one layer).
 pub const DOC_MEDIA_TYPE: &str = "application/vnd.erofs-fanotify.index.doc.v1+json";
+/// Media type of a tar layer's EROFS tar index blob (`tarIndex`).
+pub const TAR_INDEX_MEDIA_TYPE: &str = "application/vnd.erofs-fanotify.tarindex.v1.erofs";
+/// Media type of a gzip layer's zinfo blob (`zinfo`).
+pub const ZINFO_MEDIA_TYPE: &str = "application/vnd.erofs-fanotify.zinfo.v2";
 /// `schemaVersion` of this document format.
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -142,6 +146,9 @@ pub enum LayerKind {
     /// A tar+gzip layer served through a tar index and zinfo.
     #[serde(rename = "tar+gzip")]
     TarGzip,
+    /// An uncompressed tar layer served through a tar index (the blob is the tar).
+    #[serde(rename = "tar")]
+    Tar,
 }
 
 /// Per-file data extents, as parallel lists.
@@ -230,6 +237,7 @@ impl LayerIndex {
         match self.kind {
             LayerKind::Erofs => self.size,
             LayerKind::TarGzip => self.tar_size.unwrap_or(0),
+            LayerKind::Tar => self.size,
         }
     }
 
@@ -400,6 +408,30 @@ fn validate_layer(at: &str, l: &LayerIndex, limits: &Limits) -> Result<(), Artif
                 if present {
                     return Err(invalid(format!("{at}.{name}"), "only for tar+gzip layers"));
                 }
+            }
+        }
+        LayerKind::Tar => {
+            let tar_index = l
+                .tar_index
+                .as_ref()
+                .ok_or_else(|| invalid(format!("{at}.tarIndex"), "missing for a tar layer"))?;
+            validate_blob_ref(&format!("{at}.tarIndex"), tar_index, limits)?;
+            for (name, present) in [
+                ("zinfo", l.zinfo.is_some()),
+                ("spanSha256", !l.span_sha256.is_empty()),
+                ("blockSize", l.block_size.is_some()),
+                ("metadata", !l.metadata.is_empty()),
+            ] {
+                if present {
+                    return Err(invalid(format!("{at}.{name}"), "not for an uncompressed tar layer"));
+                }
+            }
+            if l.tar_size.is_some_and(|t| t != l.size) {
+                return Err(invalid(format!("{at}.tarSize"), "an uncompressed tar layer is its own tar"));
+            }
+            // The blob is the tar: its digest is its diff_id.
+            if l.diff_id.as_deref().is_some_and(|d| d != l.digest) {
+                return Err(invalid(format!("{at}.diffId"), "an uncompressed tar layer's diff_id is its digest"));
             }
         }
         LayerKind::TarGzip => {
@@ -1109,5 +1141,30 @@ mod tests {
             ..tight
         };
         parse(&bytes, &tight).unwrap();
+    }
+
+    #[test]
+    fn uncompressed_tar_layers_carry_a_tar_index_and_nothing_of_gzip() {
+        let mut plain = tar_layer();
+        plain.kind = LayerKind::Tar;
+        plain.zinfo = None;
+        plain.span_sha256 = vec![];
+        plain.tar_size = Some(plain.size);
+        plain.diff_id = Some(plain.digest.clone());
+        plain.files = FileTable::default();
+        let d = IndexDoc::new(vec![plain.clone()]);
+        let back = parse(&d.to_json().unwrap(), &Limits::default()).unwrap();
+        assert_eq!(back.layers[0].kind, LayerKind::Tar);
+        assert_eq!(back.layers[0].address_size(), plain.size);
+        let bad = |f: fn(&mut LayerIndex), needle: &str| {
+            let mut l = plain.clone();
+            f(&mut l);
+            reject(&IndexDoc::new(vec![l]), needle);
+        };
+        bad(|l| l.tar_index = None, "tarIndex");
+        bad(|l| l.zinfo = tar_layer().zinfo, "zinfo");
+        bad(|l| l.span_sha256 = vec![hex64(3)], "spanSha256");
+        bad(|l| l.tar_size = Some(l.size + 1), "tarSize");
+        bad(|l| l.diff_id = Some(format!("sha256:{}", hex64(9))), "diffId");
     }
 }

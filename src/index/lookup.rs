@@ -224,6 +224,143 @@ fn from_registry_blocking(spec: &OciBlobSpec, o: &crate::oci::OciOptions) -> Res
         .map_err(|e| format!("cannot look up the index artifact of {reference}: {e}"))
 }
 
+/// A tar layer's index files from an artifact (untrusted: the caller checks
+/// the index's placement and merges it before anything is mounted).
+#[derive(Debug)]
+pub struct TarLayerFiles {
+    pub digest: String,
+    pub size: u64,
+    pub gzip: bool,
+    pub diff_id: String,
+    pub tar_size: u64,
+    pub span_sha256: Option<Vec<String>>,
+    pub index: Vec<u8>,
+    pub zinfo: Option<Vec<u8>>,
+}
+
+/// What a tar artifact lookup found.
+#[derive(Debug, Default)]
+pub struct TarLookup {
+    /// The artifact's digest (and how it was found) and every layer's files, in order.
+    pub found: Option<(String, Vec<TarLayerFiles>)>,
+    pub warnings: Vec<String>,
+    pub none_because: Option<String>,
+}
+
+/// Largest tar index or zinfo blob fetched from an artifact.
+const MAX_TAR_INDEX_BLOB: u64 = 256 << 20;
+
+/// Looks for an index artifact of the image whose tar `layers` (digest,
+/// size, in manifest order) are being mounted, and fetches each layer's tar
+/// index and zinfo from it (each checked against its digest).
+pub async fn tar_layers_in_registry(repo: &Repository, platform: &Platform, layers: &[(String, u64)]) -> Result<TarLookup, OciError> {
+    let image = repo.resolve_image(platform).await?;
+    let now: Vec<String> = image.manifest.layers().iter().map(|l| l.digest().to_string()).collect();
+    if now.len() != layers.len() || now.iter().zip(layers).any(|(a, (b, _))| a != b) {
+        return Ok(TarLookup { none_because: Some("the image changed since its layers were resolved".into()), ..TarLookup::default() });
+    }
+    let referrers = repo.referrers(&image.digest, Some(ARTIFACT_TYPE)).await?;
+    let how = match referrers.source {
+        ReferrersSource::Api => "referrers API",
+        ReferrersSource::TagSchema => "referrers tag",
+    };
+    let mut out = TarLookup::default();
+    for d in referrers.manifests.iter().rev() {
+        let artifact_digest = d.digest().to_string();
+        match tar_artifact_files(repo, &artifact_digest, layers).await {
+            Ok(files) => {
+                out.found = Some((format!("{artifact_digest} ({how})"), files));
+                return Ok(out);
+            }
+            Err(why) => out.warnings.push(format!("ignoring index artifact {artifact_digest} of {}: {why}", repo.reference())),
+        }
+    }
+    out.none_because = Some(if referrers.manifests.is_empty() {
+        format!("{} has no index artifact ({how})", repo.at_digest(&image.digest))
+    } else {
+        format!("none of the index artifacts of {} indexes its tar layers", repo.at_digest(&image.digest))
+    });
+    Ok(out)
+}
+
+async fn tar_artifact_files(repo: &Repository, artifact_digest: &str, layers: &[(String, u64)]) -> Result<Vec<TarLayerFiles>, String> {
+    let fetched = repo.get_manifest(artifact_digest).await.map_err(|e| e.to_string())?;
+    let Manifest::Image(m) = fetched.manifest else { return Err("it is an index, not an artifact manifest".into()) };
+    if m.artifact_type().as_ref().map(|t| t.to_string()).as_deref() != Some(ARTIFACT_TYPE) {
+        return Err(format!("its artifactType is not {ARTIFACT_TYPE}"));
+    }
+    let doc = m
+        .layers()
+        .iter()
+        .find(|l| l.media_type().to_string() == DOC_MEDIA_TYPE)
+        .ok_or_else(|| format!("it has no {DOC_MEDIA_TYPE} layer"))?;
+    let cap = Limits::default().max_doc_bytes;
+    if doc.size() > cap as u64 {
+        return Err(format!("its document of {} bytes exceeds the {cap}-byte limit", doc.size()));
+    }
+    let bytes = repo.get_blob(doc.digest().as_ref(), cap).await.map_err(|e| e.to_string())?;
+    let doc = artifact::parse(&bytes, &Limits::default()).map_err(|e| e.to_string())?;
+    let mut out = Vec::with_capacity(layers.len());
+    for (digest, size) in layers {
+        let l = doc.layer(digest).ok_or_else(|| format!("it has no entry for layer {digest}"))?;
+        if l.size != *size {
+            return Err(format!("it says layer {digest} has {} bytes, the blob has {size}", l.size));
+        }
+        let gzip = match l.kind {
+            LayerKind::TarGzip => true,
+            LayerKind::Tar => false,
+            LayerKind::Erofs => return Err(format!("its entry for layer {digest} is an EROFS layer")),
+        };
+        // `parse` checked: tarIndex present, zinfo and spans for gzip, a diffId and tarSize for gzip.
+        let get = |b: &artifact::BlobRef| {
+            let b = b.clone();
+            async move {
+                if b.size > MAX_TAR_INDEX_BLOB {
+                    return Err(format!("its blob {} of {} bytes exceeds the {MAX_TAR_INDEX_BLOB}-byte limit", b.digest, b.size));
+                }
+                let bytes = repo.get_blob(&b.digest, b.size as usize).await.map_err(|e| e.to_string())?;
+                if bytes.len() as u64 != b.size {
+                    return Err(format!("its blob {} has {} bytes, not {}", b.digest, bytes.len(), b.size));
+                }
+                Ok(bytes)
+            }
+        };
+        let index_ref = l.tar_index.as_ref().ok_or_else(|| format!("its entry for layer {digest} names no tar index"))?;
+        let index = get(index_ref).await?;
+        let zinfo = match (&l.zinfo, gzip) {
+            (Some(z), true) => Some(get(z).await?),
+            (None, false) => None,
+            _ => return Err(format!("its entry for layer {digest} has a zinfo that does not fit its kind")),
+        };
+        out.push(TarLayerFiles {
+            digest: digest.clone(),
+            size: *size,
+            gzip,
+            diff_id: l.diff_id.clone().unwrap_or_else(|| digest.clone()),
+            tar_size: l.tar_size.unwrap_or(*size),
+            span_sha256: gzip.then(|| l.span_sha256.clone()),
+            index,
+            zinfo,
+        });
+    }
+    Ok(out)
+}
+
+/// [`tar_layers_in_registry`] from the front end (blocking).
+pub fn tar_layers_for_mount(reference: &str, o: &crate::oci::OciOptions, layers: &[(String, u64)]) -> Result<TarLookup, String> {
+    let reference = Reference::parse(reference).map_err(|e| e.to_string())?;
+    let platform = match &o.platform {
+        Some(p) => manifest::parse_platform(p).map_err(|e| format!("oci.platform: {e}"))?,
+        None => manifest::host_platform(),
+    };
+    let repo = Repository::connect(&reference, o, Access::default()).map_err(|e| e.to_string())?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    rt.block_on(tar_layers_in_registry(&repo, &platform, layers)).map_err(|e| format!("cannot look up the index artifact of {reference}: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
