@@ -345,6 +345,9 @@ class Bench:
             R["writer"] = {"blob_bytes": os.path.getsize(ours), "order_files": len(order), "build_s": t_build,
                            "profiles": {}}
             ours_url = self.push(ours)
+        tar_ref = None
+        if a.profiles and a.tar:
+            tar_ref = self.push_tar_image(tree)
         if a.profiles or a.profiles_only:  # PROFILES_ONLY=1 alone: only the big image
             R["profiles"] = {}
             for name in a.profiles:
@@ -356,6 +359,9 @@ class Bench:
                 if ours_url:
                     log(f"profile {name}: our writer's image")
                     R["writer"]["profiles"][name] = self.writer_run(self.via(ours_url, port), lazy, plain, pulled)
+                if tar_ref:
+                    log(f"profile {name}: the ordinary (tar+gzip) image through its index artifact")
+                    R["tar"]["profiles"][name] = self.tar_run(tar_ref.replace(f":{self.reg_port}/", f":{port}/"), lazy)
             if a.profiles_only:
                 if a.big_mib:
                     self.big_run(lazy, pulled)
@@ -570,6 +576,74 @@ class Bench:
         W["pull_program_total_s"] = self.pull_total(url, plain, pulled, lambda: self.program(plain))
         return W
 
+    # ---- the ordinary image (issue 16) ---------------------------------------
+    def push_blob_file(self, path):
+        url = self.push(path)  # through the main proxy; only the digest is kept
+        return url.rsplit("/", 1)[1]
+
+    def push_tar_image(self, tree):
+        """The tree as 2 tar+gzip layers (python's stdlib dir apart, as images split a runtime), pushed as
+        an OCI image; then `index push` once (its time is the one-time cost)."""
+        layers = []
+        split = "usr/lib/python3.11"
+        for i, (args, label) in enumerate(((["--exclude=./" + split], "base"), ([f"./{split}"], "python stdlib"))):
+            raw = os.path.join(self.work, f"layer{i}.tar")
+            run("tar", "--numeric-owner", "--xattrs", "-C", tree, "-cf", raw, *args, *([] if i else ["."]))
+            diff_id = "sha256:" + subprocess.run(["sha256sum", raw], check=True, capture_output=True,
+                                                 text=True).stdout.split()[0]
+            run("gzip", "-6", "-n", raw)
+            gz = raw + ".gz"
+            layers.append({"digest": self.push_blob_file(gz), "size": os.path.getsize(gz), "diff_id": diff_id,
+                           "label": label})
+        config = json.dumps({"architecture": "amd64", "os": "linux",
+                             "rootfs": {"type": "layers", "diff_ids": [l["diff_id"] for l in layers]}}).encode()
+        cfg_path = os.path.join(self.work, "tar-config.json")
+        with open(cfg_path, "wb") as f:
+            f.write(config)
+        cfg = {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": self.push_blob_file(cfg_path),
+               "size": len(config)}
+        manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "config": cfg,
+                    "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": l["digest"],
+                                "size": l["size"]} for l in layers]}
+        man_path = os.path.join(self.work, "tar-manifest.json")
+        with open(man_path, "w") as f:
+            json.dump(manifest, f)
+        run("curl", "-fs", "-X", "PUT", "-H", "Content-Type: application/vnd.oci.image.manifest.v1+json",
+            "--data-binary", f"@{man_path}", f"http://127.0.0.1:{self.reg_port}/v2/bench/manifests/tar",
+            stdout=subprocess.DEVNULL)
+        ref = f"127.0.0.1:{self.reg_port}/bench:tar"
+        log(f"erofs-fanotify index push {ref} ({len(layers)} tar+gzip layers)")
+        t_index = timed(lambda: run(os.path.join(BIN, "erofs-fanotify"), "index", "push", "-o", "oci.insecure", ref,
+                                    stdout=subprocess.DEVNULL))
+        self.tar_layers = layers
+        self.results["tar"] = {"layers": [{"bytes": l["size"], "what": l["label"]} for l in layers],
+                               "index_push_s": t_index, "profiles": {}}
+        return ref
+
+    def tar_run(self, ref, lazy):
+        """Program start from the ordinary image: cold lazy mount through the artifact (fresh cache: the
+        artifact's files are fetched too) against pull + gunzip + untar of every layer, then chroot."""
+        T = self.lazy_program(ref, lazy, extra="oci.insecure")
+        base = ref.split("/", 1)[0]
+        root = os.path.join(self.work, "untarred")
+
+        def pull_untar():
+            shutil.rmtree(root, ignore_errors=True)
+            os.makedirs(root)
+            for l in self.tar_layers:  # applied in order; this tree has no whiteouts
+                curl = subprocess.Popen(["curl", "-fs", f"http://{base}/v2/bench/blobs/{l['digest']}"],
+                                        stdout=subprocess.PIPE)
+                subprocess.run(["tar", "--numeric-owner", "-xzf", "-", "-C", root], stdin=curl.stdout, check=True)
+                curl.stdout.close()
+                if curl.wait() != 0:
+                    raise RuntimeError("curl of a layer failed")
+            run("chroot", root, *self.prog, stdout=subprocess.DEVNULL)
+
+        drop_caches()
+        T["pull_program_total_s"] = timed(pull_untar)
+        shutil.rmtree(root, ignore_errors=True)
+        return T
+
     def same_content(self, files, a, b):
         def digest(mp):
             h = subprocess.Popen(["sha256sum"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -663,6 +737,21 @@ def fmt_profiles(R):
                 target(f"{name}: program start, ours lazy / pull+mount of ours",
                        W["lazy_program_total_s"] / W["pull_program_total_s"], WRITER_LIMIT[name])
             target(f"{name}: requests at mount, ours", W["mount_requests"], 2)
+    if "tar" in R:
+        t = R["tar"]
+        out += ["", f"The same tree as an ordinary image: {len(t['layers'])} tar+gzip layers ("
+                + ", ".join(f"{l['what']} {l['bytes'] / 2**20:.1f} MiB" for l in t["layers"])
+                + f"), `index push` once in {t['index_push_s']:.1f} s; lazy = a fresh host's cold mount through the "
+                "artifact (its files fetched too); pull = download + gunzip + untar every layer, then chroot", "",
+                "| profile | mount | requests at mount | program: lazy / pull+untar | fetched for the program |",
+                "|---|---:|---:|---:|---:|"]
+        for name, T in t["profiles"].items():
+            out.append(f"| {name} | {T['mount_s']:.3f} s | {T['mount_requests']} | {T['lazy_program_total_s']:.3f} / "
+                       f"{T['pull_program_total_s']:.3f} s | {T['lazy_program_fetched_bytes'] / 2**20:.1f} MiB in "
+                       f"{T['lazy_program_requests']} req |")
+            if name in START_LIMIT:
+                target(f"{name}: program start, tar image via artifact / pull+untar",
+                       T["lazy_program_total_s"] / T["pull_program_total_s"], TRACE_LIMIT.get(name, START_LIMIT[name]))
     if "big" in R:
         b = R["big"]
         out += ["", f"{b['blob_bytes'] / 2**20:.0f} MiB image (RTT {R['machine']['rtt_ms']} ms): prefetch=all until "
@@ -769,6 +858,9 @@ def main():
                     help="run only the profiles (no single-RTT table, warm runs or big image)")
     ap.add_argument("--writer", type=int, default=int(os.environ.get("WRITER", 1)),
                     help="with profiles: also build the tree with our writer (lz4, program order) and measure it")
+    ap.add_argument("--tar", type=int, default=int(os.environ.get("TAR", 1)),
+                    help="with profiles: also push the tree as a 2-layer tar+gzip image, index push it, and measure "
+                         "program start through the artifact against pull + gunzip + untar")
     args = ap.parse_args()
     args.profiles = [p for p in args.profiles.split(",") if p]
     for p in args.profiles:

@@ -165,15 +165,20 @@ pub fn build_into(
     };
     let json = serde_json::to_vec_pretty(&meta).map_err(|e| BuildError::Source(format!("layer.json: {e}")))?;
     fs::write(tmp.path().join(META_FILE), json).map_err(|e| BuildError::io("cannot write layer.json", e))?;
-    // Another mount may have stored the same layer meanwhile: its copy is as good.
+    publish(tmp, &dir, || load(root, blob_digest))
+}
+
+/// Renames a whole temporary directory into place and loads it back. Another mount may have
+/// stored the same thing meanwhile: its copy is as good.
+fn publish<T>(tmp: tempfile::TempDir, dir: &Path, load_back: impl Fn() -> Option<T>) -> Result<T, BuildError> {
     let built = tmp.keep();
-    if let Err(e) = fs::rename(&built, &dir) {
+    if let Err(e) = fs::rename(&built, dir) {
         let _ = fs::remove_dir_all(&built);
-        if load(root, blob_digest).is_none() {
-            return Err(BuildError::io(format!("cannot store the index in {}", dir.display()), e));
+        if load_back().is_none() {
+            return Err(BuildError::io(format!("cannot store {}", dir.display()), e));
         }
     }
-    load(root, blob_digest).ok_or_else(|| BuildError::Source(format!("the stored index in {} is incomplete", dir.display())))
+    load_back().ok_or_else(|| BuildError::Source(format!("what is stored in {} is incomplete", dir.display())))
 }
 
 /// Stores a layer's index files made elsewhere (an index artifact), whole
@@ -195,14 +200,7 @@ pub fn store_files(root: &Path, meta: &LayerMeta, index: &[u8], zinfo: Option<&[
     }
     let json = serde_json::to_vec_pretty(meta).map_err(|e| BuildError::Source(format!("layer.json: {e}")))?;
     fs::write(tmp.path().join(META_FILE), json).map_err(|e| BuildError::io("cannot write layer.json", e))?;
-    let built = tmp.keep();
-    if let Err(e) = fs::rename(&built, &dir) {
-        let _ = fs::remove_dir_all(&built);
-        if load(root, &meta.blob_digest).is_none() {
-            return Err(BuildError::io(format!("cannot store the index in {}", dir.display()), e));
-        }
-    }
-    load(root, &meta.blob_digest).ok_or_else(|| BuildError::Source(format!("the stored index in {} is incomplete", dir.display())))
+    publish(tmp, &dir, || load(root, &meta.blob_digest))
 }
 
 /// A temporary directory in `root` (made, 0700), renamed into place when whole.
@@ -283,14 +281,7 @@ pub fn store_merged(root: &Path, image: &[u8], meta: &MergedMeta) -> Result<Stor
     fs::write(tmp.path().join(MERGED_FILE), image).map_err(|e| BuildError::io("cannot write the merged image", e))?;
     let json = serde_json::to_vec_pretty(meta).map_err(|e| BuildError::Source(format!("merged.json: {e}")))?;
     fs::write(tmp.path().join(MERGED_META_FILE), json).map_err(|e| BuildError::io("cannot write merged.json", e))?;
-    let built = tmp.keep();
-    if let Err(e) = fs::rename(&built, &dir) {
-        let _ = fs::remove_dir_all(&built);
-        if load_merged(root, &meta.layers).is_none() {
-            return Err(BuildError::io(format!("cannot store the merged image in {}", dir.display()), e));
-        }
-    }
-    load_merged(root, &meta.layers).ok_or_else(|| BuildError::Source(format!("the stored merged image in {} is incomplete", dir.display())))
+    publish(tmp, &dir, || load_merged(root, &meta.layers))
 }
 
 #[cfg(test)]

@@ -133,21 +133,7 @@ pub fn push(args: IndexPushArgs) -> Result<(), CliError> {
         entries.push(entry);
     }
     drop(temp);
-    let doc = IndexDoc::new(entries).to_json().map_err(|e| err(format!("cannot write the index document: {e}")))?;
-    let doc_blob = Blob::from_bytes(doc);
-    let pushed = rt
-        .block_on(async {
-            repo.push_blob(&doc_blob, &UploadOptions::default()).await?;
-            let subject = push::descriptor(&image.media_type, &image.digest, image.bytes.len() as u64)?;
-            let artifact = Artifact {
-                artifact_type: ARTIFACT_TYPE.to_string(),
-                subject,
-                layers: vec![doc_blob.descriptor(DOC_MEDIA_TYPE)?],
-                annotations: BTreeMap::new(),
-            };
-            repo.push_artifact(&artifact).await
-        })
-        .map_err(err)?;
+    let (pushed, doc_blob) = push_doc(&rt, &repo, &image, IndexDoc::new(entries), Vec::new())?;
     let how = match pushed.indexed_by {
         ReferrersSource::Api => "the registry indexes referrers",
         ReferrersSource::TagSchema => "referrers tag updated",
@@ -158,6 +144,30 @@ pub fn push(args: IndexPushArgs) -> Result<(), CliError> {
     }
     println!("{}", pushed.manifest.digest);
     Ok(())
+}
+
+/// Pushes the document and the artifact (its layers: the document, then `blobs`, pushed already)
+/// referring to `image`.
+fn push_doc(
+    rt: &tokio::runtime::Runtime,
+    repo: &Repository,
+    image: &push::ResolvedImage,
+    doc: IndexDoc,
+    blobs: Vec<oci_spec::image::Descriptor>,
+) -> Result<(push::PushedArtifact, Blob), CliError> {
+    let doc = doc.to_json().map_err(|e| err(format!("cannot write the index document: {e}")))?;
+    let doc_blob = Blob::from_bytes(doc);
+    let pushed = rt
+        .block_on(async {
+            repo.push_blob(&doc_blob, &UploadOptions::default()).await?;
+            let subject = push::descriptor(&image.media_type, &image.digest, image.bytes.len() as u64)?;
+            let mut layers = vec![doc_blob.descriptor(DOC_MEDIA_TYPE)?];
+            layers.extend(blobs);
+            let artifact = Artifact { artifact_type: ARTIFACT_TYPE.to_string(), subject, layers, annotations: BTreeMap::new() };
+            repo.push_artifact(&artifact).await
+        })
+        .map_err(err)?;
+    Ok((pushed, doc_blob))
 }
 
 /// `index push` of an ordinary image: each tar layer indexed once (blob digest and diff_id checked),
@@ -214,18 +224,7 @@ fn push_tar_image(
         tracing::info!(%digest, tar_size = stored.meta.tar_size, gzip = stored.meta.gzip, "layer indexed");
     }
     drop(temp);
-    let doc = IndexDoc::new(entries).to_json().map_err(|e| err(format!("cannot write the index document: {e}")))?;
-    let doc_blob = Blob::from_bytes(doc);
-    let pushed = rt
-        .block_on(async {
-            repo.push_blob(&doc_blob, &UploadOptions::default()).await?;
-            let subject = push::descriptor(&image.media_type, &image.digest, image.bytes.len() as u64)?;
-            let mut layers = vec![doc_blob.descriptor(DOC_MEDIA_TYPE)?];
-            layers.extend(blobs);
-            let artifact = Artifact { artifact_type: ARTIFACT_TYPE.to_string(), subject, layers, annotations: BTreeMap::new() };
-            repo.push_artifact(&artifact).await
-        })
-        .map_err(err)?;
+    let (pushed, _) = push_doc(rt, repo, image, IndexDoc::new(entries), blobs)?;
     tracing::info!(image = %image.digest, artifact = %pushed.manifest.digest, requests = repo.requests(), "tar index pushed");
     if std::io::stderr().is_terminal() {
         eprintln!("pushed the tar index {} for {}", pushed.manifest.digest, repo.at_digest(&image.digest));

@@ -124,6 +124,12 @@ pub async fn in_registry(repo: &Repository, platform: &Platform, digest: &str, s
 }
 
 async fn artifact_ranges(repo: &Repository, artifact_digest: &str, digest: &str, size: u64) -> Result<LayerEntry, String> {
+    let bytes = artifact_doc(repo, artifact_digest).await?;
+    layer_from_doc(&bytes, digest, size)
+}
+
+/// The document of artifact `artifact_digest` (its type checked, its size capped).
+async fn artifact_doc(repo: &Repository, artifact_digest: &str) -> Result<Vec<u8>, String> {
     let fetched = repo.get_manifest(artifact_digest).await.map_err(|e| e.to_string())?;
     let Manifest::Image(m) = fetched.manifest else { return Err("it is an index, not an artifact manifest".into()) };
     if m.artifact_type().as_ref().map(|t| t.to_string()).as_deref() != Some(ARTIFACT_TYPE) {
@@ -138,8 +144,7 @@ async fn artifact_ranges(repo: &Repository, artifact_digest: &str, digest: &str,
     if doc.size() > cap as u64 {
         return Err(format!("its document of {} bytes exceeds the {cap}-byte limit", doc.size()));
     }
-    let bytes = repo.get_blob(doc.digest().as_ref(), cap).await.map_err(|e| e.to_string())?;
-    layer_from_doc(&bytes, digest, size)
+    repo.get_blob(doc.digest().as_ref(), cap).await.map_err(|e| e.to_string())
 }
 
 /// The size an index document gives layer `digest`.
@@ -210,7 +215,15 @@ pub fn for_mount(source: &SourceSpec, mode: IndexMode, index_file: Option<&Path>
 }
 
 fn from_registry_blocking(spec: &OciBlobSpec, o: &crate::oci::OciOptions) -> Result<Lookup, String> {
-    let reference = Reference::parse(&spec.reference).map_err(|e| e.to_string())?;
+    let (repo, platform, rt) = connect_blocking(&spec.reference, o)?;
+    rt.block_on(in_registry(&repo, &platform, &spec.digest, spec.size))
+        .map_err(|e| format!("cannot look up the index artifact of {}: {e}", spec.reference))
+}
+
+/// The repository of `reference` (pull access), the platform `o` picks, and a runtime to use them from
+/// the front end.
+fn connect_blocking(reference: &str, o: &crate::oci::OciOptions) -> Result<(Repository, Platform, tokio::runtime::Runtime), String> {
+    let reference = Reference::parse(reference).map_err(|e| e.to_string())?;
     let platform = match &o.platform {
         Some(p) => manifest::parse_platform(p).map_err(|e| format!("oci.platform: {e}"))?,
         None => manifest::host_platform(),
@@ -220,8 +233,7 @@ fn from_registry_blocking(spec: &OciBlobSpec, o: &crate::oci::OciOptions) -> Res
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    rt.block_on(in_registry(&repo, &platform, &spec.digest, spec.size))
-        .map_err(|e| format!("cannot look up the index artifact of {reference}: {e}"))
+    Ok((repo, platform, rt))
 }
 
 /// A tar layer's index files from an artifact (untrusted: the caller checks
@@ -284,21 +296,7 @@ pub async fn tar_layers_in_registry(repo: &Repository, platform: &Platform, laye
 }
 
 async fn tar_artifact_files(repo: &Repository, artifact_digest: &str, layers: &[(String, u64)]) -> Result<Vec<TarLayerFiles>, String> {
-    let fetched = repo.get_manifest(artifact_digest).await.map_err(|e| e.to_string())?;
-    let Manifest::Image(m) = fetched.manifest else { return Err("it is an index, not an artifact manifest".into()) };
-    if m.artifact_type().as_ref().map(|t| t.to_string()).as_deref() != Some(ARTIFACT_TYPE) {
-        return Err(format!("its artifactType is not {ARTIFACT_TYPE}"));
-    }
-    let doc = m
-        .layers()
-        .iter()
-        .find(|l| l.media_type().to_string() == DOC_MEDIA_TYPE)
-        .ok_or_else(|| format!("it has no {DOC_MEDIA_TYPE} layer"))?;
-    let cap = Limits::default().max_doc_bytes;
-    if doc.size() > cap as u64 {
-        return Err(format!("its document of {} bytes exceeds the {cap}-byte limit", doc.size()));
-    }
-    let bytes = repo.get_blob(doc.digest().as_ref(), cap).await.map_err(|e| e.to_string())?;
+    let bytes = artifact_doc(repo, artifact_digest).await?;
     let doc = artifact::parse(&bytes, &Limits::default()).map_err(|e| e.to_string())?;
     let mut out = Vec::with_capacity(layers.len());
     for (digest, size) in layers {
@@ -348,16 +346,7 @@ async fn tar_artifact_files(repo: &Repository, artifact_digest: &str, layers: &[
 
 /// [`tar_layers_in_registry`] from the front end (blocking).
 pub fn tar_layers_for_mount(reference: &str, o: &crate::oci::OciOptions, layers: &[(String, u64)]) -> Result<TarLookup, String> {
-    let reference = Reference::parse(reference).map_err(|e| e.to_string())?;
-    let platform = match &o.platform {
-        Some(p) => manifest::parse_platform(p).map_err(|e| format!("oci.platform: {e}"))?,
-        None => manifest::host_platform(),
-    };
-    let repo = Repository::connect(&reference, o, Access::default()).map_err(|e| e.to_string())?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    let (repo, platform, rt) = connect_blocking(reference, o)?;
     rt.block_on(tar_layers_in_registry(&repo, &platform, layers)).map_err(|e| format!("cannot look up the index artifact of {reference}: {e}"))
 }
 

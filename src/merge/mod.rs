@@ -464,8 +464,19 @@ pub fn build_merged_aligned(
         let opts = merged_options(block_bits, &placed)?;
         Ok((tree, stats, opts, placed, size))
     };
-    // The image's size does not depend on the addresses in it: lay it out
-    // once to learn where the blobs go, then build it with them there.
+    build_in_two_passes(assemble, block_bits)
+}
+
+/// A merged tree, its stats, writer options, blobs placed and the address space's size, for the
+/// merged image written at byte 0 with `head` bytes.
+pub(crate) type Assembled = (Tree, MergeStats, WriterOptions, Vec<PlacedBlob>, u64);
+
+/// The image's size does not depend on the addresses in it: lay it out once
+/// to learn where the blobs go, then build it with them there.
+pub(crate) fn build_in_two_passes(
+    assemble: impl Fn(u64) -> Result<Assembled, MergeError>,
+    block_bits: u8,
+) -> Result<MergedImage, MergeError> {
     let (tree, _, opts, _, _) = assemble(0)?;
     let head = planned_size(&tree, &opts)?;
     let (tree, stats, opts, blobs, size) = assemble(head)?;

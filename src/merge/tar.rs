@@ -14,7 +14,7 @@
 
 use crate::erofs::reader::ImageTree;
 
-use super::{layout, merge_layers, merged_options, planned_size, write_merged, DeviceBase, LayerView, MergeError, MergedImage, PlacedBlob};
+use super::{build_in_two_passes, layout, merge_layers, merged_options, Assembled, DeviceBase, LayerView, MergeError, MergedImage, PlacedBlob};
 
 /// Tar indexes have 512-byte blocks (the tar's record size).
 const TAR_BLOCK_BITS: u8 = 9;
@@ -75,17 +75,9 @@ pub fn merge_tar_indexes(layers: &[TarLayer], align: u64) -> Result<MergedImage,
             .map(|(l, &base)| PlacedBlob { digest: l.diff_id.clone(), size: l.tar_len, base })
             .collect();
         let opts = merged_options(TAR_BLOCK_BITS, &placed)?;
-        Ok::<_, MergeError>((tree, stats, opts, placed, size))
+        Ok::<Assembled, MergeError>((tree, stats, opts, placed, size))
     };
-    // As for EROFS layers: the image's size does not depend on the addresses in it.
-    let (tree, _, opts, _, _) = assemble(0)?;
-    let head = planned_size(&tree, &opts)?;
-    let (tree, stats, opts, blobs, size) = assemble(head)?;
-    let (image, summary) = write_merged(&tree, &opts)?;
-    if image.len() as u64 != head {
-        return Err(MergeError::Write(format!("internal: the merged image is {} bytes, planned {head}", image.len())));
-    }
-    Ok(MergedImage { image, summary, blobs, size, block_bits: TAR_BLOCK_BITS, stats })
+    build_in_two_passes(assemble, TAR_BLOCK_BITS)
 }
 
 #[cfg(test)]

@@ -196,17 +196,16 @@ pub fn push_image(
 }
 
 /// A layer's diff_id: the sha256 of its uncompressed content (gzip layers are gunzipped; other
-/// blobs, EROFS layers among them, are their own content).
+/// blobs, EROFS layers among them, and blobs that only claim a gzip media type, are their own content).
 pub fn diff_id(l: &LayerSpec) -> String {
     use std::io::Read;
     let bytes = std::fs::read(l.path).expect("read layer");
-    if l.media_type.contains("gzip") {
-        let mut tar = Vec::new();
-        flate2::read::MultiGzDecoder::new(&bytes[..]).read_to_end(&mut tar).expect("gunzip layer");
-        format!("sha256:{}", hex::encode(Sha256::digest(&tar)))
-    } else {
-        format!("sha256:{}", hex::encode(Sha256::digest(&bytes)))
-    }
+    let mut tar = Vec::new();
+    let content = match l.media_type.contains("gzip") && flate2::read::MultiGzDecoder::new(&bytes[..]).read_to_end(&mut tar).is_ok() {
+        true => &tar,
+        false => &bytes,
+    };
+    format!("sha256:{}", hex::encode(Sha256::digest(content)))
 }
 
 /// [`push_image`] with the config's `rootfs.diff_ids` as given (to test a config that lies).
