@@ -267,9 +267,24 @@ fn a_three_layer_tar_image_mounts_whole_and_lazily() {
         eprintln!("plain mount through the pushed artifact: {streamed} layer bytes at mount");
         assert!(streamed < l0_size / 4, "{streamed} layer bytes at a mount through the artifact");
         assert_same_tree(&expected, &m.mountpoint, checks);
-        assert_eq!(m.status().fetch_errors, 0);
+        let status = m.status();
+        assert_eq!(status.fetch_errors, 0);
+        assert!(status.source.contains(artifact.trim()), "status names the artifact: {}", status.source);
         m.unmount().assert_success();
         env3.assert_nothing_left_within(GONE_TIMEOUT, &[]);
+        // A forged artifact, newest in the referrers tag: the real one with layer 0's first span digest
+        // wrong. The mount stands (span digests are checked when a span is fetched); a read in that span
+        // is EIO, never the bytes the forged digest does not vouch for.
+        let forged = forge_span_digest(&registry, "test/ordinary", &image.manifest.digest, artifact.trim());
+        let env5 = OciEnv::new("tar-image-forged");
+        let m = env5.mount(&image_ref, "mnt", &[]);
+        let e = std::fs::read(m.path("etc/shadow")).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e} (forged artifact {forged})");
+        // Layer 2 (plain tar, no spans) is not touched by the forgery.
+        assert_eq!(std::fs::read(m.path("usr/bin/tool")).unwrap(), std::fs::read(expected.join("usr/bin/tool")).unwrap());
+        assert!(m.status().fetch_errors >= 1, "{:?}", m.status());
+        m.unmount().assert_success();
+        env5.assert_nothing_left_within(GONE_TIMEOUT, &[]);
         // index=off: the artifact is not looked for, and the mount says how to make an index.
         let env4 = OciEnv::new("tar-image-off");
         env4.assert_mount_fails(&image_ref, &["index=off"], &["ordinary image"]);
@@ -277,4 +292,33 @@ fn a_three_layer_tar_image_mounts_whole_and_lazily() {
     }
     drop(proxy);
     let _ = std::fs::remove_dir_all(&work);
+}
+
+/// Pushes a copy of artifact `real` whose document has a wrong first span digest for the first layer,
+/// and appends it to the image's referrers tag (`sha256-<hex>`: docker-registry 2.8 has no referrers API).
+fn forge_span_digest(registry: &Registry, repo: &str, image_digest: &str, real: &str) -> String {
+    use common::http::{request, Body};
+    use common::oci::{OCI_INDEX, OCI_MANIFEST};
+    let get = |path: &str, accept: &str| {
+        let r = request("GET", &format!("{}/v2/{repo}/{path}", registry.base_url()), &[("Accept", accept)], Body::Empty).unwrap();
+        assert_eq!(r.status, 200, "GET {path}");
+        serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()
+    };
+    let mut manifest = get(&format!("manifests/{real}"), OCI_MANIFEST);
+    let doc_digest = manifest["layers"][0]["digest"].as_str().unwrap().to_string();
+    let mut doc = get(&format!("blobs/{doc_digest}"), "*/*");
+    doc["layers"][0]["spanSha256"][0] = serde_json::json!("0".repeat(64));
+    let doc = serde_json::to_vec(&doc).unwrap();
+    manifest["layers"][0]["digest"] = serde_json::json!(registry.push_blob(repo, &doc));
+    manifest["layers"][0]["size"] = serde_json::json!(doc.len());
+    let bytes = serde_json::to_vec(&manifest).unwrap();
+    let digest = format!("sha256:{}", common::registry::sha256_hex(&bytes));
+    registry.push_manifest(repo, &digest, &bytes, OCI_MANIFEST);
+    let tag = format!("sha256-{}", image_digest.trim_start_matches("sha256:"));
+    let mut index = get(&format!("manifests/{tag}"), OCI_INDEX);
+    let entry = serde_json::json!({"mediaType": OCI_MANIFEST, "digest": digest, "size": bytes.len(),
+        "artifactType": manifest["artifactType"].clone()});
+    index["manifests"].as_array_mut().unwrap().push(entry);
+    registry.push_manifest(repo, &tag, &serde_json::to_vec(&index).unwrap(), OCI_INDEX);
+    digest
 }

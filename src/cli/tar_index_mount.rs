@@ -96,7 +96,7 @@ pub fn resolve_indexed(source: &str, opts: &MountOptions, layers: Vec<OciBlobSpe
         match from_artifact(&layers, opts, &root) {
             Ok(Some(artifact)) => {
                 tracing::info!(%artifact, "using the index artifact's tar indexes");
-                return whole_image(source, layers, config, &root, false);
+                return whole_image_via(source, layers, config, &root, false, Some(&artifact));
             }
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "cannot use the image's index artifact"),
@@ -209,7 +209,23 @@ fn whole_image(
     root: &Path,
     build_missing: bool,
 ) -> Result<SourceSpec, CliError> {
-    let name = format!("{} (tar index)", layers.first().map(|l| l.reference.as_str()).unwrap_or(source));
+    whole_image_via(source, layers, config, root, build_missing, None)
+}
+
+/// [`whole_image`]; `artifact`: the index artifact the indexes came from (named in `status`).
+fn whole_image_via(
+    source: &str,
+    layers: Vec<OciBlobSpec>,
+    config: Option<OciBlobSpec>,
+    root: &Path,
+    build_missing: bool,
+    artifact: Option<&str>,
+) -> Result<SourceSpec, CliError> {
+    let reference = layers.first().map(|l| l.reference.as_str()).unwrap_or(source);
+    let name = match artifact {
+        Some(a) => format!("{reference} (tar index from artifact {a})"),
+        None => format!("{reference} (tar index)"),
+    };
     for (i, l) in layers.iter().enumerate() {
         if !is_tar_layer(&l.media_type) {
             return Err(CliError::new(format!(
