@@ -20,6 +20,7 @@ use common::erofs_tree::{assert_same_tree, Checks};
 use common::http_server::{forward, HttpServer};
 use common::oci::{diff_id, push_image, push_image_with_diff_ids, reference, LayerSpec, OciEnv, TAR_GZIP_LAYER};
 use common::registry::Registry;
+use common::wait::wait_until;
 use common::{ready, GONE_TIMEOUT};
 
 const TAR_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
@@ -272,6 +273,16 @@ fn a_three_layer_tar_image_mounts_whole_and_lazily() {
         assert!(status.source.contains(artifact.trim()), "status names the artifact: {}", status.source);
         m.unmount().assert_success();
         env3.assert_nothing_left_within(GONE_TIMEOUT, &[]);
+        // A whole mount fetched to the end: every tar is hashed from the cache file against its diff_id
+        // (and the merged metadata against its digest) before the mark comes off.
+        let env6 = OciEnv::new("tar-image-complete");
+        let m = env6.mount(&image_ref, "mnt", &["prefetch=all"]);
+        wait_until(Duration::from_secs(120), "the tar image is complete", || m.status().state == "complete");
+        let status = m.status();
+        assert!(status.segments.iter().all(|s| s.refused.is_none() && s.present_bytes >= s.size), "{status:?}");
+        assert_same_tree(&expected, &m.mountpoint, checks);
+        m.unmount().assert_success();
+        env6.assert_nothing_left_within(GONE_TIMEOUT, &[]);
         // A forged artifact, newest in the referrers tag: the real one with layer 0's first span digest
         // wrong. The mount stands (span digests are checked when a span is fetched); a read in that span
         // is EIO, never the bytes the forged digest does not vouch for.
@@ -285,6 +296,30 @@ fn a_three_layer_tar_image_mounts_whole_and_lazily() {
         assert!(m.status().fetch_errors >= 1, "{:?}", m.status());
         m.unmount().assert_success();
         env5.assert_nothing_left_within(GONE_TIMEOUT, &[]);
+        // A forged artifact that span digests cannot catch: layer 0's zinfo with every checkpoint window
+        // after the first zeroed and the span digests made to match. Its spans inflate to wrong bytes; the
+        // tar's diff_id check at completion finds it, fetching it again gives the same, so the layer is
+        // refused: every read of it is EIO, never its wrong bytes; the other layers read right.
+        let forged = forge_zinfo_windows(&registry, "test/ordinary", &image.manifest.digest, artifact.trim(), &l0);
+        let env7 = OciEnv::new("tar-image-forged-zinfo");
+        let m = env7.mount(&image_ref, "mnt", &["prefetch=all"]);
+        wait_until(Duration::from_secs(120), "layer 0's tar is refused", || m.status().segments.iter().any(|s| s.refused.is_some()));
+        let status = m.status();
+        eprintln!("forged zinfo (artifact {forged}): {status:?}");
+        assert_eq!(status.state, "digest-mismatch", "{status:?}");
+        assert!(status.verify_failures >= 2, "{status:?}");
+        let refused: Vec<_> = status.segments.iter().filter(|s| s.refused.is_some()).collect();
+        assert_eq!(refused.len(), 1, "only layer 0's tar: {status:?}");
+        assert!(refused[0].refused.as_deref().unwrap().contains("does not match its digest"), "{refused:?}");
+        for f in ["etc/shadow", "usr/lib/big.so", "usr/share/doc/tagged"] {
+            let e = std::fs::read(m.path(f)).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EIO), "{f}: {e}");
+        }
+        for f in ["usr/bin/tool", "opt/app/data", "etc/hostname", "usr/share/doc/n001"] {
+            assert_eq!(std::fs::read(m.path(f)).unwrap(), std::fs::read(expected.join(f)).unwrap(), "{f}");
+        }
+        m.unmount().assert_success();
+        env7.assert_nothing_left_within(GONE_TIMEOUT, &[]);
         // index=off: the artifact is not looked for, and the mount says how to make an index.
         let env4 = OciEnv::new("tar-image-off");
         env4.assert_mount_fails(&image_ref, &["index=off"], &["ordinary image"]);
@@ -292,6 +327,56 @@ fn a_three_layer_tar_image_mounts_whole_and_lazily() {
     }
     drop(proxy);
     let _ = std::fs::remove_dir_all(&work);
+}
+
+/// Pushes a copy of artifact `real` whose first layer's zinfo has every checkpoint window after the
+/// first zeroed, with span digests recomputed to match (what a forger controls: the zinfo blob and the
+/// document), and appends it to the image's referrers tag. `layer0` is the first layer's blob.
+fn forge_zinfo_windows(registry: &Registry, repo: &str, image_digest: &str, real: &str, layer0: &Path) -> String {
+    use common::http::{request, Body};
+    use common::oci::{OCI_INDEX, OCI_MANIFEST};
+    use erofs_fanotify::gzip::{span_digest, Zinfo, CHECKPOINT_SIZE, HEADER_SIZE, WINDOW_SIZE};
+    let get = |path: &str, accept: &str| {
+        let r = request("GET", &format!("{}/v2/{repo}/{path}", registry.base_url()), &[("Accept", accept)], Body::Empty).unwrap();
+        assert_eq!(r.status, 200, "GET {path}");
+        r.body
+    };
+    let json = |b: Vec<u8>| serde_json::from_slice::<serde_json::Value>(&b).unwrap();
+    let mut manifest = json(get(&format!("manifests/{real}"), OCI_MANIFEST));
+    let doc_digest = manifest["layers"][0]["digest"].as_str().unwrap().to_string();
+    let mut doc = json(get(&format!("blobs/{doc_digest}"), "*/*"));
+    let zinfo_digest = doc["layers"][0]["zinfo"]["digest"].as_str().unwrap().to_string();
+    let mut zinfo = get(&format!("blobs/{zinfo_digest}"), "*/*");
+    let count = u32::from_le_bytes(zinfo[..4].try_into().unwrap()) as usize;
+    assert!(count >= 2, "layer 0 has {count} zinfo spans: nothing to forge");
+    for k in 1..count {
+        // le64 in, le64 out, u8 bits, then the window.
+        let w = HEADER_SIZE + k * CHECKPOINT_SIZE + 17;
+        zinfo[w..w + WINDOW_SIZE].fill(0);
+    }
+    let blob = std::fs::read(layer0).unwrap();
+    let parsed = Zinfo::parse(zinfo.clone()).unwrap();
+    let spans: Vec<String> = (0..count)
+        .map(|k| {
+            let r = parsed.span_input_range(k, blob.len() as u64).unwrap();
+            span_digest(&parsed, k, &blob[r.start as usize..r.end as usize]).unwrap()
+        })
+        .collect();
+    doc["layers"][0]["spanSha256"] = serde_json::json!(spans);
+    doc["layers"][0]["zinfo"]["digest"] = serde_json::json!(registry.push_blob(repo, &zinfo));
+    let doc = serde_json::to_vec(&doc).unwrap();
+    manifest["layers"][0]["digest"] = serde_json::json!(registry.push_blob(repo, &doc));
+    manifest["layers"][0]["size"] = serde_json::json!(doc.len());
+    let bytes = serde_json::to_vec(&manifest).unwrap();
+    let digest = format!("sha256:{}", common::registry::sha256_hex(&bytes));
+    registry.push_manifest(repo, &digest, &bytes, OCI_MANIFEST);
+    let tag = format!("sha256-{}", image_digest.trim_start_matches("sha256:"));
+    let mut index = json(get(&format!("manifests/{tag}"), OCI_INDEX));
+    let entry = serde_json::json!({"mediaType": OCI_MANIFEST, "digest": digest, "size": bytes.len(),
+        "artifactType": manifest["artifactType"].clone()});
+    index["manifests"].as_array_mut().unwrap().push(entry);
+    registry.push_manifest(repo, &tag, &serde_json::to_vec(&index).unwrap(), OCI_INDEX);
+    digest
 }
 
 /// Pushes a copy of artifact `real` whose document has a wrong first span digest for the first layer,

@@ -6,6 +6,15 @@
 //! A mismatch means the remote served wrong bytes: presence is forgotten, the
 //! metadata refetched, and data refetched as it is read. A second mismatch
 //! leaves the agent serving lazily and says so in `status`.
+//!
+//! An address space of several sources has no digest of its own: each segment
+//! whose source has one (a tar's diff_id, a layer blob's digest) is hashed from
+//! the cache file instead, with the bytes of its source outside the segment (a
+//! tar's trailing records) fetched to complete it. A segment that does not
+//! match is forgotten (and the page cache of the mounts dropped: readers may
+//! hold its wrong bytes) and fetched again; a second mismatch refuses it for
+//! good (every read of it is EIO): its source serves wrong bytes the same way
+//! each time, as a forged zinfo does.
 
 use std::ops::Range;
 use std::path::PathBuf;
@@ -13,10 +22,14 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
+use sha2::{Digest, Sha256};
 
 use crate::cache::CacheFile;
 use crate::fanotify::{Group, FAN_PRE_ACCESS};
+use crate::remote::refused::RefusedRanges;
+use crate::segments::{Layout, Segment};
 
+use super::lifecycle::Lifecycle;
 use super::metadata::Fetcher;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,35 +64,60 @@ pub struct Completion {
     pub fetcher: Arc<Fetcher>,
     pub scheduler: Arc<super::event_loop::AgentScheduler>,
     pub required: Vec<Range<u64>>,
+    /// Checked segment by segment when there is no digest of the whole space.
+    pub layout: Layout,
+    /// Regions refused after a second mismatch (the scheduler's source consults it).
+    pub refused: Arc<RefusedRanges>,
+    /// Whose mounts' page cache is dropped when a segment proves wrong.
+    pub lifecycle: Arc<Lifecycle>,
     state: Mutex<CompletionState>,
     running: AtomicBool,
     mismatches: AtomicU32,
+    /// A check that could not be made (its source unreachable) is tried again after this.
+    retry_after: Mutex<Option<std::time::Instant>>,
 }
 
 /// Mismatches tolerated before giving up on detaching.
 const MAX_MISMATCHES: u32 = 1;
 
+/// Bytes of a segment's source outside the segment fetched to check it (a tar's trailing records
+/// are a few KiB); more and the segment is not checked.
+const MAX_OUTSIDE: u64 = 16 << 20;
+
+/// How long a check that could not be made waits before the next try.
+const CHECK_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// What the mount's agent needs besides the cache to complete it.
+pub struct CompletionParts {
+    pub cache: Arc<CacheFile>,
+    pub group: Arc<Group>,
+    pub blob_path: PathBuf,
+    pub digest: Option<String>,
+    pub fetcher: Arc<Fetcher>,
+    pub scheduler: Arc<super::event_loop::AgentScheduler>,
+    pub required: Vec<Range<u64>>,
+    pub layout: Layout,
+    pub refused: Arc<RefusedRanges>,
+    pub lifecycle: Arc<Lifecycle>,
+}
+
 impl Completion {
-    pub fn new(
-        cache: Arc<CacheFile>,
-        group: Arc<Group>,
-        blob_path: PathBuf,
-        digest: Option<String>,
-        fetcher: Arc<Fetcher>,
-        scheduler: Arc<super::event_loop::AgentScheduler>,
-        required: Vec<Range<u64>>,
-    ) -> Arc<Completion> {
+    pub fn new(p: CompletionParts) -> Arc<Completion> {
         Arc::new(Completion {
-            cache,
-            group,
-            blob_path,
-            digest,
-            fetcher,
-            scheduler,
-            required,
+            cache: p.cache,
+            group: p.group,
+            blob_path: p.blob_path,
+            digest: p.digest,
+            fetcher: p.fetcher,
+            scheduler: p.scheduler,
+            required: p.required,
+            layout: p.layout,
+            refused: p.refused,
+            lifecycle: p.lifecycle,
             state: Mutex::new(CompletionState::Lazy),
             running: AtomicBool::new(false),
             mismatches: AtomicU32::new(0),
+            retry_after: Mutex::new(None),
         })
     }
 
@@ -100,15 +138,142 @@ impl Completion {
         if !self.cache.is_complete()
             || self.mismatches() > MAX_MISMATCHES
             || matches!(self.state(), CompletionState::Complete | CompletionState::CompleteUnverified)
+            || self.retry_after.lock().is_some_and(|t| std::time::Instant::now() < t)
             || self.running.swap(true, Ordering::SeqCst)
         {
             return;
         }
         let this = Arc::clone(self);
         tokio::spawn(async move {
-            this.verify_and_detach().await;
+            if this.digest.is_none() && this.layout.segments().iter().any(|s| s.sha256.is_some()) {
+                this.verify_segments_and_detach().await;
+            } else {
+                this.verify_and_detach().await;
+            }
             this.running.store(false, Ordering::SeqCst);
         });
+    }
+
+    /// Removes the pre-access mark: reads cost nothing any more.
+    fn detach(&self, state: CompletionState) {
+        if let Err(e) = self.group.unmark_file(std::os::fd::AsFd::as_fd(self.cache.as_file()), FAN_PRE_ACCESS, &self.blob_path) {
+            tracing::error!(error = %e, "cannot remove the pre-access mark");
+            self.set(CompletionState::Lazy);
+            return;
+        }
+        tracing::info!(state = state.as_str(), "cache file complete; reads no longer raise events");
+        self.set(state);
+    }
+
+    /// Every segment with a digest hashed from the cache file; a mismatch is fetched again once,
+    /// then refused.
+    async fn verify_segments_and_detach(&self) {
+        self.set(CompletionState::Verifying);
+        let mut bad: Vec<(usize, String)> = Vec::new();
+        let mut unchecked = 0usize;
+        for (i, seg) in self.layout.segments().iter().enumerate() {
+            let Some(want) = seg.sha256.as_deref() else {
+                unchecked += 1;
+                continue;
+            };
+            match self.segment_sha256(seg).await {
+                Ok(got) if got == want => tracing::info!(segment = %seg.label, "segment matches its digest"),
+                Ok(got) => {
+                    tracing::error!(segment = %seg.label, expected = want, got = %got, "the segment's bytes in the cache file do not match its digest");
+                    bad.push((i, got));
+                }
+                Err(e) => {
+                    tracing::warn!(segment = %seg.label, error = %e, "cannot check the segment against its digest; trying again later");
+                    *self.retry_after.lock() = Some(std::time::Instant::now() + CHECK_RETRY);
+                    self.set(CompletionState::Lazy);
+                    return;
+                }
+            }
+        }
+        if bad.is_empty() {
+            self.detach(if unchecked == 0 { CompletionState::Complete } else { CompletionState::CompleteUnverified });
+            return;
+        }
+        let n = self.mismatches.fetch_add(1, Ordering::SeqCst) + 1;
+        self.set(CompletionState::DigestMismatch);
+        let segments = self.layout.segments();
+        let mut again = Vec::new();
+        for (i, got) in &bad {
+            let seg = &segments[*i];
+            let range = seg.start..seg.end();
+            if n > MAX_MISMATCHES {
+                let why = format!(
+                    "{} does not match its digest {} (got {got}) twice: its source serves wrong bytes (a forged or wrong index?); every read of it fails",
+                    seg.label,
+                    seg.sha256.as_deref().unwrap_or("")
+                );
+                tracing::error!(segment = %seg.label, "segment refused: {why}");
+                self.refused.refuse(range.clone(), why);
+            } else {
+                again.push(range.clone());
+            }
+            self.cache.forget(range);
+        }
+        self.scheduler.in_order.reset();
+        // Readers may hold the wrong bytes in the mounts' page cache: drop it, so the next read raises an
+        // event and gets the refetched bytes (or EIO).
+        let mounts = self.lifecycle.mounts();
+        match tokio::task::spawn_blocking(move || super::takeover::drop_page_caches(&mounts)).await {
+            Ok(files) => tracing::info!(files, "page cache of the mounts dropped after a digest mismatch"),
+            Err(e) => tracing::error!(error = %e, "cannot drop the mounts' page cache"),
+        }
+        let required: Vec<Range<u64>> =
+            self.required.iter().filter(|r| bad.iter().any(|(i, _)| segments[*i].start < r.end && r.start < segments[*i].end())).cloned().collect();
+        if !required.is_empty() {
+            if let Err(e) = self.fetcher.ensure_present(&required).await {
+                tracing::error!(error = %e, "cannot refetch the metadata");
+            }
+        }
+        if !again.is_empty() {
+            tracing::error!(mismatches = n, segments = again.len(), "fetching the mismatching segments again");
+            tokio::spawn(Arc::clone(&self.scheduler).prefetch(again, None));
+        }
+    }
+
+    /// `sha256:<hex>` of a segment's whole source: its bytes in the cache file, with the source's
+    /// bytes before and after the segment fetched.
+    async fn segment_sha256(&self, seg: &Segment) -> Result<String, String> {
+        let size = seg.source.size();
+        let end = seg.source_offset.checked_add(seg.len).filter(|&e| e <= size).ok_or("the segment lies past its source")?;
+        let outside = seg.source_offset + (size - end);
+        if outside > MAX_OUTSIDE {
+            return Err(format!("{outside} bytes of its source lie outside the segment"));
+        }
+        let fetch = |r: Range<u64>| async move {
+            if r.is_empty() {
+                return Ok(bytes::Bytes::new());
+            }
+            let b = seg.source.fetch(r.clone()).await.map_err(|e| e.to_string())?;
+            if b.len() as u64 != r.end - r.start {
+                return Err(format!("the source returned {} bytes for {r:?}", b.len()));
+            }
+            Ok(b)
+        };
+        let head = fetch(0..seg.source_offset).await?;
+        let tail = fetch(end..size).await?;
+        let cache = Arc::clone(&self.cache);
+        let flat = seg.start..seg.end();
+        tokio::task::spawn_blocking(move || {
+            let mut h = Sha256::new();
+            h.update(&head);
+            let mut buf = vec![0u8; 1 << 20];
+            let mut pos = flat.start;
+            while pos < flat.end {
+                let n = (flat.end - pos).min(buf.len() as u64) as usize;
+                cache.read_at(pos, &mut buf[..n]).map_err(|e| e.to_string())?;
+                h.update(&buf[..n]);
+                pos += n as u64;
+            }
+            h.update(&tail);
+            Ok(format!("sha256:{}", hex::encode(h.finalize())))
+        })
+        .await
+        .map_err(|e| format!("the hashing task failed: {e}"))?
     }
 
     async fn verify_and_detach(&self) {
@@ -158,20 +323,7 @@ impl Completion {
                     tokio::spawn(Arc::clone(&self.scheduler).prefetch(std::iter::once(0..size).collect(), None));
                 }
             }
-            verified => {
-                if let Err(e) = self.group.unmark_file(std::os::fd::AsFd::as_fd(self.cache.as_file()), FAN_PRE_ACCESS, &self.blob_path) {
-                    tracing::error!(error = %e, "cannot remove the pre-access mark");
-                    self.set(CompletionState::Lazy);
-                    return;
-                }
-                let state = if verified == Some(true) {
-                    CompletionState::Complete
-                } else {
-                    CompletionState::CompleteUnverified
-                };
-                tracing::info!(state = state.as_str(), "cache file complete; reads no longer raise events");
-                self.set(state);
-            }
+            verified => self.detach(if verified == Some(true) { CompletionState::Complete } else { CompletionState::CompleteUnverified }),
         }
     }
 }

@@ -11,13 +11,14 @@ use tokio::net::UnixListener;
 use crate::fanotify::FAN_PRE_ACCESS;
 
 use super::added_sources::AddedSources;
-use super::complete::Completion;
+use super::complete::{Completion, CompletionParts};
 use super::control::ControlContext;
 use super::event_loop::AgentScheduler;
 use super::lifecycle::Lifecycle;
 use super::prepare::Prepared;
 use super::scheduler::SchedulerConfig;
 use super::trace::Trace;
+use crate::remote::refused::{RefusedRanges, RefusingSource};
 use super::context::{Agent, WorkerContext};
 use super::{AgentConfig, AgentError};
 
@@ -63,6 +64,9 @@ pub(super) async fn go_live(cfg: &AgentConfig, ctx: &WorkerContext, p: Prepared)
     if let Some(verified) = super::prepare::verified_source(&remote, cfg)? {
         remote = verified;
     }
+    // Outermost: a region refused at completion is refused whichever source would serve it.
+    let refused = Arc::new(RefusedRanges::default());
+    remote = Arc::new(RefusingSource::new(remote, Arc::clone(&refused)));
     let scheduler = AgentScheduler::new(
         Arc::clone(&p.cache),
         Arc::clone(&remote),
@@ -82,15 +86,18 @@ pub(super) async fn go_live(cfg: &AgentConfig, ctx: &WorkerContext, p: Prepared)
         tokio::runtime::Handle::current(),
     );
     scheduler.set_file_extents(p.file_extents.clone());
-    let completion = Completion::new(
-        Arc::clone(&p.cache),
-        Arc::clone(&ctx.group),
-        blob_path.clone(),
-        p.digest.clone(),
-        Arc::clone(&p.fetcher),
-        Arc::clone(&scheduler),
-        p.required.clone(),
-    );
+    let completion = Completion::new(CompletionParts {
+        cache: Arc::clone(&p.cache),
+        group: Arc::clone(&ctx.group),
+        blob_path: blob_path.clone(),
+        digest: p.digest.clone(),
+        fetcher: Arc::clone(&p.fetcher),
+        scheduler: Arc::clone(&scheduler),
+        required: p.required.clone(),
+        layout: p.layout.clone(),
+        refused,
+        lifecycle: Arc::clone(&lifecycle),
+    });
     let trace = Arc::new(Trace::default());
     trace.set_recording(cfg.record_trace);
     let control = Arc::new(ControlContext {

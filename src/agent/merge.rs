@@ -266,7 +266,7 @@ fn group_space(g: &FsGroup, blobs: &[BlobInfo], sources: &[Arc<dyn RangeSource>]
     }
     let mut segments = vec![Segment::whole(blobs[g.primary].digest.clone(), 0, Arc::clone(&sources[g.primary]))];
     for d in &g.devices {
-        segments.push(Segment { label: blobs[d.blob].digest.clone(), start: d.start, len: d.len, source_offset: 0, source: Arc::clone(&sources[d.blob]) });
+        segments.push(Segment { label: blobs[d.blob].digest.clone(), start: d.start, len: d.len, source_offset: 0, source: Arc::clone(&sources[d.blob]), sha256: None });
     }
     let layout = Layout::new(segments, g.flat_size(blobs)).map_err(|e| e.to_string())?;
     Ok(Arc::new(SegmentedSource::new(layout)))
@@ -282,7 +282,7 @@ fn flatdev(
 ) -> Result<OpenedLayers, OpenError> {
     let mut segments = vec![Segment::whole(blobs[g.primary].digest.clone(), 0, Arc::clone(&sources[g.primary]))];
     for d in &g.devices {
-        segments.push(Segment { label: blobs[d.blob].digest.clone(), start: d.start, len: d.len, source_offset: 0, source: Arc::clone(&sources[d.blob]) });
+        segments.push(Segment { label: blobs[d.blob].digest.clone(), start: d.start, len: d.len, source_offset: 0, source: Arc::clone(&sources[d.blob]), sha256: None });
     }
     let layout = Layout::new(segments, g.flat_size(blobs)).map_err(|e| OpenError(format!("{name}: {e}"), Transience::Permanent))?;
     let want = PROBE_LEN.min(layout.size()) as usize;
@@ -310,7 +310,8 @@ fn merged_layout(
     let head: Arc<dyn RangeSource> = Arc::new(LocalHead { len: rec.image_len, bytes: image });
     let mut segments = vec![Segment::whole(MERGED_LABEL, 0, head)];
     for (b, s) in rec.blobs.iter().zip(sources) {
-        segments.push(Segment { label: b.digest.clone(), start: b.base, len: b.size, source_offset: 0, source: Arc::clone(s) });
+        // Each blob whole: its digest is checked against the cache file at completion.
+        segments.push(Segment { label: b.digest.clone(), start: b.base, len: b.size, source_offset: 0, source: Arc::clone(s), sha256: Some(b.digest.clone()) });
     }
     Layout::new(segments, rec.size).map_err(|e| OpenError(format!("{name}: the merged address space: {e}"), Transience::Permanent))
 }

@@ -166,6 +166,9 @@ pub struct SegmentStatus {
     pub start: u64,
     pub size: u64,
     pub present_bytes: u64,
+    /// Why every read of the segment fails: it did not match its digest at completion, twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 /// When the fail-open gap began (the dead agent's last heartbeat; 0 when unknown) and ended (the

@@ -88,6 +88,10 @@ pub struct SegmentSpec {
     #[serde(default)]
     pub source_offset: u64,
     pub source: SourceSpec,
+    /// `sha256:<hex>` of the source's whole bytes when the source does not name it (an
+    /// uncompressed tar: its diff_id); checked against the cache file at completion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 impl std::fmt::Debug for SourceSpec {
@@ -125,6 +129,14 @@ impl SourceSpec {
             | SourceSpec::GzipTar(_)
             | SourceSpec::File(_)
             | SourceSpec::BucketImage(_) => None,
+        }
+    }
+
+    /// `sha256:<hex>` of every byte of the source, when known: a blob's digest, a pinned local file's.
+    fn whole_sha256(&self) -> Option<String> {
+        match self {
+            SourceSpec::LocalFile(f) => Some(f.sha256.clone()),
+            other => other.digest(),
         }
     }
 
@@ -227,7 +239,8 @@ pub async fn open_source(spec: &SourceSpec, http: &ClientConfig) -> Result<Opene
                 if s.start == 0 && s.source_offset == 0 {
                     first_probe = Some(probe.slice(..probe.len().min(s.len as usize)));
                 }
-                segments.push(Segment { label: s.source.label(), start: s.start, len: s.len, source_offset: s.source_offset, source });
+                let sha256 = s.sha256.clone().or_else(|| s.source.whole_sha256());
+                segments.push(Segment { label: s.source.label(), start: s.start, len: s.len, source_offset: s.source_offset, source, sha256 });
             }
             (Layout::new(segments, l.size).map_err(|e| OpenError(format!("{}: {e}", l.name), Transience::Permanent))?, first_probe)
         }
@@ -369,6 +382,8 @@ pub struct TarIndexFiles {
     /// The uncompressed tar's size when known (else measured by the agent).
     pub tar_size: Option<u64>,
     pub span_sha256: Option<Vec<String>>,
+    /// The uncompressed tar's sha256 (the layer's diff_id), checked at completion when known.
+    pub diff_id: Option<String>,
 }
 
 /// The address space of a one-layer tar index mount (`-o oci.tarindex=,oci.zinfo=`):
@@ -381,14 +396,26 @@ pub fn tar_index_layout(name: &str, layer: SourceSpec, files: &TarIndexFiles) ->
     let placed = crate::segments::tar_index::placement(&index_bytes).map_err(|e| format!("{}: {e}", index.display()))?;
     let index_spec = LocalFileSpec { path: index.to_path_buf(), sha256: sha256_of(&index_bytes) };
     let tar = tar_source(layer, files)?;
+    let tar_len = whole_tar_len(placed.tar_len, files.tar_size, None);
     Ok(SourceSpec::Layout(Box::new(LayoutSpec {
         name: name.to_string(),
-        size: placed.size(),
+        size: placed.size().max(placed.tar_start + tar_len),
         segments: vec![
-            SegmentSpec { start: 0, len: placed.index_len, source_offset: 0, source: SourceSpec::LocalFile(index_spec) },
-            SegmentSpec { start: placed.tar_start, len: placed.tar_len, source_offset: 0, source: tar },
+            SegmentSpec { start: 0, len: placed.index_len, source_offset: 0, source: SourceSpec::LocalFile(index_spec), sha256: None },
+            SegmentSpec { start: placed.tar_start, len: tar_len, source_offset: 0, source: tar, sha256: files.diff_id.clone() },
         ],
     })))
+}
+
+/// The bytes of a tar its segment holds: the whole tar when its size is known and fits before
+/// `room` (the next segment), so the diff_id check at completion hashes the cache file alone; else
+/// what the index refers to (`indexed`: its records end before the tar's trailing zero records,
+/// which the check then fetches).
+fn whole_tar_len(indexed: u64, tar_size: Option<u64>, room: Option<u64>) -> u64 {
+    match tar_size {
+        Some(n) if n >= indexed && room.is_none_or(|r| n <= r) => n,
+        _ => indexed,
+    }
 }
 
 /// The uncompressed tar of a layer as a source: the blob itself, or the
@@ -430,15 +457,22 @@ pub fn tar_image_layout(name: &str, merged: &std::path::Path, size: u64, layers:
         len: image.len() as u64,
         source_offset: 0,
         source: SourceSpec::LocalFile(LocalFileSpec { path: merged.to_path_buf(), sha256: sha256_of(&image) }),
+        sha256: None,
     }];
     let mut end = image.len() as u64;
-    for l in layers {
+    let mut size = size;
+    let bases: Vec<u64> = layers.iter().map(|l| l.base).skip(1).collect();
+    for (i, l) in layers.into_iter().enumerate() {
         if l.base < end || l.base.checked_add(l.len).is_none_or(|e| e > size) {
             return Err(format!("{name}: the tars of the merged image overlap or lie past its {size} bytes"));
         }
-        end = l.base + l.len;
+        let room = bases.get(i).map(|next| next.saturating_sub(l.base));
+        let len = whole_tar_len(l.len, l.files.tar_size, room);
+        end = l.base + len;
+        size = size.max(end);
         let tar = tar_source(l.blob, &l.files)?;
-        segments.push(SegmentSpec { start: l.base, len: l.len, source_offset: 0, source: tar });
+        let sha256 = l.files.diff_id.clone();
+        segments.push(SegmentSpec { start: l.base, len, source_offset: 0, source: tar, sha256 });
     }
     Ok(SourceSpec::Layout(Box::new(LayoutSpec { name: name.to_string(), size, segments })))
 }
@@ -455,6 +489,15 @@ pub fn digest_from_url(url: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tar_segment_holds_the_whole_tar_when_it_fits() {
+        assert_eq!(whole_tar_len(51_200, Some(61_440), None), 61_440, "the trailing records too");
+        assert_eq!(whole_tar_len(51_200, Some(61_440), Some(4 << 20)), 61_440);
+        assert_eq!(whole_tar_len(51_200, Some(61_440), Some(60_000)), 51_200, "no room before the next tar");
+        assert_eq!(whole_tar_len(51_200, None, None), 51_200, "size unknown");
+        assert_eq!(whole_tar_len(51_200, Some(40_000), None), 51_200, "a size below what the index refers to is not trusted");
+    }
 
     #[test]
     fn digest_only_from_blob_urls() {

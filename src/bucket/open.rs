@@ -63,7 +63,7 @@ pub fn layout_of(table: &Table, image: Arc<dyn RangeSource>, image_label: String
     for e in &table.entries {
         let info = ObjectInfo { size: e.size, etag: e.etag.clone(), version_id: None, last_modified: None };
         let source = Arc::new(S3Source::new(Arc::clone(client), e.key.clone(), info));
-        segments.push(Segment { label: source.describe(), start: e.flat_start, len: e.size, source_offset: 0, source });
+        segments.push(Segment { label: source.describe(), start: e.flat_start, len: e.size, source_offset: 0, source, sha256: None });
     }
     Layout::new(segments, table.space_end(image_size.checked_next_multiple_of(4096).unwrap_or(u64::MAX))).map_err(|e| format!("bucket image layout: {e}"))
 }

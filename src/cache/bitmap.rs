@@ -162,6 +162,15 @@ impl PresenceMap {
         self.blocks.insert_range(first as u32..=(end - 1) as u32)
     }
 
+    /// Marks missing every block touched by `range` (clamped): the blocks of a region whose bytes
+    /// proved wrong. Returns the number of blocks that were present.
+    pub fn remove(&mut self, range: Range<u64>) -> u64 {
+        match self.touched_blocks(range) {
+            None => 0,
+            Some(blocks) => self.blocks.remove_range(blocks),
+        }
+    }
+
     /// Exact number of blob bytes present (the partial last block by its real length).
     pub fn populated_bytes(&self) -> u64 {
         let full = self.blocks.len() * BLOCK;
@@ -193,6 +202,20 @@ impl PresenceMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remove_forgets_every_touched_block() {
+        let mut m = PresenceMap::new(10 * BLOCK + 100).unwrap();
+        m.insert(0..10 * BLOCK + 100);
+        assert!(m.is_complete());
+        // A range cutting blocks 2 and 4 forgets both: a block partly wrong is wrong.
+        assert_eq!(m.remove(2 * BLOCK + 1..4 * BLOCK + 1), 3);
+        assert_eq!(m.missing(0..10 * BLOCK + 100), vec![2 * BLOCK..5 * BLOCK]);
+        assert_eq!(m.remove(2 * BLOCK..3 * BLOCK), 0, "already missing");
+        assert_eq!(m.remove(20 * BLOCK..30 * BLOCK), 0, "past the blob");
+        assert_eq!(m.remove(10 * BLOCK..11 * BLOCK), 1, "the partial last block");
+        assert!(!m.contains(10 * BLOCK..10 * BLOCK + 100));
+    }
 
     #[test]
     fn populated_bytes_within_a_range() {

@@ -188,6 +188,11 @@ impl CacheFile {
         self.map().is_complete()
     }
 
+    /// Forgets the blocks touched by `range` (the data stays; events refetch it).
+    pub fn forget(&self, range: Range<u64>) -> u64 {
+        self.map().remove(range)
+    }
+
     /// Forgets what is present (the data stays; events refetch it).
     pub fn clear_presence(&self) -> Result<(), CacheFileError> {
         let fresh = PresenceMap::new(self.blob_size)?;

@@ -62,7 +62,10 @@ pub fn resolve(source: &str, opts: &MountOptions) -> Result<SourceSpec, CliError
                     blob.digest, blob.media_type
                 )));
             }
-            TarIndexFiles { index: absolute(index)?, zinfo, tar_size: None, span_sha256: None }
+            // erofs-utils' files name no diff_id: a plain tar is still checked by its blob digest.
+            // A plain tar layer is its own tar: its size is the blob's.
+            let tar_size = zinfo.is_none().then_some(blob.size);
+            TarIndexFiles { index: absolute(index)?, zinfo, tar_size, span_sha256: None, diff_id: None }
         }
         None => {
             if opts.zinfo.is_some() {
@@ -78,6 +81,7 @@ pub fn resolve(source: &str, opts: &MountOptions) -> Result<SourceSpec, CliError
                 zinfo: stored.zinfo,
                 tar_size: Some(stored.meta.tar_size),
                 span_sha256: stored.meta.span_sha256,
+                diff_id: Some(stored.meta.diff_id),
             }
         }
     };
@@ -262,7 +266,13 @@ fn whole_image_via(
         .zip(&merged.meta.tars)
         .map(|((blob, s), [base, len])| TarImageLayer {
             blob: SourceSpec::Oci(Box::new(blob)),
-            files: TarIndexFiles { index: s.index, zinfo: s.zinfo, tar_size: Some(s.meta.tar_size), span_sha256: s.meta.span_sha256 },
+            files: TarIndexFiles {
+                index: s.index,
+                zinfo: s.zinfo,
+                tar_size: Some(s.meta.tar_size),
+                span_sha256: s.meta.span_sha256,
+                diff_id: Some(s.meta.diff_id),
+            },
             base: *base,
             len: *len,
         })

@@ -17,6 +17,7 @@ pub mod local;
 pub mod link;
 pub mod multi;
 pub mod plan;
+pub mod refused;
 pub mod retry;
 pub mod s3;
 pub mod verified;

@@ -37,6 +37,9 @@ pub struct Segment {
     /// Where the segment's first byte is in its source.
     pub source_offset: u64,
     pub source: Arc<dyn RangeSource>,
+    /// `sha256:<hex>` of the whole source (an uncompressed tar's diff_id, a layer blob's digest):
+    /// checked against the cache file once every byte of the address space is present.
+    pub sha256: Option<String>,
 }
 
 impl std::fmt::Debug for Segment {
@@ -46,6 +49,7 @@ impl std::fmt::Debug for Segment {
             .field("start", &self.start)
             .field("len", &self.len)
             .field("source_offset", &self.source_offset)
+            .field("sha256", &self.sha256)
             .finish()
     }
 }
@@ -57,7 +61,12 @@ impl Segment {
 
     /// A whole source at `start`.
     pub fn whole(label: impl Into<String>, start: u64, source: Arc<dyn RangeSource>) -> Segment {
-        Segment { label: label.into(), start, len: source.size(), source_offset: 0, source }
+        Segment { label: label.into(), start, len: source.size(), source_offset: 0, source, sha256: None }
+    }
+
+    /// The same segment, its whole source checked against `sha256` at completion.
+    pub fn checked(self, sha256: Option<String>) -> Segment {
+        Segment { sha256, ..self }
     }
 }
 
@@ -421,7 +430,7 @@ mod tests {
     }
 
     fn seg(label: &str, start: u64, len: u64, offset: u64, size: u64, seed: u8) -> Segment {
-        Segment { label: label.into(), start, len, source_offset: offset, source: Arc::new(Pattern { size, seed }) }
+        Segment { label: label.into(), start, len, source_offset: offset, source: Arc::new(Pattern { size, seed }), sha256: None }
     }
 
     #[test]
@@ -494,8 +503,8 @@ mod tests {
         let b = Arc::new(Multi(Pattern { size: 4096, seed: 2 }, Default::default()));
         let l = Layout::new(
             vec![
-                Segment { label: "a".into(), start: 0, len: 8192, source_offset: 100, source: a.clone() },
-                Segment { label: "b".into(), start: 16384, len: 4096, source_offset: 0, source: b.clone() },
+                Segment { label: "a".into(), start: 0, len: 8192, source_offset: 100, source: a.clone(), sha256: None },
+                Segment { label: "b".into(), start: 16384, len: 4096, source_offset: 0, source: b.clone(), sha256: None },
             ],
             24576,
         )
@@ -518,7 +527,7 @@ mod tests {
         assert!(rt.block_on(src.fetch_many(vec![10..20, 5..15])).is_err(), "unsorted ranges are refused");
         // One segment that does not take multi-range makes the whole space single-range.
         let mixed = SegmentedSource::new(
-            Layout::new(vec![seg("p", 0, 4096, 0, 4096, 1), Segment { label: "m".into(), start: 4096, len: 4096, source_offset: 0, source: b }], 8192).unwrap(),
+            Layout::new(vec![seg("p", 0, 4096, 0, 4096, 1), Segment { label: "m".into(), start: 4096, len: 4096, source_offset: 0, source: b, sha256: None }], 8192).unwrap(),
         );
         assert_eq!(mixed.multi_range(), MultiRange::Unsupported);
     }
@@ -548,7 +557,7 @@ mod tests {
         let l = Layout::new(
             vec![
                 seg("a", 0, 8192, 0, 8192, 1),
-                Segment { label: "c".into(), start: 8192, len: 40_000, source_offset: 5000, source: chunky },
+                Segment { label: "c".into(), start: 8192, len: 40_000, source_offset: 5000, source: chunky, sha256: None },
             ],
             49_152,
         )
