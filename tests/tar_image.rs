@@ -228,13 +228,22 @@ fn a_three_layer_tar_image_mounts_whole_and_lazily() {
     let dir = work.join("index");
     let printed = run_ok(
         Command::new(common::EROFS_FANOTIFY)
-            .args(["index", "build", "-o", "oci.insecure"])
+            .args(["index", "build", "-o", "oci.insecure", "--zinfo-span", "1M"])
             .arg(&image_ref)
             .arg("--output")
             .arg(&dir),
     );
     let merged_file = Path::new(printed.trim());
     assert!(merged_file.starts_with(&dir) && merged_file.is_file(), "{printed}");
+    // 1 MiB spans: more checkpoints than the mount's own 4 MiB index of the same layer.
+    let zinfo_header = |root: &Path| {
+        let z = std::fs::read(root.join(digests[0].trim_start_matches("sha256:")).join("layer.zinfo")).unwrap();
+        (u32::from_le_bytes(z[..4].try_into().unwrap()), u64::from_le_bytes(z[4..12].try_into().unwrap()))
+    };
+    let (small, small_span) = zinfo_header(&dir);
+    let (default, default_span) = zinfo_header(&store);
+    eprintln!("index build --zinfo-span 1M: {small} checkpoints of {small_span} bytes; at mount: {default} of {default_span}");
+    assert!(small_span == 1 << 20 && default_span == 4 << 20 && small > default, "{small}/{small_span} vs {default}/{default_span}");
     {
         let env2 = OciEnv::new("tar-image-dir");
         let opt = format!("oci.tarindex={}", dir.display());

@@ -222,6 +222,10 @@ enum IndexCmd {
         /// Directory for the temporary copies of the layers (default $TMPDIR or /var/tmp)
         #[arg(long, value_name = "DIR")]
         tmpdir: Option<PathBuf>,
+        /// Ordinary images: uncompressed bytes between zinfo checkpoints of gzip layers (default 4M; smaller spans
+        /// fetch fewer bytes per read, and each checkpoint adds 32 KiB to the zinfo a mount fetches first)
+        #[arg(long, value_name = "SIZE")]
+        zinfo_span: Option<String>,
     },
     /// Index an ordinary image (tar or tar+gzip layers) into a directory: each layer's tar index and zinfo, and the
     /// merged metadata of all layers; mount it with -o oci.tarindex=DIR
@@ -234,6 +238,9 @@ enum IndexCmd {
         /// The directory to write (made if missing; layers already indexed in it are kept)
         #[arg(long, value_name = "DIR")]
         output: PathBuf,
+        /// Uncompressed bytes between zinfo checkpoints of gzip layers indexed now (default 4M)
+        #[arg(long, value_name = "SIZE")]
+        zinfo_span: Option<String>,
     },
 }
 
@@ -313,12 +320,7 @@ fn main() {
                     cli::bucket_build_cmd::run(cli::bucket_build_cmd::BucketBuildArgs { endpoint, source, out, options, reproducible })
                 }
                 Some(_) => Err(cli::CliError::new("--s3 images hold no data: --compress, --order, --tar-index and --zinfo do not apply")),
-                None => match zinfo_span.as_deref().map(|v| (v, erofs_fanotify::mount::options::parse_size(v))) {
-                    None => Ok(None),
-                    Some((_, Some(n))) if n > 0 && n <= u64::from(u32::MAX) => Ok(Some(n)),
-                    Some((v, _)) => Err(cli::CliError::new(format!("--zinfo-span {v:?}: expected a size like 4M, below 4G"))),
-                }
-                .and_then(|zinfo_span| {
+                None => cli::build_cmd::parse_zinfo_span(zinfo_span.as_deref()).and_then(|zinfo_span| {
                     cli::build_cmd::run(cli::build_cmd::BuildArgs {
                         src,
                         out,
@@ -347,13 +349,13 @@ fn main() {
             cli::convert_cmd::run(cli::convert_cmd::ConvertArgs { src, dst, platform, compress, order, per_layer, options, chunk_size, tmpdir })
                 .map(|_| 0)
         }
-        Cmd::Index { action: IndexCmd::Push { reference, options, traces, tmpdir } } => {
+        Cmd::Index { action: IndexCmd::Push { reference, options, traces, tmpdir, zinfo_span } } => {
             cli::init_cli_logging();
-            cli::index_cmd::push(cli::index_cmd::IndexPushArgs { reference, options, traces, tmpdir }).map(|_| 0)
+            cli::index_cmd::push(cli::index_cmd::IndexPushArgs { reference, options, traces, tmpdir, zinfo_span }).map(|_| 0)
         }
-        Cmd::Index { action: IndexCmd::Build { reference, options, output } } => {
+        Cmd::Index { action: IndexCmd::Build { reference, options, output, zinfo_span } } => {
             cli::init_cli_logging();
-            cli::index_cmd::build_tar_image(&reference, &options, &output).map(|_| 0)
+            cli::index_cmd::build_tar_image(&reference, &options, &output, zinfo_span.as_deref()).map(|_| 0)
         }
         Cmd::Agent { foreground, adopt } => agent_cmd::run_supervisor(foreground, adopt),
         Cmd::Worker { resume } => agent_cmd::run_worker(resume),

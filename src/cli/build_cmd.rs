@@ -317,3 +317,12 @@ fn run_tar_index(args: BuildArgs) -> Result<(), CliError> {
     println!("diff_id {} blob {} ({} bytes)", layer.diff_id, layer.blob_digest, layer.blob_size);
     Ok(())
 }
+
+/// `--zinfo-span SIZE`: uncompressed bytes between zinfo checkpoints (`4M`), above 0 and below 4 GiB.
+pub fn parse_zinfo_span(value: Option<&str>) -> Result<Option<u64>, CliError> {
+    match value.map(|v| (v, crate::mount::options::parse_size(v))) {
+        None => Ok(None),
+        Some((_, Some(n))) if n > 0 && n <= u64::from(u32::MAX) => Ok(Some(n)),
+        Some((v, _)) => Err(CliError::new(format!("--zinfo-span {v:?}: expected a size like 4M, below 4G"))),
+    }
+}

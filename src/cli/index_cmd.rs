@@ -29,6 +29,8 @@ pub struct IndexPushArgs {
     pub traces: Vec<String>,
     /// Where the blob copies go while walking (default $TMPDIR, else /var/tmp).
     pub tmpdir: Option<PathBuf>,
+    /// `--zinfo-span SIZE` (ordinary images).
+    pub zinfo_span: Option<String>,
 }
 
 fn err(e: impl std::fmt::Display) -> CliError {
@@ -70,6 +72,7 @@ pub fn push(args: IndexPushArgs) -> Result<(), CliError> {
     let platform = push_cmd::platform(None, &o)?;
     let reference = Reference::parse(&args.reference).map_err(err)?;
     let traces = read_traces(&args.traces)?;
+    let span = super::build_cmd::parse_zinfo_span(args.zinfo_span.as_deref())?;
     let temp_base = args
         .tmpdir
         .or_else(|| std::env::var_os("TMPDIR").map(PathBuf::from))
@@ -93,7 +96,10 @@ pub fn push(args: IndexPushArgs) -> Result<(), CliError> {
         if !traces.is_empty() {
             return Err(err("--trace applies to EROFS layers; an ordinary image's index carries no traces yet"));
         }
-        return push_tar_image(&rt, &repo, &image, &args.reference, &o, &temp_base);
+        return push_tar_image(&rt, &repo, &image, &args.reference, &o, &temp_base, &layer_options(span));
+    }
+    if span.is_some() {
+        return Err(err("--zinfo-span applies to ordinary images (tar+gzip layers); EROFS layers have no zinfo"));
     }
 
     // Each trace belongs to the layer its `# digest` line names, or to the only layer.
@@ -181,6 +187,7 @@ fn push_tar_image(
     reference: &str,
     o: &crate::oci::OciOptions,
     temp_base: &std::path::Path,
+    layer_opts: &crate::build::layer::LayerOptions,
 ) -> Result<(), CliError> {
     use crate::build::layer_store;
     use crate::index::artifact::{BlobRef, LayerIndex, LayerKind, TAR_INDEX_MEDIA_TYPE, ZINFO_MEDIA_TYPE};
@@ -191,7 +198,7 @@ fn push_tar_image(
     // Pinned to the manifest resolved here (a tag may move meanwhile).
     let pinned = format!("{}@{}", reference.split('@').next().unwrap_or(reference), image.digest);
     let pinned = if Reference::parse(&pinned).is_ok() { pinned } else { reference.to_string() };
-    super::tar_index_mount::build_image_index(&pinned, o, temp.path())?;
+    super::tar_index_mount::build_image_index(&pinned, o, temp.path(), layer_opts)?;
     let mut entries = Vec::new();
     let mut blobs = Vec::new();
     for l in image.manifest.layers() {
@@ -233,11 +240,21 @@ fn push_tar_image(
     Ok(())
 }
 
+/// How tar layers are indexed: the zinfo span given, else the default (4 MiB).
+fn layer_options(span: Option<u64>) -> crate::build::layer::LayerOptions {
+    let mut opts = crate::build::layer::LayerOptions::default();
+    if let Some(n) = span {
+        opts.span_size = n;
+    }
+    opts
+}
+
 /// `erofs-fanotify index build REF --output DIR` (ordinary images): prints the merged index's path.
-pub fn build_tar_image(reference: &str, options: &[String], output: &std::path::Path) -> Result<(), CliError> {
+pub fn build_tar_image(reference: &str, options: &[String], output: &std::path::Path, zinfo_span: Option<&str>) -> Result<(), CliError> {
     let o = push_cmd::oci_options(options)?;
+    let span = super::build_cmd::parse_zinfo_span(zinfo_span)?;
     let started = std::time::Instant::now();
-    let built = super::tar_index_mount::build_image_index(reference, &o, output)?;
+    let built = super::tar_index_mount::build_image_index(reference, &o, output, &layer_options(span))?;
     tracing::info!(
         layers = built.layers,
         indexed = built.indexed,

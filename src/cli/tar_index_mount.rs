@@ -41,12 +41,12 @@ pub fn resolve(source: &str, opts: &MountOptions) -> Result<SourceSpec, CliError
         }
         let dir = std::fs::canonicalize(dir).map_err(|e| CliError::new(format!("{}: {}", dir.display(), super::mount_cmd::io_reason(&e))))?;
         let (layers, config) = image_layers(source, &opts.oci)?;
-        return whole_image(source, layers, config, &dir, false);
+        return whole_image(source, layers, config, &dir, None);
     }
     // A bare oci.tarindex on an image of several layers: every layer, indexed here once and stored.
     if opts.tar_index_build && !picked && opts.zinfo.is_none() {
         if let Ok((crate::oci::ResolvedImage::Layers(layers), config)) = crate::oci::resolve_image_and_config(source, &opts.oci) {
-            return whole_image(source, layers, config, &layer_store::in_cache(&opts.cache_dir), true);
+            return whole_image(source, layers, config, &layer_store::in_cache(&opts.cache_dir), Some(&LayerOptions::default()));
         }
     }
     let blob = resolve_tar_layer(source, opts)?;
@@ -74,7 +74,7 @@ pub fn resolve(source: &str, opts: &MountOptions) -> Result<SourceSpec, CliError
             let root = layer_store::in_cache(&opts.cache_dir);
             let stored = match layer_store::load(&root, &blob.digest) {
                 Some(s) => s,
-                None => index_at_mount(&blob, &root)?,
+                None => index_at_mount(&blob, &root, &LayerOptions::default())?,
             };
             TarIndexFiles {
                 index: stored.index,
@@ -94,13 +94,13 @@ pub fn resolve(source: &str, opts: &MountOptions) -> Result<SourceSpec, CliError
 pub fn resolve_indexed(source: &str, opts: &MountOptions, layers: Vec<OciBlobSpec>, config: Option<OciBlobSpec>) -> Result<SourceSpec, CliError> {
     let root = layer_store::in_cache(&opts.cache_dir);
     if layers.iter().all(|l| layer_store::load(&root, &l.digest).is_some()) {
-        return whole_image(source, layers, config, &root, false);
+        return whole_image(source, layers, config, &root, None);
     }
     if opts.index != crate::index::IndexMode::Off {
         match from_artifact(&layers, opts, &root) {
             Ok(Some(artifact)) => {
                 tracing::info!(%artifact, "using the index artifact's tar indexes");
-                return whole_image_via(source, layers, config, &root, false, Some(&artifact));
+                return whole_image_via(source, layers, config, &root, None, Some(&artifact));
             }
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "cannot use the image's index artifact"),
@@ -182,12 +182,13 @@ pub struct BuiltImageIndex {
 
 /// `erofs-fanotify index build REF --output DIR`: every tar layer's index
 /// (streamed once each, blob digest and diff_id checked) and their merged
-/// metadata, into DIR; `-o oci.tarindex=DIR` mounts the image from them.
-pub fn build_image_index(source: &str, oci: &crate::oci::OciOptions, out: &Path) -> Result<BuiltImageIndex, CliError> {
+/// metadata, into DIR; `-o oci.tarindex=DIR` mounts the image from them. `opts` apply to the
+/// layers indexed now (those DIR already holds are kept as they are).
+pub fn build_image_index(source: &str, oci: &crate::oci::OciOptions, out: &Path, opts: &LayerOptions) -> Result<BuiltImageIndex, CliError> {
     let (layers, config) = image_layers(source, oci)?;
     std::fs::create_dir_all(out).map_err(|e| CliError::new(format!("cannot create {}: {}", out.display(), super::mount_cmd::io_reason(&e))))?;
     let missing = layers.iter().filter(|l| layer_store::load(out, &l.digest).is_none()).count();
-    let spec = whole_image(source, layers.clone(), config, out, true)?;
+    let spec = whole_image(source, layers.clone(), config, out, Some(opts))?;
     drop(spec);
     let digests: Vec<String> = layers.iter().map(|l| l.digest.clone()).collect();
     let merged = layer_store::load_merged(out, &digests).ok_or_else(|| CliError::new(format!("the merged index in {} is incomplete", out.display())))?;
@@ -204,16 +205,16 @@ pub fn is_tar_layer(media_type: &str) -> bool {
 const TAR_ALIGN_IN_IMAGE: u64 = 4 << 20;
 
 /// An image of tar layers, whole: each layer's stored index (made here
-/// when `build_missing`, else it must be in `root`), checked against the
+/// with `build` when it is missing and `build` is given, else it must be in `root`), checked against the
 /// config's diff_ids, and their merged metadata (stored in `root` too).
 fn whole_image(
     source: &str,
     layers: Vec<OciBlobSpec>,
     config: Option<OciBlobSpec>,
     root: &Path,
-    build_missing: bool,
+    build: Option<&LayerOptions>,
 ) -> Result<SourceSpec, CliError> {
-    whole_image_via(source, layers, config, root, build_missing, None)
+    whole_image_via(source, layers, config, root, build, None)
 }
 
 /// [`whole_image`]; `artifact`: the index artifact the indexes came from (named in `status`).
@@ -222,7 +223,7 @@ fn whole_image_via(
     layers: Vec<OciBlobSpec>,
     config: Option<OciBlobSpec>,
     root: &Path,
-    build_missing: bool,
+    build: Option<&LayerOptions>,
     artifact: Option<&str>,
 ) -> Result<SourceSpec, CliError> {
     let reference = layers.first().map(|l| l.reference.as_str()).unwrap_or(source);
@@ -240,10 +241,10 @@ fn whole_image_via(
     }
     let mut stored = Vec::with_capacity(layers.len());
     for (i, l) in layers.iter().enumerate() {
-        let s = match layer_store::load(root, &l.digest) {
-            Some(s) => s,
-            None if build_missing => index_at_mount(l, root)?,
-            None => {
+        let s = match (layer_store::load(root, &l.digest), build) {
+            (Some(s), _) => s,
+            (None, Some(opts)) => index_at_mount(l, root, opts)?,
+            (None, None) => {
                 return Err(CliError::new(format!(
                     "{} holds no index of layer {i} ({}) of {source}; make them with `erofs-fanotify index build {source} --output {}`",
                     root.display(),
@@ -361,7 +362,7 @@ fn resolve_tar_layer(source: &str, opts: &MountOptions) -> Result<OciBlobSpec, C
 }
 
 /// Streams the layer once and stores its index (one-time cost per layer and host).
-fn index_at_mount(blob: &OciBlobSpec, root: &Path) -> Result<layer_store::StoredIndex, CliError> {
+fn index_at_mount(blob: &OciBlobSpec, root: &Path, opts: &LayerOptions) -> Result<layer_store::StoredIndex, CliError> {
     let started = std::time::Instant::now();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -372,7 +373,7 @@ fn index_at_mount(blob: &OciBlobSpec, root: &Path) -> Result<layer_store::Stored
         .block_on(crate::oci::open_blob(blob, &http))
         .map_err(|e| CliError::new(format!("cannot read layer {} to index it: {e}", blob.digest)))?;
     let reader = BlobReader { runtime, source, pos: 0, buf: Bytes::new(), retry: RetryPolicy::default() };
-    let stored = layer_store::build_into(root, reader, &blob.digest, blob.size, &LayerOptions::default())
+    let stored = layer_store::build_into(root, reader, &blob.digest, blob.size, opts)
         .map_err(|e| CliError::new(format!("cannot index layer {}: {e}", blob.digest)))?;
     tracing::info!(
         layer = %blob.digest,
