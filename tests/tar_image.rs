@@ -338,41 +338,23 @@ fn a_three_layer_tar_image_mounts_whole_and_lazily() {
     let _ = std::fs::remove_dir_all(&work);
 }
 
-/// Pushes a copy of artifact `real` whose first layer's zinfo has every checkpoint window after the
-/// first zeroed, with span digests recomputed to match (what a forger controls: the zinfo blob and the
-/// document), and appends it to the image's referrers tag. `layer0` is the first layer's blob.
-fn forge_zinfo_windows(registry: &Registry, repo: &str, image_digest: &str, real: &str, layer0: &Path) -> String {
+/// `GET /v2/<repo>/<path>` of the registry, which must answer 200.
+fn get_from(registry: &Registry, repo: &str, path: &str, accept: &str) -> Vec<u8> {
     use common::http::{request, Body};
+    let r = request("GET", &format!("{}/v2/{repo}/{path}", registry.base_url()), &[("Accept", accept)], Body::Empty).unwrap();
+    assert_eq!(r.status, 200, "GET {path}");
+    r.body
+}
+
+/// Pushes a copy of artifact `real` whose document `forge` changed, and appends it to the image's
+/// referrers tag (`sha256-<hex>`: docker-registry 2.8 has no referrers API), so it is the newest.
+fn forge_artifact(registry: &Registry, repo: &str, image_digest: &str, real: &str, forge: impl FnOnce(&mut serde_json::Value)) -> String {
     use common::oci::{OCI_INDEX, OCI_MANIFEST};
-    use erofs_fanotify::gzip::{span_digest, Zinfo, CHECKPOINT_SIZE, HEADER_SIZE, WINDOW_SIZE};
-    let get = |path: &str, accept: &str| {
-        let r = request("GET", &format!("{}/v2/{repo}/{path}", registry.base_url()), &[("Accept", accept)], Body::Empty).unwrap();
-        assert_eq!(r.status, 200, "GET {path}");
-        r.body
-    };
     let json = |b: Vec<u8>| serde_json::from_slice::<serde_json::Value>(&b).unwrap();
-    let mut manifest = json(get(&format!("manifests/{real}"), OCI_MANIFEST));
+    let mut manifest = json(get_from(registry, repo, &format!("manifests/{real}"), OCI_MANIFEST));
     let doc_digest = manifest["layers"][0]["digest"].as_str().unwrap().to_string();
-    let mut doc = json(get(&format!("blobs/{doc_digest}"), "*/*"));
-    let zinfo_digest = doc["layers"][0]["zinfo"]["digest"].as_str().unwrap().to_string();
-    let mut zinfo = get(&format!("blobs/{zinfo_digest}"), "*/*");
-    let count = u32::from_le_bytes(zinfo[..4].try_into().unwrap()) as usize;
-    assert!(count >= 2, "layer 0 has {count} zinfo spans: nothing to forge");
-    for k in 1..count {
-        // le64 in, le64 out, u8 bits, then the window.
-        let w = HEADER_SIZE + k * CHECKPOINT_SIZE + 17;
-        zinfo[w..w + WINDOW_SIZE].fill(0);
-    }
-    let blob = std::fs::read(layer0).unwrap();
-    let parsed = Zinfo::parse(zinfo.clone()).unwrap();
-    let spans: Vec<String> = (0..count)
-        .map(|k| {
-            let r = parsed.span_input_range(k, blob.len() as u64).unwrap();
-            span_digest(&parsed, k, &blob[r.start as usize..r.end as usize]).unwrap()
-        })
-        .collect();
-    doc["layers"][0]["spanSha256"] = serde_json::json!(spans);
-    doc["layers"][0]["zinfo"]["digest"] = serde_json::json!(registry.push_blob(repo, &zinfo));
+    let mut doc = json(get_from(registry, repo, &format!("blobs/{doc_digest}"), "*/*"));
+    forge(&mut doc);
     let doc = serde_json::to_vec(&doc).unwrap();
     manifest["layers"][0]["digest"] = serde_json::json!(registry.push_blob(repo, &doc));
     manifest["layers"][0]["size"] = serde_json::json!(doc.len());
@@ -380,7 +362,7 @@ fn forge_zinfo_windows(registry: &Registry, repo: &str, image_digest: &str, real
     let digest = format!("sha256:{}", common::registry::sha256_hex(&bytes));
     registry.push_manifest(repo, &digest, &bytes, OCI_MANIFEST);
     let tag = format!("sha256-{}", image_digest.trim_start_matches("sha256:"));
-    let mut index = json(get(&format!("manifests/{tag}"), OCI_INDEX));
+    let mut index = json(get_from(registry, repo, &format!("manifests/{tag}"), OCI_INDEX));
     let entry = serde_json::json!({"mediaType": OCI_MANIFEST, "digest": digest, "size": bytes.len(),
         "artifactType": manifest["artifactType"].clone()});
     index["manifests"].as_array_mut().unwrap().push(entry);
@@ -388,31 +370,35 @@ fn forge_zinfo_windows(registry: &Registry, repo: &str, image_digest: &str, real
     digest
 }
 
-/// Pushes a copy of artifact `real` whose document has a wrong first span digest for the first layer,
-/// and appends it to the image's referrers tag (`sha256-<hex>`: docker-registry 2.8 has no referrers API).
+/// A copy of artifact `real` whose first layer's zinfo has every checkpoint window after the first
+/// zeroed, with span digests recomputed to match (what a forger controls: the zinfo blob and the
+/// document). `layer0` is the first layer's blob.
+fn forge_zinfo_windows(registry: &Registry, repo: &str, image_digest: &str, real: &str, layer0: &Path) -> String {
+    use erofs_fanotify::gzip::{span_digest, Zinfo, CHECKPOINT_SIZE, HEADER_SIZE, WINDOW_SIZE};
+    forge_artifact(registry, repo, image_digest, real, |doc| {
+        let zinfo_digest = doc["layers"][0]["zinfo"]["digest"].as_str().unwrap().to_string();
+        let mut zinfo = get_from(registry, repo, &format!("blobs/{zinfo_digest}"), "*/*");
+        let count = u32::from_le_bytes(zinfo[..4].try_into().unwrap()) as usize;
+        assert!(count >= 2, "layer 0 has {count} zinfo spans: nothing to forge");
+        for k in 1..count {
+            // le64 in, le64 out, u8 bits, then the window.
+            let w = HEADER_SIZE + k * CHECKPOINT_SIZE + 17;
+            zinfo[w..w + WINDOW_SIZE].fill(0);
+        }
+        let blob = std::fs::read(layer0).unwrap();
+        let parsed = Zinfo::parse(zinfo.clone()).unwrap();
+        let spans: Vec<String> = (0..count)
+            .map(|k| {
+                let r = parsed.span_input_range(k, blob.len() as u64).unwrap();
+                span_digest(&parsed, k, &blob[r.start as usize..r.end as usize]).unwrap()
+            })
+            .collect();
+        doc["layers"][0]["spanSha256"] = serde_json::json!(spans);
+        doc["layers"][0]["zinfo"]["digest"] = serde_json::json!(registry.push_blob(repo, &zinfo));
+    })
+}
+
+/// A copy of artifact `real` whose document has a wrong first span digest for the first layer.
 fn forge_span_digest(registry: &Registry, repo: &str, image_digest: &str, real: &str) -> String {
-    use common::http::{request, Body};
-    use common::oci::{OCI_INDEX, OCI_MANIFEST};
-    let get = |path: &str, accept: &str| {
-        let r = request("GET", &format!("{}/v2/{repo}/{path}", registry.base_url()), &[("Accept", accept)], Body::Empty).unwrap();
-        assert_eq!(r.status, 200, "GET {path}");
-        serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()
-    };
-    let mut manifest = get(&format!("manifests/{real}"), OCI_MANIFEST);
-    let doc_digest = manifest["layers"][0]["digest"].as_str().unwrap().to_string();
-    let mut doc = get(&format!("blobs/{doc_digest}"), "*/*");
-    doc["layers"][0]["spanSha256"][0] = serde_json::json!("0".repeat(64));
-    let doc = serde_json::to_vec(&doc).unwrap();
-    manifest["layers"][0]["digest"] = serde_json::json!(registry.push_blob(repo, &doc));
-    manifest["layers"][0]["size"] = serde_json::json!(doc.len());
-    let bytes = serde_json::to_vec(&manifest).unwrap();
-    let digest = format!("sha256:{}", common::registry::sha256_hex(&bytes));
-    registry.push_manifest(repo, &digest, &bytes, OCI_MANIFEST);
-    let tag = format!("sha256-{}", image_digest.trim_start_matches("sha256:"));
-    let mut index = get(&format!("manifests/{tag}"), OCI_INDEX);
-    let entry = serde_json::json!({"mediaType": OCI_MANIFEST, "digest": digest, "size": bytes.len(),
-        "artifactType": manifest["artifactType"].clone()});
-    index["manifests"].as_array_mut().unwrap().push(entry);
-    registry.push_manifest(repo, &tag, &serde_json::to_vec(&index).unwrap(), OCI_INDEX);
-    digest
+    forge_artifact(registry, repo, image_digest, real, |doc| doc["layers"][0]["spanSha256"][0] = serde_json::json!("0".repeat(64)))
 }

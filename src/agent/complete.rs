@@ -57,19 +57,7 @@ impl CompletionState {
 }
 
 pub struct Completion {
-    pub cache: Arc<CacheFile>,
-    pub group: Arc<Group>,
-    pub blob_path: PathBuf,
-    pub digest: Option<String>,
-    pub fetcher: Arc<Fetcher>,
-    pub scheduler: Arc<super::event_loop::AgentScheduler>,
-    pub required: Vec<Range<u64>>,
-    /// Checked segment by segment when there is no digest of the whole space.
-    pub layout: Layout,
-    /// Regions refused after a second mismatch (the scheduler's source consults it).
-    pub refused: Arc<RefusedRanges>,
-    /// Whose mounts' page cache is dropped when a segment proves wrong.
-    pub lifecycle: Arc<Lifecycle>,
+    pub parts: CompletionParts,
     state: Mutex<CompletionState>,
     running: AtomicBool,
     mismatches: AtomicU32,
@@ -87,7 +75,7 @@ const MAX_OUTSIDE: u64 = 16 << 20;
 /// How long a check that could not be made waits before the next try.
 const CHECK_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// What the mount's agent needs besides the cache to complete it.
+/// What completing a mount's cache file needs.
 pub struct CompletionParts {
     pub cache: Arc<CacheFile>,
     pub group: Arc<Group>,
@@ -96,24 +84,18 @@ pub struct CompletionParts {
     pub fetcher: Arc<Fetcher>,
     pub scheduler: Arc<super::event_loop::AgentScheduler>,
     pub required: Vec<Range<u64>>,
+    /// Checked segment by segment when there is no digest of the whole space.
     pub layout: Layout,
+    /// Regions refused after a second mismatch (the scheduler's source consults it).
     pub refused: Arc<RefusedRanges>,
+    /// Whose mounts' page cache is dropped when a segment proves wrong.
     pub lifecycle: Arc<Lifecycle>,
 }
 
 impl Completion {
-    pub fn new(p: CompletionParts) -> Arc<Completion> {
+    pub fn new(parts: CompletionParts) -> Arc<Completion> {
         Arc::new(Completion {
-            cache: p.cache,
-            group: p.group,
-            blob_path: p.blob_path,
-            digest: p.digest,
-            fetcher: p.fetcher,
-            scheduler: p.scheduler,
-            required: p.required,
-            layout: p.layout,
-            refused: p.refused,
-            lifecycle: p.lifecycle,
+            parts,
             state: Mutex::new(CompletionState::Lazy),
             running: AtomicBool::new(false),
             mismatches: AtomicU32::new(0),
@@ -135,7 +117,7 @@ impl Completion {
 
     /// Called periodically: starts verification once the file is complete.
     pub fn poll(self: &Arc<Self>) {
-        if !self.cache.is_complete()
+        if !self.parts.cache.is_complete()
             || self.mismatches() > MAX_MISMATCHES
             || matches!(self.state(), CompletionState::Complete | CompletionState::CompleteUnverified)
             || self.retry_after.lock().is_some_and(|t| std::time::Instant::now() < t)
@@ -145,7 +127,7 @@ impl Completion {
         }
         let this = Arc::clone(self);
         tokio::spawn(async move {
-            if this.digest.is_none() && this.layout.segments().iter().any(|s| s.sha256.is_some()) {
+            if this.parts.digest.is_none() && this.parts.layout.segments().iter().any(|s| s.sha256.is_some()) {
                 this.verify_segments_and_detach().await;
             } else {
                 this.verify_and_detach().await;
@@ -156,7 +138,7 @@ impl Completion {
 
     /// Removes the pre-access mark: reads cost nothing any more.
     fn detach(&self, state: CompletionState) {
-        if let Err(e) = self.group.unmark_file(std::os::fd::AsFd::as_fd(self.cache.as_file()), FAN_PRE_ACCESS, &self.blob_path) {
+        if let Err(e) = self.parts.group.unmark_file(std::os::fd::AsFd::as_fd(self.parts.cache.as_file()), FAN_PRE_ACCESS, &self.parts.blob_path) {
             tracing::error!(error = %e, "cannot remove the pre-access mark");
             self.set(CompletionState::Lazy);
             return;
@@ -171,7 +153,7 @@ impl Completion {
         self.set(CompletionState::Verifying);
         let mut bad: Vec<(usize, String)> = Vec::new();
         let mut unchecked = 0usize;
-        for (i, seg) in self.layout.segments().iter().enumerate() {
+        for (i, seg) in self.parts.layout.segments().iter().enumerate() {
             let Some(want) = seg.sha256.as_deref() else {
                 unchecked += 1;
                 continue;
@@ -196,7 +178,7 @@ impl Completion {
         }
         let n = self.mismatches.fetch_add(1, Ordering::SeqCst) + 1;
         self.set(CompletionState::DigestMismatch);
-        let segments = self.layout.segments();
+        let segments = self.parts.layout.segments();
         let mut again = Vec::new();
         for (i, got) in &bad {
             let seg = &segments[*i];
@@ -208,30 +190,30 @@ impl Completion {
                     seg.sha256.as_deref().unwrap_or("")
                 );
                 tracing::error!(segment = %seg.label, "segment refused: {why}");
-                self.refused.refuse(range.clone(), why);
+                self.parts.refused.refuse(range.clone(), why);
             } else {
                 again.push(range.clone());
             }
-            self.cache.forget(range);
+            self.parts.cache.forget(range);
         }
-        self.scheduler.in_order.reset();
+        self.parts.scheduler.in_order.reset();
         // Readers may hold the wrong bytes in the mounts' page cache: drop it, so the next read raises an
         // event and gets the refetched bytes (or EIO).
-        let mounts = self.lifecycle.mounts();
+        let mounts = self.parts.lifecycle.mounts();
         match tokio::task::spawn_blocking(move || super::takeover::drop_page_caches(&mounts)).await {
             Ok(files) => tracing::info!(files, "page cache of the mounts dropped after a digest mismatch"),
             Err(e) => tracing::error!(error = %e, "cannot drop the mounts' page cache"),
         }
         let required: Vec<Range<u64>> =
-            self.required.iter().filter(|r| bad.iter().any(|(i, _)| segments[*i].start < r.end && r.start < segments[*i].end())).cloned().collect();
+            self.parts.required.iter().filter(|r| bad.iter().any(|(i, _)| segments[*i].start < r.end && r.start < segments[*i].end())).cloned().collect();
         if !required.is_empty() {
-            if let Err(e) = self.fetcher.ensure_present(&required).await {
+            if let Err(e) = self.parts.fetcher.ensure_present(&required).await {
                 tracing::error!(error = %e, "cannot refetch the metadata");
             }
         }
         if !again.is_empty() {
             tracing::error!(mismatches = n, segments = again.len(), "fetching the mismatching segments again");
-            tokio::spawn(Arc::clone(&self.scheduler).prefetch(again, None));
+            tokio::spawn(Arc::clone(&self.parts.scheduler).prefetch(again, None));
         }
     }
 
@@ -256,7 +238,7 @@ impl Completion {
         };
         let head = fetch(0..seg.source_offset).await?;
         let tail = fetch(end..size).await?;
-        let cache = Arc::clone(&self.cache);
+        let cache = Arc::clone(&self.parts.cache);
         let flat = seg.start..seg.end();
         tokio::task::spawn_blocking(move || {
             let mut h = Sha256::new();
@@ -278,11 +260,11 @@ impl Completion {
 
     async fn verify_and_detach(&self) {
         self.set(CompletionState::Verifying);
-        let verdict = match self.digest.clone() {
+        let verdict = match self.parts.digest.clone() {
             None => None,
             Some(want) => {
-                let cache = Arc::clone(&self.cache);
-                let digest = Arc::clone(&self.scheduler.in_order);
+                let cache = Arc::clone(&self.parts.cache);
+                let digest = Arc::clone(&self.parts.scheduler.in_order);
                 // Most of it was hashed as it landed: only the rest is read now.
                 match tokio::task::spawn_blocking(move || digest.finish(&cache)).await {
                     Ok(Ok(got)) => Some(got == want),
@@ -304,23 +286,23 @@ impl Completion {
                 let n = self.mismatches.fetch_add(1, Ordering::SeqCst) + 1;
                 self.set(CompletionState::DigestMismatch);
                 tracing::error!(
-                    digest = self.digest.as_deref().unwrap_or(""),
+                    digest = self.parts.digest.as_deref().unwrap_or(""),
                     mismatches = n,
                     "the complete cache file does not match the blob digest; refetching"
                 );
                 if n <= MAX_MISMATCHES {
-                    self.scheduler.in_order.reset();
-                    if let Err(e) = self.cache.clear_presence() {
+                    self.parts.scheduler.in_order.reset();
+                    if let Err(e) = self.parts.cache.clear_presence() {
                         tracing::error!(error = %e, "cannot reset presence");
                         return;
                     }
                     // Metadata raises no events: fetch it again now.
-                    if let Err(e) = self.fetcher.ensure_present(&self.required).await {
+                    if let Err(e) = self.parts.fetcher.ensure_present(&self.parts.required).await {
                         tracing::error!(error = %e, "cannot refetch the metadata");
                     }
                     // The whole file was wrong somewhere: fetch all of it again.
-                    let size = self.cache.blob_size();
-                    tokio::spawn(Arc::clone(&self.scheduler).prefetch(std::iter::once(0..size).collect(), None));
+                    let size = self.parts.cache.blob_size();
+                    tokio::spawn(Arc::clone(&self.parts.scheduler).prefetch(std::iter::once(0..size).collect(), None));
                 }
             }
             verified => self.detach(if verified == Some(true) { CompletionState::Complete } else { CompletionState::CompleteUnverified }),

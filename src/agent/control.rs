@@ -207,7 +207,7 @@ fn answer(req: Request, ctx: &Arc<ControlContext>, lease: &mut Option<Lease>) ->
                     start: s.start,
                     size: s.len,
                     present_bytes: ctx.cache.populated_in(s.start..s.end()),
-                    refused: ctx.completion.refused.refusal([&(s.start..s.end())]),
+                    refused: ctx.completion.parts.refused.refusal([&(s.start..s.end())]),
                 })
                 .collect(),
             index: ctx.stats.index.lock().clone(),
