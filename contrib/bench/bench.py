@@ -612,12 +612,13 @@ class Bench:
             "--data-binary", f"@{man_path}", f"http://127.0.0.1:{self.reg_port}/v2/bench/manifests/tar",
             stdout=subprocess.DEVNULL)
         ref = f"127.0.0.1:{self.reg_port}/bench:tar"
-        log(f"erofs-fanotify index push {ref} ({len(layers)} tar+gzip layers)")
-        t_index = timed(lambda: run(os.path.join(BIN, "erofs-fanotify"), "index", "push", "-o", "oci.insecure", ref,
-                                    stdout=subprocess.DEVNULL))
+        span = ["--zinfo-span", self.args.tar_span] if self.args.tar_span else []
+        log(f"erofs-fanotify index push {' '.join(span)} {ref} ({len(layers)} tar+gzip layers)")
+        t_index = timed(lambda: run(os.path.join(BIN, "erofs-fanotify"), "index", "push", "-o", "oci.insecure", *span,
+                                    ref, stdout=subprocess.DEVNULL))
         self.tar_layers = layers
         self.results["tar"] = {"layers": [{"bytes": l["size"], "what": l["label"]} for l in layers],
-                               "index_push_s": t_index, "profiles": {}}
+                               "index_push_s": t_index, "zinfo_span": self.args.tar_span or "4M", "profiles": {}}
         return ref
 
     def tar_run(self, ref, lazy):
@@ -861,6 +862,8 @@ def main():
     ap.add_argument("--tar", type=int, default=int(os.environ.get("TAR", 1)),
                     help="with profiles: also push the tree as a 2-layer tar+gzip image, index push it, and measure "
                          "program start through the artifact against pull + gunzip + untar")
+    ap.add_argument("--tar-span", default=os.environ.get("TAR_SPAN", ""),
+                    help="with --tar: `index push --zinfo-span` of the tar+gzip image (default: the tool's, 4M)")
     args = ap.parse_args()
     args.profiles = [p for p in args.profiles.split(",") if p]
     for p in args.profiles:

@@ -7,6 +7,7 @@
 # 1 Gbit/s, edge = 50 ms 100 Mbit/s, each through its own delaying proxy), PROFILES_ONLY=1 (only those),
 # BENCH_ROOTFS (use this tree instead of today's debootstrap), WRITER=0 (with PROFILES: skip the image built by our
 # writer, `erofs-fanotify build --compress lz4 --order <files the program opens>`, measured beside mkfs.erofs's).
+# TAR=0 skips the ordinary-image row (2 tar+gzip layers through the index artifact); TAR_SPAN=1M sets its zinfo span.
 # Builds release binaries, makes (or reuses, cached by date under /var/tmp) a Debian bookworm minbase tree with
 # debootstrap, turns it into EROFS, starts Debian's docker-registry on 127.0.0.1 behind added latency, and
 # measures lazy mounts against full pull + plain mount side by side. Prints a table, writes
