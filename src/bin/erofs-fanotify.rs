@@ -222,8 +222,8 @@ enum IndexCmd {
         /// Directory for the temporary copies of the layers (default $TMPDIR or /var/tmp)
         #[arg(long, value_name = "DIR")]
         tmpdir: Option<PathBuf>,
-        /// Ordinary images: uncompressed bytes between zinfo checkpoints of gzip layers (default 4M; smaller spans
-        /// fetch fewer bytes per read, and each checkpoint adds 32 KiB to the zinfo a mount fetches first)
+        /// Ordinary images: uncompressed bytes between zinfo checkpoints of gzip layers (default 4M; each checkpoint
+        /// adds 32 KiB to the zinfo a mount fetches first)
         #[arg(long, value_name = "SIZE")]
         zinfo_span: Option<String>,
     },
